@@ -1,0 +1,119 @@
+use serde_json::json;
+
+/// An OpenAI error object with its HTTP status: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    /// 400: a value is missing, of the wrong type or out of range.
+    pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            param: Some(param.into()),
+            ..Self::new(400, "invalid_request_error", message)
+        }
+    }
+
+    /// 400: the body is not a JSON object.
+    pub fn bad_json(message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", message)
+    }
+
+    pub fn context_length(message: impl Into<String>) -> Self {
+        Self {
+            param: Some("messages".into()),
+            code: Some("context_length_exceeded"),
+            ..Self::new(400, "invalid_request_error", message)
+        }
+    }
+
+    pub fn model_not_found(model: &str) -> Self {
+        Self {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..Self::new(
+                404,
+                "invalid_request_error",
+                format!("The model `{model}` does not exist."),
+            )
+        }
+    }
+
+    pub fn not_found(path: &str) -> Self {
+        Self {
+            code: Some("not_found"),
+            ..Self::new(
+                404,
+                "invalid_request_error",
+                format!("Unknown route: {path}"),
+            )
+        }
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
+        Self {
+            code: Some("method_not_allowed"),
+            ..Self::new(
+                405,
+                "invalid_request_error",
+                format!("{method} is not allowed on {path}; use {allowed}"),
+            )
+        }
+    }
+
+    pub fn too_large(limit: usize) -> Self {
+        Self {
+            code: Some("request_too_large"),
+            ..Self::new(
+                413,
+                "invalid_request_error",
+                format!("The request body is larger than {limit} bytes."),
+            )
+        }
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("overloaded"),
+            ..Self::new(429, "rate_limit_error", message)
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            code: Some("unavailable"),
+            ..Self::new(503, "server_error", message)
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "server_error", message)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.status, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}

@@ -1,0 +1,480 @@
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::ApiError;
+use super::params::{Fields, wrong_type};
+use crate::engine::{Engine, GenerateRequest, RequestHandle, SubmitError};
+use crate::model::ModelInfo;
+use crate::sampling::SamplingParams;
+use crate::text::{ChatTemplate, Tokenizer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`: messages through the chat template.
+    Chat,
+    /// `/v1/completions`: a raw prompt.
+    Completion,
+}
+
+/// Request limits that protect the box; each violation is a 400 naming the field.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_stop_strings: usize,
+    pub max_stop_len: usize,
+    pub max_top_logprobs: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_stop_strings: 16,
+            max_stop_len: 256,
+            max_top_logprobs: 20,
+        }
+    }
+}
+
+/// A validated request, ready for the engine.
+#[derive(Debug)]
+pub struct ParsedRequest {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub stream: bool,
+    /// `stream_options.include_usage`: a last chunk carries the usage.
+    pub include_usage: bool,
+    /// Logprobs requested in the endpoint's own shape.
+    pub logprobs: bool,
+    pub generate: GenerateRequest,
+}
+
+/// Turns OpenAI request bodies into engine requests for one served model: parsing, validation,
+/// chat template, tokenization, and the context-length check.
+pub struct Frontend {
+    served_name: String,
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    template: Option<ChatTemplate>,
+    limits: Limits,
+}
+
+impl Frontend {
+    pub fn new(
+        engine: &Engine,
+        served_name: Option<String>,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
+        let tokenizer = engine.tokenizer().clone();
+        let template = match &tokenizer.chat_template {
+            Some(source) => Some(ChatTemplate::new(
+                source,
+                tokenizer.bos_token.as_deref(),
+                tokenizer.eos_token.as_deref(),
+            )?),
+            None => None,
+        };
+        let info = engine.info().clone();
+        Ok(Self {
+            served_name: served_name.unwrap_or_else(|| info.name.clone()),
+            info,
+            tokenizer,
+            template,
+            limits,
+        })
+    }
+
+    pub fn served_name(&self) -> &str {
+        &self.served_name
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Parses and validates a request body for `endpoint`.
+    pub fn parse(&self, endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
+        let value: Value = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_json(format!("We could not parse the JSON body of your request ({e}). The body must be a JSON object."))
+        })?;
+        let Value::Object(obj) = value else {
+            return Err(ApiError::bad_json(
+                "The request body must be a JSON object.",
+            ));
+        };
+        let f = Fields { obj: &obj };
+        let model = match f.str("model")? {
+            Some(name) if name != self.served_name => return Err(ApiError::model_not_found(name)),
+            _ => self.served_name.clone(),
+        };
+        let (prompt, prompt_param) = match endpoint {
+            Endpoint::Chat => (self.chat_prompt(&f)?, "messages"),
+            Endpoint::Completion => (self.completion_prompt(&f)?, "prompt"),
+        };
+        let context = self.info.context_length;
+        if prompt.len() >= context {
+            return Err(ApiError::context_length(format!(
+                "This model's maximum context length is {context} tokens. However, your {prompt_param} resulted in {} tokens. \
+                 Please reduce the length of the {prompt_param}.",
+                prompt.len()
+            )));
+        }
+        let max_tokens_key = if f.get("max_completion_tokens").is_some() {
+            "max_completion_tokens"
+        } else {
+            "max_tokens"
+        };
+        let max_tokens = match f.int(max_tokens_key, 1, i64::MAX)? {
+            Some(n) => {
+                let n = n as usize;
+                if prompt.len().saturating_add(n) > context {
+                    return Err(ApiError::context_length(format!(
+                        "This model's maximum context length is {context} tokens. However, you requested {} tokens \
+                         ({} in the {prompt_param}, {n} in the completion). Please reduce the length of the {prompt_param} or completion.",
+                        prompt.len().saturating_add(n),
+                        prompt.len()
+                    )));
+                }
+                n
+            }
+            None => context - prompt.len(),
+        };
+        let stream = f.bool("stream")?.unwrap_or(false);
+        let include_usage = match f.get("stream_options") {
+            None => false,
+            Some(Value::Object(opts)) => {
+                if !stream {
+                    return Err(ApiError::invalid(
+                        "stream_options",
+                        "`stream_options` is only allowed when `stream` is true",
+                    ));
+                }
+                Fields { obj: opts }
+                    .bool("include_usage")
+                    .map_err(|mut e| {
+                        e.param = Some("stream_options.include_usage".into());
+                        e
+                    })?
+                    .unwrap_or(false)
+            }
+            Some(other) => return Err(wrong_type("stream_options", "an object", other)),
+        };
+        let (logprobs, top_logprobs) = self.logprobs(endpoint, &f)?;
+        let sampling = self.sampling(&f)?;
+        let min_tokens = f.int("min_tokens", 0, i64::MAX)?.unwrap_or(0) as usize;
+        if min_tokens > max_tokens {
+            return Err(ApiError::invalid(
+                "min_tokens",
+                format!("`min_tokens` ({min_tokens}) must not exceed max_tokens ({max_tokens})"),
+            ));
+        }
+        let stop_token_ids = match f.get("stop_token_ids") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| self.token_id(v, "stop_token_ids"))
+                .collect::<Result<_, _>>()?,
+            Some(other) => {
+                return Err(wrong_type("stop_token_ids", "an array of token ids", other));
+            }
+        };
+        if let Some(format) = f.get("response_format") {
+            let kind = format.get("type").and_then(Value::as_str);
+            if kind != Some("text") {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "only `{\"type\": \"text\"}` is supported by this server for now",
+                ));
+            }
+        }
+        let generate = GenerateRequest {
+            prompt,
+            n: f.int("n", 1, 128)?.unwrap_or(1) as usize,
+            max_tokens,
+            min_tokens,
+            ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
+            stop: f.strings(
+                "stop",
+                self.limits.max_stop_strings,
+                self.limits.max_stop_len,
+            )?,
+            stop_token_ids,
+            sampling,
+            logprobs: logprobs.then_some(top_logprobs),
+        };
+        Ok(ParsedRequest {
+            endpoint,
+            model,
+            stream,
+            include_usage,
+            logprobs,
+            generate,
+        })
+    }
+
+    /// Hands a parsed request to the engine, mapping refusals to API errors.
+    pub fn submit(
+        &self,
+        engine: &Engine,
+        request: &ParsedRequest,
+    ) -> Result<RequestHandle, ApiError> {
+        engine
+            .submit(request.generate.clone())
+            .map_err(|e| match e {
+                SubmitError::Overloaded => ApiError::overloaded(e.to_string()),
+                SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+                SubmitError::Invalid(m) if m.contains("context") => ApiError::context_length(m),
+                SubmitError::Invalid(m) => ApiError::invalid("n", m),
+            })
+    }
+
+    fn chat_prompt(&self, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
+        let messages = match f.get("messages") {
+            None => return Err(ApiError::invalid("messages", "`messages` is required")),
+            Some(Value::Array(list)) if list.is_empty() => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "`messages` must contain at least one message",
+                ));
+            }
+            Some(Value::Array(list)) => list,
+            Some(other) => return Err(wrong_type("messages", "an array", other)),
+        };
+        let normalized = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| normalize_message(i, m))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tools = match f.get("tools") {
+            None => None,
+            Some(v @ Value::Array(_)) => Some(v),
+            Some(other) => return Err(wrong_type("tools", "an array", other)),
+        };
+        match f.get("tool_choice") {
+            None => {}
+            Some(Value::String(s)) if s == "none" || s == "auto" => {}
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "only `none` and `auto` are supported by this server for now",
+                ));
+            }
+        }
+        let template = self.template.as_ref().ok_or_else(|| {
+            ApiError::invalid(
+                "messages",
+                "this model has no chat template (tokenizer_config.json); use /v1/completions",
+            )
+        })?;
+        let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
+        let text = template
+            .render(&Value::Array(normalized), tools, add_generation_prompt)
+            .map_err(|e| {
+                ApiError::invalid(
+                    "messages",
+                    format!("the model's chat template rejected the messages: {e}"),
+                )
+            })?;
+        self.tokenizer
+            .encode(&text)
+            .map_err(|e| ApiError::internal(format!("{e:#}")))
+    }
+
+    fn completion_prompt(&self, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
+        let prompt = match f.get("prompt") {
+            None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+            Some(p) => p,
+        };
+        let ids = match prompt {
+            Value::String(s) => self
+                .tokenizer
+                .encode(s)
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?,
+            Value::Array(items) if items.len() == 1 && items[0].is_string() => self
+                .tokenizer
+                .encode(items[0].as_str().unwrap_or_default())
+                .map_err(|e| ApiError::internal(format!("{e:#}")))?,
+            Value::Array(items) if items.iter().all(Value::is_number) => items
+                .iter()
+                .map(|v| self.token_id(v, "prompt"))
+                .collect::<Result<_, _>>()?,
+            Value::Array(_) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "`prompt` must be a string, a list of one string, or a list of token ids",
+                ));
+            }
+            other => return Err(wrong_type("prompt", "a string or an array", other)),
+        };
+        if ids.is_empty() {
+            return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
+        }
+        Ok(ids)
+    }
+
+    fn token_id(&self, v: &Value, param: &str) -> Result<u32, ApiError> {
+        match v.as_u64() {
+            Some(id) if (id as usize) < self.info.vocab_size => Ok(id as u32),
+            _ => Err(ApiError::invalid(
+                param,
+                format!(
+                    "`{param}` holds {v}, which is not a token id below {}",
+                    self.info.vocab_size
+                ),
+            )),
+        }
+    }
+
+    fn logprobs(&self, endpoint: Endpoint, f: &Fields<'_>) -> Result<(bool, usize), ApiError> {
+        let max = self.limits.max_top_logprobs as i64;
+        match endpoint {
+            Endpoint::Chat => {
+                let wanted = f.bool("logprobs")?.unwrap_or(false);
+                let top = f.int("top_logprobs", 0, max)?;
+                if top.is_some() && !wanted {
+                    return Err(ApiError::invalid(
+                        "top_logprobs",
+                        "`top_logprobs` requires `logprobs` to be true",
+                    ));
+                }
+                Ok((wanted, top.unwrap_or(0) as usize))
+            }
+            // The legacy endpoint's `logprobs` is the number of alternatives.
+            Endpoint::Completion => Ok(match f.int("logprobs", 0, max.min(5))? {
+                Some(n) => (true, n as usize),
+                None => (false, 0),
+            }),
+        }
+    }
+
+    fn sampling(&self, f: &Fields<'_>) -> Result<SamplingParams, ApiError> {
+        let info = &self.info;
+        let top_k = match f.int("top_k", -1, i64::from(u32::MAX))? {
+            Some(k) if k > 0 => k as usize,
+            Some(_) => 0,
+            None => info.default_top_k,
+        };
+        let repetition_penalty = f
+            .number("repetition_penalty", 0.0, 10.0)?
+            .unwrap_or(info.default_repetition_penalty);
+        if repetition_penalty <= 0.0 {
+            return Err(ApiError::invalid(
+                "repetition_penalty",
+                "`repetition_penalty` must be greater than 0",
+            ));
+        }
+        let top_p = f.number("top_p", 0.0, 1.0)?.unwrap_or(info.default_top_p);
+        if top_p <= 0.0 {
+            return Err(ApiError::invalid("top_p", "`top_p` must be greater than 0"));
+        }
+        let logit_bias = match f.get("logit_bias") {
+            None => Vec::new(),
+            Some(Value::Object(map)) => map
+                .iter()
+                .map(|(k, v)| {
+                    let token = k.parse::<u32>().ok().filter(|&t| (t as usize) < info.vocab_size).ok_or_else(|| {
+                        ApiError::invalid("logit_bias", format!("`logit_bias` key {k:?} is not a token id below {}", info.vocab_size))
+                    })?;
+                    let bias = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
+                        ApiError::invalid("logit_bias", format!("`logit_bias` value for {k} must be a number between -100 and 100"))
+                    })?;
+                    Ok((token, bias as f32))
+                })
+                .collect::<Result<_, ApiError>>()?,
+            Some(other) => return Err(wrong_type("logit_bias", "an object", other)),
+        };
+        Ok(SamplingParams {
+            temperature: f
+                .number("temperature", 0.0, 2.0)?
+                .unwrap_or(info.default_temperature),
+            top_p,
+            top_k,
+            min_p: f.number("min_p", 0.0, 1.0)?.unwrap_or(0.0),
+            presence_penalty: f.number("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0),
+            frequency_penalty: f.number("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0),
+            repetition_penalty,
+            logit_bias,
+            seed: f.int("seed", i64::MIN, i64::MAX)?.map(|s| s as u64),
+        })
+    }
+}
+
+/// Checks one message and flattens an array of text parts into one string for the template.
+fn normalize_message(index: usize, message: &Value) -> Result<Value, ApiError> {
+    let param = format!("messages[{index}]");
+    let Value::Object(obj) = message else {
+        return Err(wrong_type(&param, "an object", message));
+    };
+    let role = match obj.get("role") {
+        Some(Value::String(r)) => r.as_str(),
+        Some(other) => return Err(wrong_type(&format!("{param}.role"), "a string", other)),
+        None => {
+            return Err(ApiError::invalid(
+                format!("{param}.role"),
+                format!("`{param}.role` is required"),
+            ));
+        }
+    };
+    if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
+        return Err(ApiError::invalid(
+            format!("{param}.role"),
+            format!(
+                "`{param}.role` must be one of system, developer, user, assistant, tool; got {role:?}"
+            ),
+        ));
+    }
+    let content_param = format!("{param}.content");
+    let content = match obj.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                let part_param = format!("{content_param}[{j}]");
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
+                    (Some("text"), _) => {
+                        return Err(ApiError::invalid(
+                            part_param.clone(),
+                            format!("`{part_param}.text` must be a string"),
+                        ));
+                    }
+                    (Some(other), _) => {
+                        return Err(ApiError::invalid(
+                            part_param,
+                            format!(
+                                "content parts of type {other:?} are not supported; only \"text\""
+                            ),
+                        ));
+                    }
+                    (None, _) => {
+                        return Err(ApiError::invalid(
+                            part_param.clone(),
+                            format!("`{part_param}.type` is required"),
+                        ));
+                    }
+                }
+            }
+            texts.join("\n")
+        }
+        None | Some(Value::Null) if role == "assistant" => String::new(),
+        None => {
+            return Err(ApiError::invalid(
+                content_param.clone(),
+                format!("`{content_param}` is required"),
+            ));
+        }
+        Some(other) => {
+            return Err(wrong_type(
+                &content_param,
+                "a string or an array of text parts",
+                other,
+            ));
+        }
+    };
+    let mut out: Map<String, Value> = obj.clone();
+    out.insert("content".into(), Value::String(content));
+    Ok(Value::Object(out))
+}

@@ -1,0 +1,12 @@
+//! The OpenAI API as data: request parsing and validation into engine requests, and engine
+//! events shaped into OpenAI responses. Shared by the HTTP server and the C ABI, so both
+//! accept exactly the same JSON and fail with the same error classes. No sockets here.
+
+mod error;
+mod frontend;
+mod params;
+mod response;
+
+pub use error::ApiError;
+pub use frontend::{Endpoint, Frontend, Limits, ParsedRequest};
+pub use response::{Collector, StreamEncoder};

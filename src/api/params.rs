@@ -1,0 +1,131 @@
+//! Typed reads of optional request fields, each failing with a 400 that names the field.
+
+use serde_json::{Map, Value};
+
+use super::ApiError;
+
+pub(super) struct Fields<'a> {
+    pub obj: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    /// The field, treating an explicit `null` as absent (clients send both).
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    pub fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(other) => Err(wrong_type(key, "a boolean", other)),
+        }
+    }
+
+    pub fn str(&self, key: &str) -> Result<Option<&'a str>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(wrong_type(key, "a string", other)),
+        }
+    }
+
+    /// A number within `[min, max]`.
+    pub fn number(&self, key: &str, min: f64, max: f64) -> Result<Option<f32>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                let v = n.as_f64().unwrap_or(f64::NAN);
+                if !(min..=max).contains(&v) {
+                    return Err(ApiError::invalid(
+                        key,
+                        format!("`{key}` must be between {min} and {max}, got {v}"),
+                    ));
+                }
+                Ok(Some(v as f32))
+            }
+            Some(other) => Err(wrong_type(key, "a number", other)),
+        }
+    }
+
+    /// An integer within `[min, max]`.
+    pub fn int(&self, key: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => {
+                let v = match (n.as_i64(), n.as_f64()) {
+                    (Some(i), _) => i,
+                    (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
+                    _ if n.is_u64() => i64::MAX,
+                    _ => {
+                        return Err(ApiError::invalid(
+                            key,
+                            format!("`{key}` must be an integer, got {n}"),
+                        ));
+                    }
+                };
+                if v < min || v > max {
+                    return Err(ApiError::invalid(
+                        key,
+                        format!("`{key}` must be between {min} and {max}, got {v}"),
+                    ));
+                }
+                Ok(Some(v))
+            }
+            Some(other) => Err(wrong_type(key, "an integer", other)),
+        }
+    }
+
+    /// A string or a list of strings (`stop`), at most `max_count` of at most `max_len` bytes.
+    pub fn strings(
+        &self,
+        key: &str,
+        max_count: usize,
+        max_len: usize,
+    ) -> Result<Vec<String>, ApiError> {
+        let list: Vec<String> = match self.get(key) {
+            None => return Ok(Vec::new()),
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| wrong_type(key, "a string or an array of strings", v))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(wrong_type(key, "a string or an array of strings", other)),
+        };
+        if list.len() > max_count {
+            return Err(ApiError::invalid(
+                key,
+                format!(
+                    "`{key}` takes at most {max_count} strings, got {}",
+                    list.len()
+                ),
+            ));
+        }
+        if let Some(long) = list.iter().find(|s| s.len() > max_len) {
+            return Err(ApiError::invalid(
+                key,
+                format!(
+                    "each `{key}` string must be at most {max_len} bytes, got {}",
+                    long.len()
+                ),
+            ));
+        }
+        Ok(list)
+    }
+}
+
+pub(super) fn wrong_type(key: &str, expected: &str, got: &Value) -> ApiError {
+    let kind = match got {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    ApiError::invalid(key, format!("`{key}` must be {expected}, got {kind}"))
+}

@@ -1,0 +1,170 @@
+//! The heart: admits requests, schedules model steps, owns the model and its KV caches.
+//!
+//! Callers (the HTTP server, the C ABI, tests) hand a tokenized [`GenerateRequest`] to
+//! [`Engine::submit`] and read [`Event`]s from the returned [`RequestHandle`]. One scheduler
+//! thread owns the model and runs it step by step over every admitted sequence; the queue in
+//! front of it is a bounded channel, so a full queue is an immediate, explicit refusal.
+
+mod request;
+mod scheduler;
+mod sequence;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{Sender, TrySendError};
+
+use crate::model::{Model, ModelInfo};
+use crate::text::Tokenizer;
+
+pub use request::{Event, FinishReason, GenerateRequest, RequestHandle, Timings, Usage};
+
+/// Limits of the engine; every queue and every set of sequences is bounded by these.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Sequences generating at once (a request with `n` choices counts `n`).
+    pub max_running: usize,
+    /// Requests waiting for a place; beyond this `submit` refuses at once.
+    pub max_queued: usize,
+    /// Prompt tokens fed per model run, so a long prompt does not stall running streams.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_running: 8,
+            max_queued: 64,
+            prefill_chunk: 256,
+        }
+    }
+}
+
+/// Why a request was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: try again later.
+    Overloaded,
+    /// The engine has stopped (shutdown, or its thread died).
+    Stopped,
+    /// The request can never run (e.g. more choices than `max_running`, or past the context).
+    Invalid(String),
+}
+
+impl std::fmt::Display for SubmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SubmitError::Overloaded => {
+                f.write_str("the server is busy: too many requests are queued, retry later")
+            }
+            SubmitError::Stopped => f.write_str("the engine has stopped"),
+            SubmitError::Invalid(m) => f.write_str(m),
+        }
+    }
+}
+
+/// Live counts, readable from any thread.
+#[derive(Default)]
+pub struct EngineStats {
+    pub running: AtomicUsize,
+    pub queued: AtomicUsize,
+}
+
+pub struct Engine {
+    jobs: Option<Sender<scheduler::Job>>,
+    thread: Option<JoinHandle<()>>,
+    info: ModelInfo,
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+    stats: Arc<EngineStats>,
+}
+
+impl Engine {
+    /// Starts the scheduler thread, which owns `model` from now on.
+    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
+        let info = model.info().clone();
+        let stats = Arc::new(EngineStats::default());
+        let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1));
+        let scheduler =
+            scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("chatd-engine".into())
+            .spawn(move || scheduler.run())
+            .context("starting the engine thread")?;
+        Ok(Self {
+            jobs: Some(tx),
+            thread: Some(thread),
+            info,
+            tokenizer,
+            config,
+            stats,
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Queues a request. Never blocks: a full queue is `Overloaded`.
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestHandle, SubmitError> {
+        if request.n == 0 || request.n > self.config.max_running {
+            return Err(SubmitError::Invalid(format!(
+                "n must be between 1 and {} (the server's max running sequences)",
+                self.config.max_running
+            )));
+        }
+        let needed = request.prompt.len() + request.max_tokens;
+        if request.prompt.is_empty() || needed > self.info.context_length {
+            return Err(SubmitError::Invalid(format!(
+                "{} prompt tokens plus {} completion tokens do not fit the model's context of {} tokens",
+                request.prompt.len(),
+                request.max_tokens,
+                self.info.context_length
+            )));
+        }
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let job = scheduler::Job {
+            request,
+            events: events_tx,
+            cancel: cancel.clone(),
+            queued_at: std::time::Instant::now(),
+        };
+        let jobs = self.jobs.as_ref().ok_or(SubmitError::Stopped)?;
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        match jobs.try_send(job) {
+            Ok(()) => Ok(RequestHandle::new(events_rx, cancel)),
+            Err(e) => {
+                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                Err(match e {
+                    TrySendError::Full(_) => SubmitError::Overloaded,
+                    TrySendError::Disconnected(_) => SubmitError::Stopped,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    /// Closes the queue and waits for the scheduler to finish the requests it holds.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

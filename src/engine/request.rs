@@ -1,0 +1,122 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+
+use crate::sampling::{SamplingParams, TokenLogprobs};
+
+/// A tokenized, validated request: everything the engine needs and nothing about HTTP or JSON.
+#[derive(Clone, Debug)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    /// Independent completions of the same prompt.
+    pub n: usize,
+    pub max_tokens: usize,
+    /// End-of-sequence tokens are not allowed before this many tokens.
+    pub min_tokens: usize,
+    /// Keep generating past end-of-sequence tokens (until `max_tokens` or a stop string).
+    pub ignore_eos: bool,
+    /// Stop strings; the completion ends before the first one found.
+    pub stop: Vec<String>,
+    /// Extra tokens that end the completion (besides the model's end-of-sequence tokens).
+    pub stop_token_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Report log-probabilities, with this many alternatives per token.
+    pub logprobs: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-sequence token or stop string.
+    Stop,
+    /// `max_tokens` or the model's context was reached.
+    Length,
+    /// The request was cancelled (client gone, or a callback asked to stop).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    /// Tokens sampled over all choices, end-of-sequence tokens included.
+    pub completion_tokens: usize,
+    /// Prompt tokens whose keys and values were reused instead of computed.
+    pub cached_tokens: usize,
+}
+
+/// Where a request's time went, for logs and the benchmark's per-step split.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Timings {
+    pub queued: Duration,
+    /// Submission to the first sampled token.
+    pub time_to_first_token: Duration,
+    /// Model runs for this request's prompt and tokens.
+    pub model: Duration,
+    pub sampling: Duration,
+    pub detokenize: Duration,
+    pub total: Duration,
+}
+
+/// What the engine reports about a request, in order: text pieces and finishes per choice,
+/// then exactly one `Done` (or one `Error`).
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// New text for a choice: always complete UTF-8, never part of a stop string.
+    Text {
+        choice: usize,
+        text: String,
+        logprobs: Vec<TokenLogprobs>,
+    },
+    /// A choice has ended; its text is complete.
+    Finished { choice: usize, reason: FinishReason },
+    /// All choices have ended.
+    Done { usage: Usage, timings: Timings },
+    /// The request failed inside the engine; no more events follow.
+    Error(String),
+}
+
+/// The caller's side of a request. Dropping it cancels the request: the engine frees its
+/// sequences at the next step.
+pub struct RequestHandle {
+    events: Receiver<Event>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl RequestHandle {
+    pub(crate) fn new(events: Receiver<Event>, cancel: Arc<AtomicBool>) -> Self {
+        Self { events, cancel }
+    }
+
+    /// The next event, waiting for it; `None` once the engine has dropped the request.
+    pub fn recv(&self) -> Option<Event> {
+        self.events.recv().ok()
+    }
+
+    pub fn recv_timeout(
+        &self,
+        timeout: Duration,
+    ) -> Result<Event, crossbeam_channel::RecvTimeoutError> {
+        self.events.recv_timeout(timeout)
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for RequestHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}

@@ -1,0 +1,143 @@
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Result;
+
+use super::request::{Event, FinishReason, GenerateRequest, Timings};
+use crate::model::KvCache;
+use crate::sampling::{self, Sampler, TokenLogprobs};
+use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
+
+/// One choice being generated: its cache, its sampler and its text state.
+pub(super) struct Sequence {
+    pub choice: usize,
+    pub cache: KvCache,
+    /// Logits for the next token, filled by the model.
+    pub logits: Vec<f32>,
+    /// The last sampled token, not yet in the cache.
+    pub last_token: u32,
+    pub finished: Option<FinishReason>,
+    pub generated: usize,
+    sampler: Sampler,
+    decoder: IncrementalDecoder,
+    stop: StopMatcher,
+    /// Log-probabilities of tokens whose text has not been sent yet.
+    pending_logprobs: Vec<TokenLogprobs>,
+    scratch: Vec<(f32, u32)>,
+}
+
+/// What ends a sequence, shared by all choices of a request.
+pub(super) struct Rules<'a> {
+    pub request: &'a GenerateRequest,
+    pub eos: &'a [u32],
+    pub context_length: usize,
+    pub tokenizer: &'a Arc<Tokenizer>,
+}
+
+impl Sequence {
+    pub fn new(
+        choice: usize,
+        cache: KvCache,
+        logits: Vec<f32>,
+        sampler: Sampler,
+        stop: Vec<String>,
+    ) -> Self {
+        Self {
+            choice,
+            cache,
+            logits,
+            last_token: 0,
+            finished: None,
+            generated: 0,
+            sampler,
+            decoder: IncrementalDecoder::default(),
+            stop: StopMatcher::new(stop),
+            pending_logprobs: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Samples the next token from `self.logits` and turns it into events: new text, and a
+    /// finish when an end-of-sequence token, stop string or limit is reached.
+    pub fn advance(
+        &mut self,
+        rules: &Rules<'_>,
+        timings: &mut Timings,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
+        let request = rules.request;
+        let started = Instant::now();
+        let may_end = !request.ignore_eos && self.generated >= request.min_tokens;
+        let banned: &[u32] = if may_end { &[] } else { rules.eos };
+        let logprob_request = request.logprobs;
+        let raw_logprobs = logprob_request.map(|_| self.logits.clone());
+        let token = self.sampler.sample(&mut self.logits, banned);
+        if let (Some(top), Some(raw)) = (logprob_request, raw_logprobs) {
+            self.pending_logprobs
+                .push(sampling::logprobs(&raw, token, top, &mut self.scratch));
+        }
+        timings.sampling += started.elapsed();
+        self.generated += 1;
+        self.last_token = token;
+
+        let is_eos = rules.eos.contains(&token) && may_end;
+        let is_stop_token =
+            request.stop_token_ids.contains(&token) && self.generated > request.min_tokens;
+        if is_eos || is_stop_token {
+            // The end token itself has no text; what the stop matcher held back is real text.
+            self.pending_logprobs.retain(|lp| lp.token != token);
+            let rest = self.stop.finish();
+            return Ok(self.finish(FinishReason::Stop, rest, events));
+        }
+        let started = Instant::now();
+        let piece = self.decoder.step(rules.tokenizer, token)?;
+        timings.detokenize += started.elapsed();
+        if let Some(piece) = piece {
+            match self.stop.push(&piece) {
+                StopOutcome::Continue(text) => self.emit(text, events),
+                StopOutcome::Stopped(text) => {
+                    return Ok(self.finish(FinishReason::Stop, text, events));
+                }
+            }
+        }
+        // The next step would feed `token` into the cache.
+        if self.generated >= request.max_tokens || self.cache.len() + 1 >= rules.context_length {
+            let rest = self.stop.finish();
+            self.finish(FinishReason::Length, rest, events);
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, text: String, events: &mut Vec<Event>) {
+        if text.is_empty() && self.pending_logprobs.is_empty() {
+            return;
+        }
+        let logprobs = std::mem::take(&mut self.pending_logprobs);
+        if text.is_empty() {
+            // Keep the log-probabilities for the next piece of text.
+            self.pending_logprobs = logprobs;
+            return;
+        }
+        events.push(Event::Text {
+            choice: self.choice,
+            text,
+            logprobs,
+        });
+    }
+
+    fn finish(&mut self, reason: FinishReason, text: String, events: &mut Vec<Event>) {
+        if !text.is_empty() || !self.pending_logprobs.is_empty() {
+            let logprobs = std::mem::take(&mut self.pending_logprobs);
+            events.push(Event::Text {
+                choice: self.choice,
+                text,
+                logprobs,
+            });
+        }
+        self.finished = Some(reason);
+        events.push(Event::Finished {
+            choice: self.choice,
+            reason,
+        });
+    }
+}

@@ -1,0 +1,185 @@
+//! Finding and loading `libonnxruntime`, and the session options every model gets.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::Result;
+use ort::session::{Session, builder::GraphOptimizationLevel};
+
+/// How to run models: which runtime library, how many threads.
+#[derive(Clone, Debug)]
+pub struct RuntimeOptions {
+    /// `--onnxruntime`: a path to `libonnxruntime.so*`, tried before anything else.
+    pub library: Option<PathBuf>,
+    /// Intra-op threads per session (2 was fastest for the small models on a 2-core box).
+    pub intra_threads: usize,
+    /// Let ONNX Runtime's threads spin between ops (faster decode, busier cores when idle).
+    pub spin: bool,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            library: None,
+            intra_threads: 2,
+            spin: true,
+        }
+    }
+}
+
+/// Why the runtime could not be loaded; printed as one line by the daemon.
+#[derive(Debug)]
+pub struct RuntimeError {
+    pub message: String,
+}
+
+impl fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for RuntimeError {}
+
+const HOW_TO_INSTALL: &str = "install it with scripts/setup-onnxruntime.sh (PyPI onnxruntime 1.32.0), \
+     or pass --onnxruntime /path/to/libonnxruntime.so (ONNX Runtime 1.19 or newer)";
+
+static ENVIRONMENT: OnceLock<
+    std::result::Result<(PathBuf, ort::environment::Environment), String>,
+> = OnceLock::new();
+
+/// Loads ONNX Runtime once per process. The first of these that exists is used:
+/// `options.library`, `ORT_DYLIB_PATH`, a copy installed by `scripts/setup-onnxruntime.sh`
+/// (next to the executable, in `../lib`, or in the source tree's `.runtime/lib`), and finally
+/// `libonnxruntime.so` on the system library path.
+pub fn init(options: &RuntimeOptions) -> Result<&'static Path, RuntimeError> {
+    let loaded = ENVIRONMENT.get_or_init(|| load(options).map_err(|e| e.message));
+    match loaded {
+        Ok((path, _)) => Ok(path),
+        Err(message) => Err(RuntimeError {
+            message: message.clone(),
+        }),
+    }
+}
+
+fn load(
+    options: &RuntimeOptions,
+) -> Result<(PathBuf, ort::environment::Environment), RuntimeError> {
+    let explicit = options
+        .library
+        .clone()
+        .map(|p| (p, "--onnxruntime"))
+        .or_else(|| {
+            std::env::var_os("ORT_DYLIB_PATH")
+                .filter(|v| !v.is_empty())
+                .map(|p| (PathBuf::from(p), "ORT_DYLIB_PATH"))
+        });
+    let path = match explicit {
+        Some((path, source)) => {
+            if !path.exists() {
+                return Err(RuntimeError {
+                    message: format!(
+                        "ONNX Runtime library {} (from {source}) does not exist; {HOW_TO_INSTALL}",
+                        path.display()
+                    ),
+                });
+            }
+            path
+        }
+        None => {
+            let candidates = candidate_paths();
+            match candidates.iter().find(|p| p.exists()) {
+                Some(p) => p.clone(),
+                // Let the dynamic loader search the system library path.
+                None => PathBuf::from("libonnxruntime.so"),
+            }
+        }
+    };
+    let builder = ort::init_from(&path).map_err(|e| {
+        let looked = candidate_paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ");
+        RuntimeError {
+            message: format!(
+                "cannot load ONNX Runtime ({e}); looked at --onnxruntime, ORT_DYLIB_PATH, {looked} and the system library path; {HOW_TO_INSTALL}"
+            ),
+        }
+    })?;
+    let env = builder
+        .with_name("chatd")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| RuntimeError {
+            message: format!("cannot start ONNX Runtime from {}: {e}", path.display()),
+        })?;
+    log::info!(
+        "ONNX Runtime {} loaded from {}",
+        library_version(&path).unwrap_or_else(|| "(unknown version)".into()),
+        path.display()
+    );
+    Ok((path, env))
+}
+
+/// Where `scripts/setup-onnxruntime.sh` and `scripts/install.sh` put the library.
+fn candidate_paths() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+    {
+        dirs.push(exe_dir.clone());
+        dirs.push(exe_dir.join("../lib/chatd"));
+        dirs.push(exe_dir.join("../lib"));
+    }
+    dirs.push(PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/.runtime/lib"
+    )));
+    dirs.into_iter()
+        .map(|d| d.join("libonnxruntime.so"))
+        .collect()
+}
+
+/// The version the runtime library at `path` reports, e.g. "1.32.0".
+fn library_version(path: &Path) -> Option<String> {
+    #[repr(C)]
+    struct OrtApiBase {
+        get_api: unsafe extern "C" fn(u32) -> *const std::ffi::c_void,
+        get_version_string: unsafe extern "C" fn() -> *const std::ffi::c_char,
+    }
+    // SAFETY: the library was just loaded by ort from this path (dlopen returns the same handle);
+    // OrtGetApiBase has this signature in every ONNX Runtime release and returns static data.
+    unsafe {
+        let lib = libloading::Library::new(path).ok()?;
+        let get_base: libloading::Symbol<unsafe extern "C" fn() -> *const OrtApiBase> =
+            lib.get(b"OrtGetApiBase").ok()?;
+        let base = get_base();
+        if base.is_null() {
+            return None;
+        }
+        let version = ((*base).get_version_string)();
+        (!version.is_null()).then(|| {
+            std::ffi::CStr::from_ptr(version)
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+}
+
+/// Opens a session with the options that measured fastest for decoder models on small CPUs.
+pub(crate) fn open_session(file: &Path, options: &RuntimeOptions) -> Result<Session> {
+    let loaded = ENVIRONMENT
+        .get()
+        .and_then(|r| r.as_ref().ok())
+        .ok_or_else(|| anyhow::anyhow!("ONNX Runtime is not loaded"))?;
+    let session = Session::builder(&loaded.1)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(ort::Error::<()>::from)?
+        .with_intra_threads(options.intra_threads.max(1))
+        .map_err(ort::Error::<()>::from)?
+        .with_inter_threads(1)
+        .map_err(ort::Error::<()>::from)?
+        .with_intra_op_spinning(options.spin)
+        .map_err(ort::Error::<()>::from)?
+        .commit_from_file(file)?;
+    Ok(session)
+}
