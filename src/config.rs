@@ -112,9 +112,16 @@ pub fn usage() -> String {
         "chatd: an OpenAI-compatible chat server for ONNX models\n\nUsage: chatd --model DIR [options]\n\nOptions (each also read from its environment variable; flags win):\n",
     );
     for (flag, env, value, help) in SETTINGS {
-        out += &format!("  --{flag} {value:<6} {help} (${env})\n");
+        out += &format!(
+            "  {:<26} {help}\n  {:<26} ${env}\n",
+            format!("--{flag} {value}"),
+            ""
+        );
     }
-    out += "  --help              this text\n  --version           print the version\n";
+    out += &format!(
+        "  {:<26} this text\n  {:<26} print the version\n",
+        "--help", "--version"
+    );
     out
 }
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up everything the tests need and runs the whole suite: Rust unit and integration tests
+# (the real chatd binary on the real model over HTTP) and the Python client tests (the official
+# openai package, chatbench --check).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+[ -d ../shared/models/smollm2-135m-instruct ] || { echo "test.sh: ../shared/models is needed beside the checkout" >&2; exit 1; }
+scripts/setup-onnxruntime.sh
+scripts/python-env.sh
+cargo build --release --locked
+cargo test --release --locked
+.venv/bin/python -m pytest -q tests/python
