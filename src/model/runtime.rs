@@ -111,6 +111,9 @@ fn load(
         .map_err(|e| RuntimeError {
             message: format!("cannot start ONNX Runtime from {}: {e}", path.display()),
         })?;
+    // ort registers its tracing logger at VERBOSE; ask only for warnings and errors so ONNX
+    // Runtime does not format and forward log records on the hot path.
+    env.set_log_level(ort::logging::LogLevel::Warning);
     log::info!(
         "ONNX Runtime {} loaded from {}",
         library_version(&path).unwrap_or_else(|| "(unknown version)".into()),
@@ -179,6 +182,8 @@ pub(crate) fn open_session(file: &Path, options: &RuntimeOptions) -> Result<Sess
         .with_inter_threads(1)
         .map_err(ort::Error::<()>::from)?
         .with_intra_op_spinning(options.spin)
+        .map_err(ort::Error::<()>::from)?
+        .with_log_level(ort::logging::LogLevel::Warning)
         .map_err(ort::Error::<()>::from)?
         .commit_from_file(file)?;
     Ok(session)
