@@ -39,72 +39,23 @@ pub enum Command {
 
 /// (flag, environment variable, value name, help)
 const SETTINGS: &[(&str, &str, &str, &str)] = &[
-    (
-        "model",
-        "CHATD_MODEL",
-        "DIR",
-        "model folder (Hugging Face Optimum ONNX layout); required",
-    ),
-    (
-        "listen",
-        "CHATD_LISTEN",
-        "ADDR",
-        "address to serve on [127.0.0.1:8080]",
-    ),
-    (
-        "threads",
-        "CHATD_THREADS",
-        "N",
-        "ONNX Runtime intra-op threads [2]",
-    ),
+    ("model", "CHATD_MODEL", "DIR", "model folder (Hugging Face Optimum ONNX layout); required"),
+    ("listen", "CHATD_LISTEN", "ADDR", "address to serve on [127.0.0.1:8080]"),
+    ("threads", "CHATD_THREADS", "N", "ONNX Runtime intra-op threads [2]"),
     (
         "onnxruntime",
         "CHATD_ONNXRUNTIME",
         "PATH",
         "libonnxruntime.so to load (else ORT_DYLIB_PATH, the setup copy, the system)",
     ),
-    (
-        "served-model-name",
-        "CHATD_SERVED_MODEL_NAME",
-        "NAME",
-        "model name clients use [the model folder's name]",
-    ),
-    (
-        "max-body-bytes",
-        "CHATD_MAX_BODY_BYTES",
-        "N",
-        "largest request body; larger ones get 413 [4194304]",
-    ),
-    (
-        "log-level",
-        "CHATD_LOG_LEVEL",
-        "LEVEL",
-        "error, warn, info, debug or trace [info]",
-    ),
-    (
-        "http-threads",
-        "CHATD_HTTP_THREADS",
-        "N",
-        "threads serving HTTP requests (one stream each) [32]",
-    ),
-    (
-        "max-running",
-        "CHATD_MAX_RUNNING",
-        "N",
-        "sequences generating at once [8]",
-    ),
-    (
-        "max-queued",
-        "CHATD_MAX_QUEUED",
-        "N",
-        "requests waiting for a place before 429s [64]",
-    ),
-    (
-        "prefill-chunk",
-        "CHATD_PREFILL_CHUNK",
-        "N",
-        "prompt tokens per model run [256]",
-    ),
+    ("served-model-name", "CHATD_SERVED_MODEL_NAME", "NAME", "model name clients use [the model folder's name]"),
+    ("max-body-bytes", "CHATD_MAX_BODY_BYTES", "N", "largest request body; larger ones get 413 [4194304]"),
+    ("log-level", "CHATD_LOG_LEVEL", "LEVEL", "error, warn, info, debug or trace [info]"),
+    ("http-threads", "CHATD_HTTP_THREADS", "N", "threads serving HTTP requests (one stream each) [32]"),
+    ("max-running", "CHATD_MAX_RUNNING", "N", "sequences generating at once [8]"),
+    ("max-queued", "CHATD_MAX_QUEUED", "N", "requests waiting for a place before 429s [64]"),
+    ("prefill-chunk", "CHATD_PREFILL_CHUNK", "N", "prompt tokens per model run [256]"),
+    ("kv-cache-mb", "CHATD_KV_CACHE_MB", "N", "most memory for the genai layout's shared KV cache [1024]"),
 ];
 
 pub fn usage() -> String {
@@ -112,16 +63,9 @@ pub fn usage() -> String {
         "chatd: an OpenAI-compatible chat server for ONNX models\n\nUsage: chatd --model DIR [options]\n\nOptions (each also read from its environment variable; flags win):\n",
     );
     for (flag, env, value, help) in SETTINGS {
-        out += &format!(
-            "  {:<26} {help}\n  {:<26} ${env}\n",
-            format!("--{flag} {value}"),
-            ""
-        );
+        out += &format!("  {:<26} {help}\n  {:<26} ${env}\n", format!("--{flag} {value}"), "");
     }
-    out += &format!(
-        "  {:<26} this text\n  {:<26} print the version\n",
-        "--help", "--version"
-    );
+    out += &format!("  {:<26} this text\n  {:<26} print the version\n", "--help", "--version");
     out
 }
 
@@ -134,9 +78,7 @@ impl Config {
         let mut config = Config::default();
         for (flag, var, _, _) in SETTINGS {
             if let Some(value) = env(var).filter(|v| !v.is_empty()) {
-                config
-                    .set(flag, &value)
-                    .map_err(|e| format!("${var}: {e}"))?;
+                config.set(flag, &value).map_err(|e| format!("${var}: {e}"))?;
             }
         }
         let mut args = args.into_iter();
@@ -152,28 +94,21 @@ impl Config {
             let (name, value) = match flag.split_once('=') {
                 Some((name, value)) => (name.to_owned(), value.to_owned()),
                 None => {
-                    let value = args
-                        .next()
-                        .ok_or_else(|| format!("--{flag} needs a value"))?;
+                    let value = args.next().ok_or_else(|| format!("--{flag} needs a value"))?;
                     (flag.to_owned(), value)
                 }
             };
             if !SETTINGS.iter().any(|s| s.0 == name) {
                 return Err(format!("unknown option --{name}; see --help"));
             }
-            config
-                .set(&name, &value)
-                .map_err(|e| format!("--{name}: {e}"))?;
+            config.set(&name, &value).map_err(|e| format!("--{name}: {e}"))?;
         }
         Ok(Command::Serve(config))
     }
 
     fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
         fn count(value: &str, min: usize) -> Result<usize, String> {
-            let n: usize = value
-                .trim()
-                .parse()
-                .map_err(|_| format!("{value:?} is not a whole number"))?;
+            let n: usize = value.trim().parse().map_err(|_| format!("{value:?} is not a whole number"))?;
             if n < min {
                 return Err(format!("must be at least {min}, got {n}"));
             }
@@ -187,15 +122,17 @@ impl Config {
                 }
                 self.server.listen = value.to_owned();
             }
-            "threads" => self.runtime.intra_threads = count(value, 1)?,
+            "threads" => {
+                self.runtime.intra_threads = count(value, 1)?;
+                self.runtime.intra_threads_set = true;
+            }
+            "kv-cache-mb" => self.runtime.kv_cache_bytes = count(value, 1)? << 20,
             "onnxruntime" => self.runtime.library = Some(PathBuf::from(value)),
             "served-model-name" => self.served_model_name = Some(value.to_owned()),
             "max-body-bytes" => self.server.max_body_bytes = count(value, 1024)?,
             "log-level" => {
                 if !matches!(value, "error" | "warn" | "info" | "debug" | "trace" | "off") {
-                    return Err(format!(
-                        "{value:?} is not one of error, warn, info, debug, trace, off"
-                    ));
+                    return Err(format!("{value:?} is not one of error, warn, info, debug, trace, off"));
                 }
                 self.log_level = value.to_owned();
             }
@@ -214,10 +151,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         match Config::parse(args.iter().map(|s| s.to_string()), |k| {
             env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         })? {
@@ -230,11 +164,7 @@ mod tests {
     fn flags_override_environment_override_defaults() {
         let c = parse(&[], &[]).unwrap();
         assert_eq!(c.server.listen, "127.0.0.1:8080");
-        let c = parse(
-            &["--threads", "3"],
-            &[("CHATD_THREADS", "1"), ("CHATD_LISTEN", "127.0.0.1:9000")],
-        )
-        .unwrap();
+        let c = parse(&["--threads", "3"], &[("CHATD_THREADS", "1"), ("CHATD_LISTEN", "127.0.0.1:9000")]).unwrap();
         assert_eq!(c.runtime.intra_threads, 3);
         assert_eq!(c.server.listen, "127.0.0.1:9000");
         let c = parse(&["--max-body-bytes=2048"], &[]).unwrap();
@@ -243,30 +173,10 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_setting() {
-        assert!(
-            parse(&["--threads", "zero"], &[])
-                .unwrap_err()
-                .contains("--threads")
-        );
-        assert!(
-            parse(&[], &[("CHATD_MAX_RUNNING", "0")])
-                .unwrap_err()
-                .contains("CHATD_MAX_RUNNING")
-        );
-        assert!(
-            parse(&["--listen", "nowhere"], &[])
-                .unwrap_err()
-                .contains("--listen")
-        );
-        assert!(
-            parse(&["--bogus", "1"], &[])
-                .unwrap_err()
-                .contains("unknown option --bogus")
-        );
-        assert!(
-            parse(&["--model"], &[])
-                .unwrap_err()
-                .contains("needs a value")
-        );
+        assert!(parse(&["--threads", "zero"], &[]).unwrap_err().contains("--threads"));
+        assert!(parse(&[], &[("CHATD_MAX_RUNNING", "0")]).unwrap_err().contains("CHATD_MAX_RUNNING"));
+        assert!(parse(&["--listen", "nowhere"], &[]).unwrap_err().contains("--listen"));
+        assert!(parse(&["--bogus", "1"], &[]).unwrap_err().contains("unknown option --bogus"));
+        assert!(parse(&["--model"], &[]).unwrap_err().contains("needs a value"));
     }
 }

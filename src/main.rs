@@ -51,18 +51,16 @@ fn main() -> ExitCode {
 fn serve(config: Config) -> Result<()> {
     let model_dir = config.model.clone().context(NO_MODEL)?;
     if !model_dir.is_dir() {
-        anyhow::bail!(
-            "model folder {} does not exist; {NO_MODEL}",
-            model_dir.display()
-        );
+        anyhow::bail!("model folder {} does not exist; {NO_MODEL}", model_dir.display());
     }
     runtime::init(&config.runtime)?;
     let started = std::time::Instant::now();
     let tokenizer = Arc::new(Tokenizer::load(&model_dir)?);
     let model = Model::load(&model_dir, &config.runtime)?;
     log::info!(
-        "loaded {} in {:.2}s: {} layers, {} KV heads x {}, context {}, eos {:?}",
+        "loaded {} ({} layout) in {:.2}s: {} layers, {} KV heads x {}, context {}, eos {:?}",
         model_dir.display(),
+        model.layout_name(),
         started.elapsed().as_secs_f64(),
         model.info().num_layers,
         model.info().num_kv_heads,
@@ -71,16 +69,8 @@ fn serve(config: Config) -> Result<()> {
         model.info().eos_token_ids
     );
     let engine = Arc::new(Engine::start(model, tokenizer, config.engine.clone())?);
-    let frontend = Arc::new(Frontend::new(
-        &engine,
-        config.served_model_name.clone(),
-        Limits::default(),
-    )?);
+    let frontend = Arc::new(Frontend::new(&engine, config.served_model_name.clone(), Limits::default())?);
     let server = Server::bind(config.server.clone(), engine, frontend.clone())?;
-    log::info!(
-        "serving {} on http://{}",
-        frontend.served_name(),
-        server.local_addr()
-    );
+    log::info!("serving {} on http://{}", frontend.served_name(), server.local_addr());
     server.run()
 }

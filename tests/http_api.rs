@@ -18,13 +18,7 @@ fn chat_completion_answers_with_the_openai_shape() {
     let choice = &v["choices"][0];
     assert_eq!(choice["index"], 0);
     assert_eq!(choice["message"]["role"], "assistant");
-    assert!(
-        choice["message"]["content"]
-            .as_str()
-            .unwrap()
-            .contains("Paris"),
-        "{v}"
-    );
+    assert!(choice["message"]["content"].as_str().unwrap().contains("Paris"), "{v}");
     assert_eq!(choice["finish_reason"], "stop");
     assert_eq!(v["usage"]["prompt_tokens"], 37);
     let u = &v["usage"];
@@ -38,23 +32,12 @@ fn chat_completion_answers_with_the_openai_shape() {
 fn usage_counts_every_generated_token() {
     let d = shared();
     // Each token with text has one logprobs entry; the end-of-sequence token has none.
-    let v = d.chat(
-        json!({"messages": user(FRANCE), "logprobs": true, "top_logprobs": 3, "temperature": 0}),
-    );
+    let v = d.chat(json!({"messages": user(FRANCE), "logprobs": true, "top_logprobs": 3, "temperature": 0}));
     let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
-    assert_eq!(
-        v["usage"]["completion_tokens"].as_u64().unwrap() as usize,
-        content.len() + 1
-    );
-    let joined: String = content
-        .iter()
-        .map(|t| t["token"].as_str().unwrap())
-        .collect();
-    assert_eq!(
-        joined,
-        v["choices"][0]["message"]["content"].as_str().unwrap()
-    );
+    assert_eq!(v["usage"]["completion_tokens"].as_u64().unwrap() as usize, content.len() + 1);
+    let joined: String = content.iter().map(|t| t["token"].as_str().unwrap()).collect();
+    assert_eq!(joined, v["choices"][0]["message"]["content"].as_str().unwrap());
     for t in content {
         assert!(t["logprob"].as_f64().unwrap() <= 0.0);
         assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 3);
@@ -77,14 +60,9 @@ fn max_tokens_ends_with_length() {
 fn stop_string_ends_the_answer_before_it() {
     let d = shared();
     let full = d.chat(json!({"messages": user(FRANCE), "temperature": 0}));
-    let full = full["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let full = full["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
     let at = full.find("Paris").expect("greedy answer mentions Paris");
-    let v = d.chat(
-        json!({"messages": user(FRANCE), "temperature": 0, "stop": ["Paris", "never-there"]}),
-    );
+    let v = d.chat(json!({"messages": user(FRANCE), "temperature": 0, "stop": ["Paris", "never-there"]}));
     assert_eq!(v["choices"][0]["message"]["content"], full[..at]);
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     // A stop string that starts mid-token and ends in another ("aris" inside " Paris").
@@ -104,62 +82,38 @@ fn streaming_sends_role_then_deltas_then_finish_then_usage_then_done() {
     assert_eq!(reply.header("content-type"), Some("text/event-stream"));
     let events = reply.events();
     assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    assert!(
-        chunks
-            .iter()
-            .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"])
-    );
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c["id"] == chunks[0]["id"]));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
-    assert_eq!(
-        text,
-        plain["choices"][0]["message"]["content"].as_str().unwrap()
-    );
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, plain["choices"][0]["message"]["content"].as_str().unwrap());
     let finish = &chunks[chunks.len() - 2];
     assert_eq!(finish["choices"][0]["finish_reason"], "stop");
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
     assert_eq!(usage["usage"], plain["usage"]);
     // Every chunk but the last carries "usage": null, as OpenAI does.
-    assert!(
-        chunks[..chunks.len() - 1]
-            .iter()
-            .all(|c| c["usage"].is_null())
-    );
+    assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
 }
 
 #[test]
 fn n_gives_independent_choices() {
     let d = shared();
-    let v = d.chat(json!({"messages": user("Tell me a short story."), "n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 7}));
+    let v = d.chat(
+        json!({"messages": user("Tell me a short story."), "n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 7}),
+    );
     let choices = v["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 2);
     assert_eq!(choices[0]["index"], 0);
     assert_eq!(choices[1]["index"], 1);
-    assert_ne!(
-        choices[0]["message"]["content"],
-        choices[1]["message"]["content"]
-    );
+    assert_ne!(choices[0]["message"]["content"], choices[1]["message"]["content"]);
     assert_eq!(v["usage"]["completion_tokens"], 24);
     // Streaming n=2 also reports both choices.
-    let reply = d.post(
-        "/v1/chat/completions",
-        &json!({"messages": user(FRANCE), "n": 2, "max_tokens": 4, "stream": true}),
-    );
+    let reply =
+        d.post("/v1/chat/completions", &json!({"messages": user(FRANCE), "n": 2, "max_tokens": 4, "stream": true}));
     let indexes: std::collections::BTreeSet<u64> = reply.events()[..reply.events().len() - 1]
         .iter()
-        .map(|e| {
-            serde_json::from_str::<Value>(e).unwrap()["choices"][0]["index"]
-                .as_u64()
-                .unwrap()
-        })
+        .map(|e| serde_json::from_str::<Value>(e).unwrap()["choices"][0]["index"].as_u64().unwrap())
         .collect();
     assert_eq!(indexes.into_iter().collect::<Vec<_>>(), vec![0, 1]);
 }
@@ -169,25 +123,20 @@ fn same_seed_same_text() {
     let d = shared();
     let ask = |seed: u64| {
         let v = d.chat(json!({"messages": user("Write a poem about the sea."), "max_tokens": 24, "temperature": 1.0, "seed": seed}));
-        v["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        v["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
     };
     let a = ask(1234);
     assert_eq!(a, ask(1234));
     let others: Vec<String> = [1, 2, 3].into_iter().map(ask).collect();
-    assert!(
-        others.iter().any(|o| o != &a),
-        "different seeds should give different text"
-    );
+    assert!(others.iter().any(|o| o != &a), "different seeds should give different text");
 }
 
 #[test]
 fn content_as_text_parts_equals_content_as_string() {
     let d = shared();
     let a = d.chat(json!({"messages": user(FRANCE), "max_tokens": 8}));
-    let b = d.chat(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": FRANCE}]}], "max_tokens": 8}));
+    let b =
+        d.chat(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": FRANCE}]}], "max_tokens": 8}));
     assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
     assert_eq!(a["usage"], b["usage"]);
 }
@@ -206,10 +155,8 @@ fn completions_endpoint_continues_a_raw_prompt() {
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 6);
     assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
     // Streaming and token-id prompts.
-    let reply = d.post(
-        "/v1/completions",
-        &json!({"prompt": [504, 3575, 282, 4649, 314], "max_tokens": 3, "stream": true}),
-    );
+    let reply =
+        d.post("/v1/completions", &json!({"prompt": [504, 3575, 282, 4649, 314], "max_tokens": 3, "stream": true}));
     let events = reply.events();
     assert_eq!(events.last().unwrap(), "[DONE]");
     let first: Value = serde_json::from_str(&events[0]).unwrap();
@@ -222,10 +169,7 @@ fn models_and_health() {
     let v = d.get("/v1/models").json();
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "smollm2-135m-instruct");
-    assert_eq!(
-        d.get("/v1/models/smollm2-135m-instruct").json()["object"],
-        "model"
-    );
+    assert_eq!(d.get("/v1/models/smollm2-135m-instruct").json()["object"], "model");
     d.get("/v1/models/gpt-9").error(404);
     let h = d.get("/health");
     assert_eq!(h.status, 200);
@@ -238,23 +182,13 @@ fn sampling_parameters_are_accepted_and_change_the_output() {
     let base = json!({"messages": user(FRANCE), "max_tokens": 10, "temperature": 0});
     let with = |extra: Value| {
         let mut body = base.clone();
-        body.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        d.chat(body)["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        d.chat(body)["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
     };
     let greedy = with(json!({}));
     // Forbidding the greedy first token changes the answer.
-    let first_token = d.chat(
-        json!({"messages": user(FRANCE), "max_tokens": 1, "temperature": 0, "logprobs": true}),
-    );
-    let first_id_text = first_token["choices"][0]["logprobs"]["content"][0]["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let first_token = d.chat(json!({"messages": user(FRANCE), "max_tokens": 1, "temperature": 0, "logprobs": true}));
+    let first_id_text = first_token["choices"][0]["logprobs"]["content"][0]["token"].as_str().unwrap().to_owned();
     let tok = chat::text::Tokenizer::load(&common::model_dir()).unwrap();
     let id = tok.encode(&first_id_text).unwrap()[0];
     assert_ne!(with(json!({"logit_bias": {id.to_string(): -100}})), greedy);
@@ -269,13 +203,8 @@ fn sampling_parameters_are_accepted_and_change_the_output() {
         with(extra);
     }
     // min_tokens holds the end-of-sequence token back.
-    let v = d.chat(
-        json!({"messages": user("Say OK."), "max_tokens": 40, "min_tokens": 30, "temperature": 0}),
-    );
-    assert!(
-        v["usage"]["completion_tokens"].as_u64().unwrap() >= 30,
-        "{v}"
-    );
+    let v = d.chat(json!({"messages": user("Say OK."), "max_tokens": 40, "min_tokens": 30, "temperature": 0}));
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() >= 30, "{v}");
     // ignore_eos runs to max_tokens.
     let v = d.chat(json!({"messages": user("Say OK."), "max_tokens": 50, "ignore_eos": true, "temperature": 0}));
     assert_eq!(v["usage"]["completion_tokens"], 50);

@@ -15,116 +15,59 @@ fn still_serving(d: &Daemon) {
 #[test]
 fn invalid_json_and_wrong_types_are_400_naming_the_param() {
     let d = shared();
-    let e = d
-        .request("POST", "/v1/chat/completions", "{not json")
-        .error(400);
+    let e = d.request("POST", "/v1/chat/completions", "{not json").error(400);
     assert!(e["message"].as_str().unwrap().contains("JSON"));
-    d.request("POST", "/v1/chat/completions", "[1,2]")
-        .error(400);
+    d.request("POST", "/v1/chat/completions", "[1,2]").error(400);
     d.request("POST", "/v1/chat/completions", "").error(400);
     for (body, param) in [
         (json!({"messages": "hello"}), "messages"),
         (json!({}), "messages"),
         (json!({"messages": []}), "messages"),
-        (
-            json!({"messages": [{"role": "user"}]}),
-            "messages[0].content",
-        ),
+        (json!({"messages": [{"role": "user"}]}), "messages[0].content"),
         (json!({"messages": [{"content": "x"}]}), "messages[0].role"),
-        (
-            json!({"messages": [{"role": "wizard", "content": "x"}]}),
-            "messages[0].role",
-        ),
-        (
-            json!({"messages": [{"role": "user", "content": 5}]}),
-            "messages[0].content",
-        ),
+        (json!({"messages": [{"role": "wizard", "content": "x"}]}), "messages[0].role"),
+        (json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
         (
             json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
             "messages[0].content[0]",
         ),
-        (
-            json!({"messages": user("x"), "temperature": "hot"}),
-            "temperature",
-        ),
-        (
-            json!({"messages": user("x"), "temperature": 2.5}),
-            "temperature",
-        ),
+        (json!({"messages": user("x"), "temperature": "hot"}), "temperature"),
+        (json!({"messages": user("x"), "temperature": 2.5}), "temperature"),
         (json!({"messages": user("x"), "top_p": 0}), "top_p"),
-        (
-            json!({"messages": user("x"), "max_tokens": 0}),
-            "max_tokens",
-        ),
-        (
-            json!({"messages": user("x"), "max_tokens": -5}),
-            "max_tokens",
-        ),
-        (
-            json!({"messages": user("x"), "max_tokens": 1.5}),
-            "max_tokens",
-        ),
+        (json!({"messages": user("x"), "max_tokens": 0}), "max_tokens"),
+        (json!({"messages": user("x"), "max_tokens": -5}), "max_tokens"),
+        (json!({"messages": user("x"), "max_tokens": 1.5}), "max_tokens"),
         (json!({"messages": user("x"), "n": 0}), "n"),
         (json!({"messages": user("x"), "n": 100}), "n"),
         (json!({"messages": user("x"), "stream": "yes"}), "stream"),
         (json!({"messages": user("x"), "stop": 3}), "stop"),
-        (
-            json!({"messages": user("x"), "stop": vec!["a"; 17]}),
-            "stop",
-        ),
-        (
-            json!({"messages": user("x"), "logit_bias": {"abc": 1}}),
-            "logit_bias",
-        ),
-        (
-            json!({"messages": user("x"), "logit_bias": {"5": 300}}),
-            "logit_bias",
-        ),
-        (
-            json!({"messages": user("x"), "top_logprobs": 3}),
-            "top_logprobs",
-        ),
-        (
-            json!({"messages": user("x"), "presence_penalty": -3}),
-            "presence_penalty",
-        ),
+        (json!({"messages": user("x"), "stop": vec!["a"; 17]}), "stop"),
+        (json!({"messages": user("x"), "logit_bias": {"abc": 1}}), "logit_bias"),
+        (json!({"messages": user("x"), "logit_bias": {"5": 300}}), "logit_bias"),
+        (json!({"messages": user("x"), "top_logprobs": 3}), "top_logprobs"),
+        (json!({"messages": user("x"), "presence_penalty": -3}), "presence_penalty"),
         (json!({"messages": user("x"), "seed": "x"}), "seed"),
-        (
-            json!({"messages": user("x"), "stream_options": {"include_usage": true}}),
-            "stream_options",
-        ),
-        (
-            json!({"messages": user("x"), "min_tokens": 10, "max_tokens": 5}),
-            "min_tokens",
-        ),
+        (json!({"messages": user("x"), "stream_options": {"include_usage": true}}), "stream_options"),
+        (json!({"messages": user("x"), "min_tokens": 10, "max_tokens": 5}), "min_tokens"),
     ] {
         let reply = d.post("/v1/chat/completions", &body);
         let e = reply.error(400);
         assert_eq!(e["type"], "invalid_request_error");
         assert_eq!(e["param"], param, "{body} -> {e}");
     }
-    d.post("/v1/completions", &json!({"max_tokens": 3}))
-        .error(400);
-    d.post("/v1/completions", &json!({"prompt": [99999999]}))
-        .error(400);
+    d.post("/v1/completions", &json!({"max_tokens": 3})).error(400);
+    d.post("/v1/completions", &json!({"prompt": [99999999]})).error(400);
     still_serving(d);
 }
 
 #[test]
 fn prompt_plus_max_tokens_beyond_the_context_is_refused_not_truncated() {
     let d = shared();
-    let e = d
-        .post(
-            "/v1/chat/completions",
-            &json!({"messages": user("Hi"), "max_tokens": 9000}),
-        )
-        .error(400);
+    let e = d.post("/v1/chat/completions", &json!({"messages": user("Hi"), "max_tokens": 9000})).error(400);
     assert_eq!(e["code"], "context_length_exceeded");
     assert!(e["message"].as_str().unwrap().contains("8192"));
     let long = "word ".repeat(9000);
-    let e = d
-        .post("/v1/chat/completions", &json!({"messages": user(&long)}))
-        .error(400);
+    let e = d.post("/v1/chat/completions", &json!({"messages": user(&long)})).error(400);
     assert_eq!(e["code"], "context_length_exceeded");
     still_serving(d);
 }
@@ -132,12 +75,7 @@ fn prompt_plus_max_tokens_beyond_the_context_is_refused_not_truncated() {
 #[test]
 fn unknown_model_route_and_method() {
     let d = shared();
-    let e = d
-        .post(
-            "/v1/chat/completions",
-            &json!({"model": "gpt-4o", "messages": user("x")}),
-        )
-        .error(404);
+    let e = d.post("/v1/chat/completions", &json!({"model": "gpt-4o", "messages": user("x")})).error(404);
     assert_eq!(e["code"], "model_not_found");
     assert_eq!(e["param"], "model");
     d.get("/v1/nothing-here").error(404);
@@ -170,22 +108,16 @@ fn forged_content_length_does_not_kill_the_daemon() {
     // tiny_http 0.12 allocated the declared length when dropping an unread body: this aborted
     // the process before vendor/tiny_http was patched.
     for length in ["100000000000000", "18446744073709551615", "5000000"] {
-        let raw = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{\"messages\":"
-        );
+        let raw =
+            format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{{\"messages\":");
         let mut stream = std::net::TcpStream::connect(&d.addr).unwrap();
         use std::io::{Read, Write};
         stream.write_all(raw.as_bytes()).unwrap();
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-            .unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
         let mut buf = [0u8; 512];
         let n = stream.read(&mut buf).unwrap_or(0);
         let head = String::from_utf8_lossy(&buf[..n]);
-        assert!(
-            head.starts_with("HTTP/1.1 413") || head.starts_with("HTTP/1.1 400"),
-            "{length}: {head}"
-        );
+        assert!(head.starts_with("HTTP/1.1 413") || head.starts_with("HTTP/1.1 400"), "{length}: {head}");
         drop(stream); // close early, with the body unsent
     }
     std::thread::sleep(std::time::Duration::from_millis(200));
@@ -197,14 +129,11 @@ fn forged_content_length_does_not_kill_the_daemon() {
 fn disconnect_mid_stream_keeps_the_daemon_serving() {
     let d = shared();
     use std::io::{BufRead, BufReader, Write};
-    let body = json!({"messages": user("Write a long story."), "max_tokens": 500, "stream": true, "ignore_eos": true}).to_string();
+    let body = json!({"messages": user("Write a long story."), "max_tokens": 500, "stream": true, "ignore_eos": true})
+        .to_string();
     let mut stream = std::net::TcpStream::connect(&d.addr).unwrap();
-    write!(
-        stream,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut events = 0;
     let mut line = String::new();

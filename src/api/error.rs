@@ -12,21 +12,12 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            kind,
-            message: message.into(),
-            param: None,
-            code: None,
-        }
+        Self { status, kind, message: message.into(), param: None, code: None }
     }
 
     /// 400: a value is missing, of the wrong type or out of range.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            param: Some(param.into()),
-            ..Self::new(400, "invalid_request_error", message)
-        }
+        Self { param: Some(param.into()), ..Self::new(400, "invalid_request_error", message) }
     }
 
     /// 400: the body is not a JSON object.
@@ -46,59 +37,34 @@ impl ApiError {
         Self {
             param: Some("model".into()),
             code: Some("model_not_found"),
-            ..Self::new(
-                404,
-                "invalid_request_error",
-                format!("The model `{model}` does not exist."),
-            )
+            ..Self::new(404, "invalid_request_error", format!("The model `{model}` does not exist."))
         }
     }
 
     pub fn not_found(path: &str) -> Self {
-        Self {
-            code: Some("not_found"),
-            ..Self::new(
-                404,
-                "invalid_request_error",
-                format!("Unknown route: {path}"),
-            )
-        }
+        Self { code: Some("not_found"), ..Self::new(404, "invalid_request_error", format!("Unknown route: {path}")) }
     }
 
     pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
         Self {
             code: Some("method_not_allowed"),
-            ..Self::new(
-                405,
-                "invalid_request_error",
-                format!("{method} is not allowed on {path}; use {allowed}"),
-            )
+            ..Self::new(405, "invalid_request_error", format!("{method} is not allowed on {path}; use {allowed}"))
         }
     }
 
     pub fn too_large(limit: usize) -> Self {
         Self {
             code: Some("request_too_large"),
-            ..Self::new(
-                413,
-                "invalid_request_error",
-                format!("The request body is larger than {limit} bytes."),
-            )
+            ..Self::new(413, "invalid_request_error", format!("The request body is larger than {limit} bytes."))
         }
     }
 
     pub fn overloaded(message: impl Into<String>) -> Self {
-        Self {
-            code: Some("overloaded"),
-            ..Self::new(429, "rate_limit_error", message)
-        }
+        Self { code: Some("overloaded"), ..Self::new(429, "rate_limit_error", message) }
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self {
-            code: Some("unavailable"),
-            ..Self::new(503, "server_error", message)
-        }
+        Self { code: Some("unavailable"), ..Self::new(503, "server_error", message) }
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

@@ -27,11 +27,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_stop_strings: 16,
-            max_stop_len: 256,
-            max_top_logprobs: 20,
-        }
+        Self { max_stop_strings: 16, max_stop_len: 256, max_top_logprobs: 20 }
     }
 }
 
@@ -59,28 +55,16 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    pub fn new(
-        engine: &Engine,
-        served_name: Option<String>,
-        limits: Limits,
-    ) -> anyhow::Result<Self> {
+    pub fn new(engine: &Engine, served_name: Option<String>, limits: Limits) -> anyhow::Result<Self> {
         let tokenizer = engine.tokenizer().clone();
         let template = match &tokenizer.chat_template {
-            Some(source) => Some(ChatTemplate::new(
-                source,
-                tokenizer.bos_token.as_deref(),
-                tokenizer.eos_token.as_deref(),
-            )?),
+            Some(source) => {
+                Some(ChatTemplate::new(source, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?)
+            }
             None => None,
         };
         let info = engine.info().clone();
-        Ok(Self {
-            served_name: served_name.unwrap_or_else(|| info.name.clone()),
-            info,
-            tokenizer,
-            template,
-            limits,
-        })
+        Ok(Self { served_name: served_name.unwrap_or_else(|| info.name.clone()), info, tokenizer, template, limits })
     }
 
     pub fn served_name(&self) -> &str {
@@ -98,12 +82,12 @@ impl Frontend {
     /// Parses and validates a request body for `endpoint`.
     pub fn parse(&self, endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
         let value: Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_json(format!("We could not parse the JSON body of your request ({e}). The body must be a JSON object."))
+            ApiError::bad_json(format!(
+                "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
+            ))
         })?;
         let Value::Object(obj) = value else {
-            return Err(ApiError::bad_json(
-                "The request body must be a JSON object.",
-            ));
+            return Err(ApiError::bad_json("The request body must be a JSON object."));
         };
         let f = Fields { obj: &obj };
         let model = match f.str("model")? {
@@ -122,11 +106,8 @@ impl Frontend {
                 prompt.len()
             )));
         }
-        let max_tokens_key = if f.get("max_completion_tokens").is_some() {
-            "max_completion_tokens"
-        } else {
-            "max_tokens"
-        };
+        let max_tokens_key =
+            if f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
         let max_tokens = match f.int(max_tokens_key, 1, i64::MAX)? {
             Some(n) => {
                 let n = n as usize;
@@ -173,10 +154,9 @@ impl Frontend {
         }
         let stop_token_ids = match f.get("stop_token_ids") {
             None => Vec::new(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| self.token_id(v, "stop_token_ids"))
-                .collect::<Result<_, _>>()?,
+            Some(Value::Array(items)) => {
+                items.iter().map(|v| self.token_id(v, "stop_token_ids")).collect::<Result<_, _>>()?
+            }
             Some(other) => {
                 return Err(wrong_type("stop_token_ids", "an array of token ids", other));
             }
@@ -196,58 +176,35 @@ impl Frontend {
             max_tokens,
             min_tokens,
             ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
-            stop: f.strings(
-                "stop",
-                self.limits.max_stop_strings,
-                self.limits.max_stop_len,
-            )?,
+            stop: f.strings("stop", self.limits.max_stop_strings, self.limits.max_stop_len)?,
             stop_token_ids,
             sampling,
             logprobs: logprobs.then_some(top_logprobs),
         };
-        Ok(ParsedRequest {
-            endpoint,
-            model,
-            stream,
-            include_usage,
-            logprobs,
-            generate,
-        })
+        Ok(ParsedRequest { endpoint, model, stream, include_usage, logprobs, generate })
     }
 
     /// Hands a parsed request to the engine, mapping refusals to API errors.
-    pub fn submit(
-        &self,
-        engine: &Engine,
-        request: &ParsedRequest,
-    ) -> Result<RequestHandle, ApiError> {
-        engine
-            .submit(request.generate.clone())
-            .map_err(|e| match e {
-                SubmitError::Overloaded => ApiError::overloaded(e.to_string()),
-                SubmitError::Stopped => ApiError::unavailable(e.to_string()),
-                SubmitError::Invalid(m) if m.contains("context") => ApiError::context_length(m),
-                SubmitError::Invalid(m) => ApiError::invalid("n", m),
-            })
+    pub fn submit(&self, engine: &Engine, request: &ParsedRequest) -> Result<RequestHandle, ApiError> {
+        engine.submit(request.generate.clone()).map_err(|e| match e {
+            SubmitError::Overloaded => ApiError::overloaded(e.to_string()),
+            SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+            SubmitError::Invalid(m) if m.contains("context") => ApiError::context_length(m),
+            SubmitError::Invalid(m) => ApiError::invalid("n", m),
+        })
     }
 
     fn chat_prompt(&self, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
         let messages = match f.get("messages") {
             None => return Err(ApiError::invalid("messages", "`messages` is required")),
             Some(Value::Array(list)) if list.is_empty() => {
-                return Err(ApiError::invalid(
-                    "messages",
-                    "`messages` must contain at least one message",
-                ));
+                return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
             }
             Some(Value::Array(list)) => list,
             Some(other) => return Err(wrong_type("messages", "an array", other)),
         };
-        let normalized = messages
-            .iter()
-            .enumerate()
-            .map(|(i, m)| normalize_message(i, m))
-            .collect::<Result<Vec<_>, _>>()?;
+        let normalized =
+            messages.iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect::<Result<Vec<_>, _>>()?;
         let tools = match f.get("tools") {
             None => None,
             Some(v @ Value::Array(_)) => Some(v),
@@ -270,17 +227,10 @@ impl Frontend {
             )
         })?;
         let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
-        let text = template
-            .render(&Value::Array(normalized), tools, add_generation_prompt)
-            .map_err(|e| {
-                ApiError::invalid(
-                    "messages",
-                    format!("the model's chat template rejected the messages: {e}"),
-                )
-            })?;
-        self.tokenizer
-            .encode(&text)
-            .map_err(|e| ApiError::internal(format!("{e:#}")))
+        let text = template.render(&Value::Array(normalized), tools, add_generation_prompt).map_err(|e| {
+            ApiError::invalid("messages", format!("the model's chat template rejected the messages: {e}"))
+        })?;
+        self.tokenizer.encode(&text).map_err(|e| ApiError::internal(format!("{e:#}")))
     }
 
     fn completion_prompt(&self, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
@@ -289,18 +239,14 @@ impl Frontend {
             Some(p) => p,
         };
         let ids = match prompt {
-            Value::String(s) => self
-                .tokenizer
-                .encode(s)
-                .map_err(|e| ApiError::internal(format!("{e:#}")))?,
+            Value::String(s) => self.tokenizer.encode(s).map_err(|e| ApiError::internal(format!("{e:#}")))?,
             Value::Array(items) if items.len() == 1 && items[0].is_string() => self
                 .tokenizer
                 .encode(items[0].as_str().unwrap_or_default())
                 .map_err(|e| ApiError::internal(format!("{e:#}")))?,
-            Value::Array(items) if items.iter().all(Value::is_number) => items
-                .iter()
-                .map(|v| self.token_id(v, "prompt"))
-                .collect::<Result<_, _>>()?,
+            Value::Array(items) if items.iter().all(Value::is_number) => {
+                items.iter().map(|v| self.token_id(v, "prompt")).collect::<Result<_, _>>()?
+            }
             Value::Array(_) => {
                 return Err(ApiError::invalid(
                     "prompt",
@@ -320,10 +266,7 @@ impl Frontend {
             Some(id) if (id as usize) < self.info.vocab_size => Ok(id as u32),
             _ => Err(ApiError::invalid(
                 param,
-                format!(
-                    "`{param}` holds {v}, which is not a token id below {}",
-                    self.info.vocab_size
-                ),
+                format!("`{param}` holds {v}, which is not a token id below {}", self.info.vocab_size),
             )),
         }
     }
@@ -335,10 +278,7 @@ impl Frontend {
                 let wanted = f.bool("logprobs")?.unwrap_or(false);
                 let top = f.int("top_logprobs", 0, max)?;
                 if top.is_some() && !wanted {
-                    return Err(ApiError::invalid(
-                        "top_logprobs",
-                        "`top_logprobs` requires `logprobs` to be true",
-                    ));
+                    return Err(ApiError::invalid("top_logprobs", "`top_logprobs` requires `logprobs` to be true"));
                 }
                 Ok((wanted, top.unwrap_or(0) as usize))
             }
@@ -357,14 +297,9 @@ impl Frontend {
             Some(_) => 0,
             None => info.default_top_k,
         };
-        let repetition_penalty = f
-            .number("repetition_penalty", 0.0, 10.0)?
-            .unwrap_or(info.default_repetition_penalty);
+        let repetition_penalty = f.number("repetition_penalty", 0.0, 10.0)?.unwrap_or(info.default_repetition_penalty);
         if repetition_penalty <= 0.0 {
-            return Err(ApiError::invalid(
-                "repetition_penalty",
-                "`repetition_penalty` must be greater than 0",
-            ));
+            return Err(ApiError::invalid("repetition_penalty", "`repetition_penalty` must be greater than 0"));
         }
         let top_p = f.number("top_p", 0.0, 1.0)?.unwrap_or(info.default_top_p);
         if top_p <= 0.0 {
@@ -376,10 +311,16 @@ impl Frontend {
                 .iter()
                 .map(|(k, v)| {
                     let token = k.parse::<u32>().ok().filter(|&t| (t as usize) < info.vocab_size).ok_or_else(|| {
-                        ApiError::invalid("logit_bias", format!("`logit_bias` key {k:?} is not a token id below {}", info.vocab_size))
+                        ApiError::invalid(
+                            "logit_bias",
+                            format!("`logit_bias` key {k:?} is not a token id below {}", info.vocab_size),
+                        )
                     })?;
                     let bias = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
-                        ApiError::invalid("logit_bias", format!("`logit_bias` value for {k} must be a number between -100 and 100"))
+                        ApiError::invalid(
+                            "logit_bias",
+                            format!("`logit_bias` value for {k} must be a number between -100 and 100"),
+                        )
                     })?;
                     Ok((token, bias as f32))
                 })
@@ -387,9 +328,7 @@ impl Frontend {
             Some(other) => return Err(wrong_type("logit_bias", "an object", other)),
         };
         Ok(SamplingParams {
-            temperature: f
-                .number("temperature", 0.0, 2.0)?
-                .unwrap_or(info.default_temperature),
+            temperature: f.number("temperature", 0.0, 2.0)?.unwrap_or(info.default_temperature),
             top_p,
             top_k,
             min_p: f.number("min_p", 0.0, 1.0)?.unwrap_or(0.0),
@@ -412,18 +351,13 @@ fn normalize_message(index: usize, message: &Value) -> Result<Value, ApiError> {
         Some(Value::String(r)) => r.as_str(),
         Some(other) => return Err(wrong_type(&format!("{param}.role"), "a string", other)),
         None => {
-            return Err(ApiError::invalid(
-                format!("{param}.role"),
-                format!("`{param}.role` is required"),
-            ));
+            return Err(ApiError::invalid(format!("{param}.role"), format!("`{param}.role` is required")));
         }
     };
     if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
         return Err(ApiError::invalid(
             format!("{param}.role"),
-            format!(
-                "`{param}.role` must be one of system, developer, user, assistant, tool; got {role:?}"
-            ),
+            format!("`{param}.role` must be one of system, developer, user, assistant, tool; got {role:?}"),
         ));
     }
     let content_param = format!("{param}.content");
@@ -444,16 +378,11 @@ fn normalize_message(index: usize, message: &Value) -> Result<Value, ApiError> {
                     (Some(other), _) => {
                         return Err(ApiError::invalid(
                             part_param,
-                            format!(
-                                "content parts of type {other:?} are not supported; only \"text\""
-                            ),
+                            format!("content parts of type {other:?} are not supported; only \"text\""),
                         ));
                     }
                     (None, _) => {
-                        return Err(ApiError::invalid(
-                            part_param.clone(),
-                            format!("`{part_param}.type` is required"),
-                        ));
+                        return Err(ApiError::invalid(part_param.clone(), format!("`{part_param}.type` is required")));
                     }
                 }
             }
@@ -461,17 +390,10 @@ fn normalize_message(index: usize, message: &Value) -> Result<Value, ApiError> {
         }
         None | Some(Value::Null) if role == "assistant" => String::new(),
         None => {
-            return Err(ApiError::invalid(
-                content_param.clone(),
-                format!("`{content_param}` is required"),
-            ));
+            return Err(ApiError::invalid(content_param.clone(), format!("`{content_param}` is required")));
         }
         Some(other) => {
-            return Err(wrong_type(
-                &content_param,
-                "a string or an array of text parts",
-                other,
-            ));
+            return Err(wrong_type(&content_param, "a string or an array of text parts", other));
         }
     };
     let mut out: Map<String, Value> = obj.clone();

@@ -37,10 +37,7 @@ impl<'a> Fields<'a> {
             Some(Value::Number(n)) => {
                 let v = n.as_f64().unwrap_or(f64::NAN);
                 if !(min..=max).contains(&v) {
-                    return Err(ApiError::invalid(
-                        key,
-                        format!("`{key}` must be between {min} and {max}, got {v}"),
-                    ));
+                    return Err(ApiError::invalid(key, format!("`{key}` must be between {min} and {max}, got {v}")));
                 }
                 Ok(Some(v as f32))
             }
@@ -58,17 +55,11 @@ impl<'a> Fields<'a> {
                     (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
                     _ if n.is_u64() => i64::MAX,
                     _ => {
-                        return Err(ApiError::invalid(
-                            key,
-                            format!("`{key}` must be an integer, got {n}"),
-                        ));
+                        return Err(ApiError::invalid(key, format!("`{key}` must be an integer, got {n}")));
                     }
                 };
                 if v < min || v > max {
-                    return Err(ApiError::invalid(
-                        key,
-                        format!("`{key}` must be between {min} and {max}, got {v}"),
-                    ));
+                    return Err(ApiError::invalid(key, format!("`{key}` must be between {min} and {max}, got {v}")));
                 }
                 Ok(Some(v))
             }
@@ -77,21 +68,14 @@ impl<'a> Fields<'a> {
     }
 
     /// A string or a list of strings (`stop`), at most `max_count` of at most `max_len` bytes.
-    pub fn strings(
-        &self,
-        key: &str,
-        max_count: usize,
-        max_len: usize,
-    ) -> Result<Vec<String>, ApiError> {
+    pub fn strings(&self, key: &str, max_count: usize, max_len: usize) -> Result<Vec<String>, ApiError> {
         let list: Vec<String> = match self.get(key) {
             None => return Ok(Vec::new()),
             Some(Value::String(s)) => vec![s.clone()],
             Some(Value::Array(items)) => items
                 .iter()
                 .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .ok_or_else(|| wrong_type(key, "a string or an array of strings", v))
+                    v.as_str().map(str::to_owned).ok_or_else(|| wrong_type(key, "a string or an array of strings", v))
                 })
                 .collect::<Result<_, _>>()?,
             Some(other) => return Err(wrong_type(key, "a string or an array of strings", other)),
@@ -99,19 +83,13 @@ impl<'a> Fields<'a> {
         if list.len() > max_count {
             return Err(ApiError::invalid(
                 key,
-                format!(
-                    "`{key}` takes at most {max_count} strings, got {}",
-                    list.len()
-                ),
+                format!("`{key}` takes at most {max_count} strings, got {}", list.len()),
             ));
         }
         if let Some(long) = list.iter().find(|s| s.len() > max_len) {
             return Err(ApiError::invalid(
                 key,
-                format!(
-                    "each `{key}` string must be at most {max_len} bytes, got {}",
-                    long.len()
-                ),
+                format!("each `{key}` string must be at most {max_len} bytes, got {}", long.len()),
             ));
         }
         Ok(list)

@@ -24,22 +24,10 @@ impl Meta {
             Endpoint::Completion => "cmpl",
         };
         let mut rng = crate::sampling::Rng::from_entropy();
-        let id = format!(
-            "{prefix}-{:016x}{:08x}",
-            rng.next_u64(),
-            rng.next_u64() as u32
-        );
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        Self {
-            id,
-            created,
-            model: request.model.clone(),
-            endpoint: request.endpoint,
-            logprobs: request.logprobs,
-        }
+        let id = format!("{prefix}-{:016x}{:08x}", rng.next_u64(), rng.next_u64() as u32);
+        let created =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        Self { id, created, model: request.model.clone(), endpoint: request.endpoint, logprobs: request.logprobs }
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -50,12 +38,7 @@ impl Meta {
         }
     }
 
-    fn logprobs_json(
-        &self,
-        list: &[TokenLogprobs],
-        tokenizer: &Tokenizer,
-        text_offset: usize,
-    ) -> Value {
+    fn logprobs_json(&self, list: &[TokenLogprobs], tokenizer: &Tokenizer, text_offset: usize) -> Value {
         if !self.logprobs {
             return Value::Null;
         }
@@ -64,11 +47,7 @@ impl Meta {
                 let content: Vec<Value> = list
                     .iter()
                     .map(|lp| {
-                        let top: Vec<Value> = lp
-                            .top
-                            .iter()
-                            .map(|&(t, l)| token_json(tokenizer, t, l))
-                            .collect();
+                        let top: Vec<Value> = lp.top.iter().map(|&(t, l)| token_json(tokenizer, t, l)).collect();
                         let mut entry = token_json(tokenizer, lp.token, lp.logprob);
                         entry["top_logprobs"] = Value::Array(top);
                         entry
@@ -88,11 +67,8 @@ impl Meta {
                     offset += text.len();
                     tokens.push(Value::String(text));
                     token_logprobs.push(json!(lp.logprob));
-                    let top: serde_json::Map<String, Value> = lp
-                        .top
-                        .iter()
-                        .map(|&(t, l)| (tokenizer.token_text(t), json!(l)))
-                        .collect();
+                    let top: serde_json::Map<String, Value> =
+                        lp.top.iter().map(|&(t, l)| (tokenizer.token_text(t), json!(l))).collect();
                     top_logprobs.push(Value::Object(top));
                 }
                 json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets})
@@ -136,19 +112,12 @@ pub struct Collector {
 impl Collector {
     pub fn new(request: &ParsedRequest) -> Self {
         let choices = (0..request.generate.n).map(|_| Choice::default()).collect();
-        Self {
-            meta: Meta::new(request),
-            choices,
-        }
+        Self { meta: Meta::new(request), choices }
     }
 
     pub fn add(&mut self, event: Event) {
         match event {
-            Event::Text {
-                choice,
-                text,
-                logprobs,
-            } => {
+            Event::Text { choice, text, logprobs } => {
                 if let Some(c) = self.choices.get_mut(choice) {
                     c.text.push_str(&text);
                     c.logprobs.extend(logprobs);
@@ -216,11 +185,7 @@ pub struct StreamEncoder {
 
 impl StreamEncoder {
     pub fn new(request: &ParsedRequest) -> Self {
-        Self {
-            meta: Meta::new(request),
-            include_usage: request.include_usage,
-            offsets: vec![0; request.generate.n],
-        }
+        Self { meta: Meta::new(request), include_usage: request.include_usage, offsets: vec![0; request.generate.n] }
     }
 
     fn chunk(&self, choices: Value, usage: Option<Value>) -> String {
@@ -256,11 +221,7 @@ impl StreamEncoder {
     /// The chunk for a text or finish event; `None` for events that have no chunk of their own.
     pub fn encode(&mut self, event: &Event, tokenizer: &Tokenizer) -> Option<String> {
         let (index, delta_text, logprobs, finish) = match event {
-            Event::Text {
-                choice,
-                text,
-                logprobs,
-            } => {
+            Event::Text { choice, text, logprobs } => {
                 let offset = self.offsets.get(*choice).copied().unwrap_or(0);
                 let lp = self.meta.logprobs_json(logprobs, tokenizer, offset);
                 if let Some(o) = self.offsets.get_mut(*choice) {
@@ -288,7 +249,6 @@ impl StreamEncoder {
 
     /// The last chunk, with no choices and the usage, when `stream_options.include_usage` asked for it.
     pub fn usage(&self, usage: &Usage) -> Option<String> {
-        self.include_usage
-            .then(|| self.chunk(json!([]), Some(usage_json(usage))))
+        self.include_usage.then(|| self.chunk(json!([]), Some(usage_json(usage))))
     }
 }

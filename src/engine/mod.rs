@@ -34,11 +34,7 @@ pub struct EngineConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self {
-            max_running: 8,
-            max_queued: 64,
-            prefill_chunk: 256,
-        }
+        Self { max_running: 8, max_queued: 64, prefill_chunk: 256 }
     }
 }
 
@@ -56,9 +52,7 @@ pub enum SubmitError {
 impl std::fmt::Display for SubmitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SubmitError::Overloaded => {
-                f.write_str("the server is busy: too many requests are queued, retry later")
-            }
+            SubmitError::Overloaded => f.write_str("the server is busy: too many requests are queued, retry later"),
             SubmitError::Stopped => f.write_str("the engine has stopped"),
             SubmitError::Invalid(m) => f.write_str(m),
         }
@@ -70,12 +64,18 @@ impl std::fmt::Display for SubmitError {
 pub struct EngineStats {
     pub running: AtomicUsize,
     pub queued: AtomicUsize,
+    /// Bytes of the shared KV pool (genai layout).
+    pub kv_pool_bytes: AtomicUsize,
+    /// Decode steps run, and tokens they produced: tokens / steps is the mean batch size.
+    pub decode_steps: AtomicUsize,
+    pub decode_tokens: AtomicUsize,
 }
 
 pub struct Engine {
     jobs: Option<Sender<scheduler::Job>>,
     thread: Option<JoinHandle<()>>,
     info: ModelInfo,
+    layout: &'static str,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
@@ -85,26 +85,24 @@ impl Engine {
     /// Starts the scheduler thread, which owns `model` from now on.
     pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
         let info = model.info().clone();
+        let layout = model.layout_name();
         let stats = Arc::new(EngineStats::default());
         let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1));
-        let scheduler =
-            scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
+        let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
         let thread = std::thread::Builder::new()
             .name("chatd-engine".into())
             .spawn(move || scheduler.run())
             .context("starting the engine thread")?;
-        Ok(Self {
-            jobs: Some(tx),
-            thread: Some(thread),
-            info,
-            tokenizer,
-            config,
-            stats,
-        })
+        Ok(Self { jobs: Some(tx), thread: Some(thread), info, layout, tokenizer, config, stats })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The model's layout: "optimum" or "genai".
+    pub fn layout(&self) -> &'static str {
+        self.layout
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -138,12 +136,8 @@ impl Engine {
         }
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let cancel = Arc::new(AtomicBool::new(false));
-        let job = scheduler::Job {
-            request,
-            events: events_tx,
-            cancel: cancel.clone(),
-            queued_at: std::time::Instant::now(),
-        };
+        let job =
+            scheduler::Job { request, events: events_tx, cancel: cancel.clone(), queued_at: std::time::Instant::now() };
         let jobs = self.jobs.as_ref().ok_or(SubmitError::Stopped)?;
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         match jobs.try_send(job) {

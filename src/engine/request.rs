@@ -73,11 +73,7 @@ pub struct Timings {
 #[derive(Clone, Debug)]
 pub enum Event {
     /// New text for a choice: always complete UTF-8, never part of a stop string.
-    Text {
-        choice: usize,
-        text: String,
-        logprobs: Vec<TokenLogprobs>,
-    },
+    Text { choice: usize, text: String, logprobs: Vec<TokenLogprobs> },
     /// A choice has ended; its text is complete.
     Finished { choice: usize, reason: FinishReason },
     /// All choices have ended.
@@ -103,10 +99,7 @@ impl RequestHandle {
         self.events.recv().ok()
     }
 
-    pub fn recv_timeout(
-        &self,
-        timeout: Duration,
-    ) -> Result<Event, crossbeam_channel::RecvTimeoutError> {
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Event, crossbeam_channel::RecvTimeoutError> {
         self.events.recv_timeout(timeout)
     }
 

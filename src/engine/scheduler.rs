@@ -8,7 +8,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use super::request::{Event, FinishReason, GenerateRequest, Timings, Usage};
 use super::sequence::{Rules, Sequence};
 use super::{EngineConfig, EngineStats};
-use crate::model::{KvCache, Model};
+use crate::model::{DecodeItem, KvCache, Model};
 use crate::sampling::{Rng, Sampler};
 use crate::text::Tokenizer;
 
@@ -26,6 +26,8 @@ struct Group {
     state: State,
     timings: Timings,
     first_token: bool,
+    /// Events of the current round, sent once the round is done.
+    events: Vec<Event>,
 }
 
 enum State {
@@ -34,6 +36,9 @@ enum State {
     Done,
 }
 
+/// The step loop. Each round: queued requests are admitted while there is room, every request
+/// still reading its prompt feeds one chunk, and every generating sequence of every request
+/// advances one token in one batched decode step. Requests join and leave between rounds.
 pub(crate) struct Scheduler {
     model: Model,
     tokenizer: Arc<Tokenizer>,
@@ -44,7 +49,6 @@ pub(crate) struct Scheduler {
     /// The oldest queued job, taken off the channel but waiting for room (first come, first served).
     waiting: Option<Job>,
     running: usize,
-    events: Vec<Event>,
 }
 
 impl Scheduler {
@@ -55,29 +59,24 @@ impl Scheduler {
         jobs: Receiver<Job>,
         stats: Arc<EngineStats>,
     ) -> Self {
-        Self {
-            model,
-            tokenizer,
-            config,
-            jobs,
-            stats,
-            groups: Vec::new(),
-            waiting: None,
-            running: 0,
-            events: Vec::new(),
-        }
+        Self { model, tokenizer, config, jobs, stats, groups: Vec::new(), waiting: None, running: 0 }
     }
 
     /// Runs until the engine is dropped and every admitted request has finished.
     pub fn run(mut self) {
         while self.admit() {
-            // One round: every admitted request advances by one model run per sequence.
-            for index in 0..self.groups.len() {
-                self.step_group(index);
+            for group in &mut self.groups {
+                if group.job.cancel.load(Ordering::Relaxed) {
+                    cancel(group);
+                }
             }
+            self.prefill_round();
+            self.decode_round();
+            self.deliver();
             self.groups.retain(|g| !matches!(g.state, State::Done));
             self.running = self.groups.iter().map(|g| g.job.request.n).sum();
             self.stats.running.store(self.running, Ordering::Relaxed);
+            self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
         }
     }
 
@@ -100,120 +99,125 @@ impl Scheduler {
                 self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
-            if self.running + job.request.n > self.config.max_running {
+            let n = job.request.n;
+            let fits =
+                self.running + n <= self.config.max_running && self.model.has_room_for(job.request.prompt.len() + 1, n);
+            if !fits {
+                if self.groups.is_empty() {
+                    // Nothing will free room: the request can never run.
+                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    let _ = job.events.send(Event::Error("the request does not fit the KV cache budget".into()));
+                    continue;
+                }
                 self.waiting = Some(job);
                 return true;
             }
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-            let mut timings = Timings {
-                queued: job.queued_at.elapsed(),
-                ..Timings::default()
-            };
+            let timings = Timings { queued: job.queued_at.elapsed(), ..Timings::default() };
             let state = match self.model.new_cache() {
                 Ok(cache) => State::Prefill { cache, fed: 0 },
                 Err(e) => {
-                    let _ = job
-                        .events
-                        .send(Event::Error(format!("cannot allocate the KV cache: {e:#}")));
+                    let _ = job.events.send(Event::Error(format!("cannot allocate the KV cache: {e:#}")));
                     continue;
                 }
             };
-            timings.total = timings.queued;
-            self.running += job.request.n;
-            self.groups.push(Group {
-                job,
-                state,
-                timings,
-                first_token: false,
-            });
+            self.running += n;
+            self.groups.push(Group { job, state, timings, first_token: false, events: Vec::new() });
         }
     }
 
-    fn step_group(&mut self, index: usize) {
-        let group = &mut self.groups[index];
-        if group.job.cancel.load(Ordering::Relaxed) {
-            cancel(group);
-            return;
-        }
-        self.events.clear();
-        let result = match &mut group.state {
-            State::Prefill { .. } => prefill_step(
-                &mut self.model,
-                &self.tokenizer,
-                &self.config,
-                group,
-                &mut self.events,
-            ),
-            State::Decode { .. } => {
-                decode_step(&mut self.model, &self.tokenizer, group, &mut self.events)
-            }
-            State::Done => Ok(()),
-        };
-        if let Err(e) = result {
-            log::error!("request failed in the engine: {e:#}");
-            let _ = group.job.events.send(Event::Error(format!("{e:#}")));
-            group.state = State::Done;
-            return;
-        }
-        if !group.first_token
-            && self
-                .events
-                .iter()
-                .any(|e| matches!(e, Event::Text { .. } | Event::Finished { .. }))
-        {
-            group.first_token = true;
-            group.timings.time_to_first_token = group.job.queued_at.elapsed();
-        }
-        for event in self.events.drain(..) {
-            if group.job.events.send(event).is_err() {
-                // The caller is gone: free the sequences now.
-                group.state = State::Done;
-                return;
+    /// Feeds one prompt chunk of every request still reading its prompt (batch size 1 each).
+    fn prefill_round(&mut self) {
+        for group in &mut self.groups {
+            if matches!(group.state, State::Prefill { .. }) {
+                if let Err(e) = prefill_step(&mut self.model, &self.tokenizer, &self.config, group) {
+                    fail(group, e);
+                }
             }
         }
-        if let State::Decode { seqs } = &group.state {
-            if seqs.iter().all(|s| s.finished.is_some()) {
-                let usage = Usage {
-                    prompt_tokens: group.job.request.prompt.len(),
-                    completion_tokens: seqs.iter().map(|s| s.generated).sum(),
-                    cached_tokens: 0,
-                };
-                group.timings.total = group.job.queued_at.elapsed();
-                let _ = group.job.events.send(Event::Done {
-                    usage,
-                    timings: group.timings,
-                });
-                group.state = State::Done;
+    }
+
+    /// Advances every generating sequence by one token: one model step for all of them.
+    fn decode_round(&mut self) {
+        let mut items = Vec::new();
+        for group in &mut self.groups {
+            if let State::Decode { seqs } = &mut group.state {
+                for seq in seqs.iter_mut().filter(|s| s.finished.is_none()) {
+                    items.push(DecodeItem { cache: &mut seq.cache, token: seq.last_token, logits: &mut seq.logits });
+                }
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.decode_tokens.fetch_add(items.len(), Ordering::Relaxed);
+        let started = Instant::now();
+        let result = self.model.decode(&mut items);
+        drop(items);
+        let elapsed = started.elapsed();
+        for group in &mut self.groups {
+            let State::Decode { seqs } = &mut group.state else { continue };
+            if let Err(e) = &result {
+                let message = format!("{e:#}");
+                fail(group, anyhow::anyhow!(message));
+                continue;
+            }
+            group.timings.model += elapsed;
+            let rules = rules(&self.model, &self.tokenizer, &group.job.request);
+            let mut outcome = Ok(());
+            for seq in seqs.iter_mut().filter(|s| s.finished.is_none()) {
+                outcome = seq.advance(&rules, &mut group.timings, &mut group.events);
+                if outcome.is_err() {
+                    break;
+                }
+            }
+            if let Err(e) = outcome {
+                fail(group, e);
+            }
+        }
+    }
+
+    /// Sends each request the events of this round; a request whose caller is gone is dropped
+    /// here, which frees its sequences' KV memory.
+    fn deliver(&mut self) {
+        for group in &mut self.groups {
+            if !group.first_token
+                && group.events.iter().any(|e| matches!(e, Event::Text { .. } | Event::Finished { .. }))
+            {
+                group.first_token = true;
+                group.timings.time_to_first_token = group.job.queued_at.elapsed();
+            }
+            for event in group.events.drain(..) {
+                if group.job.events.send(event).is_err() {
+                    group.state = State::Done;
+                    break;
+                }
+            }
+            if let State::Decode { seqs } = &group.state {
+                if seqs.iter().all(|s| s.finished.is_some()) {
+                    let usage = Usage {
+                        prompt_tokens: group.job.request.prompt.len(),
+                        completion_tokens: seqs.iter().map(|s| s.generated).sum(),
+                        cached_tokens: 0,
+                    };
+                    group.timings.total = group.job.queued_at.elapsed();
+                    let _ = group.job.events.send(Event::Done { usage, timings: group.timings });
+                    group.state = State::Done;
+                }
             }
         }
     }
 }
 
-fn rules<'a>(
-    model: &'a Model,
-    tokenizer: &'a Arc<Tokenizer>,
-    request: &'a GenerateRequest,
-) -> Rules<'a> {
-    Rules {
-        request,
-        eos: &model.info().eos_token_ids,
-        context_length: model.info().context_length,
-        tokenizer,
-    }
+fn rules<'a>(model: &'a Model, tokenizer: &'a Arc<Tokenizer>, request: &'a GenerateRequest) -> Rules<'a> {
+    Rules { request, eos: &model.info().eos_token_ids, context_length: model.info().context_length, tokenizer }
 }
 
 /// Feeds the next chunk of the prompt; after the last one, forks the cache into `n` choices and
 /// samples each choice's first token.
-fn prefill_step(
-    model: &mut Model,
-    tokenizer: &Arc<Tokenizer>,
-    config: &EngineConfig,
-    group: &mut Group,
-    events: &mut Vec<Event>,
-) -> Result<()> {
-    let State::Prefill { cache, fed } = &mut group.state else {
-        return Ok(());
-    };
+fn prefill_step(model: &mut Model, tokenizer: &Arc<Tokenizer>, config: &EngineConfig, group: &mut Group) -> Result<()> {
+    let State::Prefill { cache, fed } = &mut group.state else { return Ok(()) };
     let prompt = &group.job.request.prompt;
     let end = (*fed + config.prefill_chunk.max(1)).min(prompt.len());
     let mut logits = vec![0.0; model.info().vocab_size];
@@ -225,9 +229,7 @@ fn prefill_step(
         return Ok(());
     }
     let request = &group.job.request;
-    let State::Prefill { cache, .. } = std::mem::replace(&mut group.state, State::Done) else {
-        unreachable!()
-    };
+    let State::Prefill { cache, .. } = std::mem::replace(&mut group.state, State::Done) else { unreachable!() };
     let mut caches = Vec::with_capacity(request.n);
     for _ in 1..request.n {
         caches.push(model.fork_cache(&cache)?);
@@ -240,40 +242,21 @@ fn prefill_step(
             None => Rng::from_entropy(),
         };
         let sampler = Sampler::new(request.sampling.clone(), prompt, rng);
-        seqs.push(Sequence::new(
-            choice,
-            cache,
-            logits.clone(),
-            sampler,
-            request.stop.clone(),
-        ));
+        seqs.push(Sequence::new(choice, cache, logits.clone(), sampler, request.stop.clone()));
     }
     let rules = rules(model, tokenizer, request);
     for seq in &mut seqs {
-        seq.advance(&rules, &mut group.timings, events)?;
+        seq.advance(&rules, &mut group.timings, &mut group.events)?;
     }
     group.state = State::Decode { seqs };
     Ok(())
 }
 
-/// Runs every unfinished choice one token further.
-fn decode_step(
-    model: &mut Model,
-    tokenizer: &Arc<Tokenizer>,
-    group: &mut Group,
-    events: &mut Vec<Event>,
-) -> Result<()> {
-    let State::Decode { seqs } = &mut group.state else {
-        return Ok(());
-    };
-    for seq in seqs.iter_mut().filter(|s| s.finished.is_none()) {
-        let started = Instant::now();
-        model.forward(&[seq.last_token], &mut seq.cache, &mut seq.logits)?;
-        group.timings.model += started.elapsed();
-        let rules = rules(model, tokenizer, &group.job.request);
-        seq.advance(&rules, &mut group.timings, events)?;
-    }
-    Ok(())
+fn fail(group: &mut Group, error: anyhow::Error) {
+    log::error!("request failed in the engine: {error:#}");
+    group.events.clear();
+    let _ = group.job.events.send(Event::Error(format!("{error:#}")));
+    group.state = State::Done;
 }
 
 /// Ends a cancelled request: each unfinished choice reports `Cancelled`, then `Done`.
@@ -283,22 +266,12 @@ fn cancel(group: &mut Group) {
         for seq in seqs {
             completion_tokens += seq.generated;
             if seq.finished.is_none() {
-                let _ = group.job.events.send(Event::Finished {
-                    choice: seq.choice,
-                    reason: FinishReason::Cancelled,
-                });
+                let _ = group.job.events.send(Event::Finished { choice: seq.choice, reason: FinishReason::Cancelled });
             }
         }
     }
-    let usage = Usage {
-        prompt_tokens: group.job.request.prompt.len(),
-        completion_tokens,
-        cached_tokens: 0,
-    };
+    let usage = Usage { prompt_tokens: group.job.request.prompt.len(), completion_tokens, cached_tokens: 0 };
     group.timings.total = group.job.queued_at.elapsed();
-    let _ = group.job.events.send(Event::Done {
-        usage,
-        timings: group.timings,
-    });
+    let _ = group.job.events.send(Event::Done { usage, timings: group.timings });
     group.state = State::Done;
 }

@@ -35,13 +35,7 @@ pub(super) struct Rules<'a> {
 }
 
 impl Sequence {
-    pub fn new(
-        choice: usize,
-        cache: KvCache,
-        logits: Vec<f32>,
-        sampler: Sampler,
-        stop: Vec<String>,
-    ) -> Self {
+    pub fn new(choice: usize, cache: KvCache, logits: Vec<f32>, sampler: Sampler, stop: Vec<String>) -> Self {
         Self {
             choice,
             cache,
@@ -59,12 +53,7 @@ impl Sequence {
 
     /// Samples the next token from `self.logits` and turns it into events: new text, and a
     /// finish when an end-of-sequence token, stop string or limit is reached.
-    pub fn advance(
-        &mut self,
-        rules: &Rules<'_>,
-        timings: &mut Timings,
-        events: &mut Vec<Event>,
-    ) -> Result<()> {
+    pub fn advance(&mut self, rules: &Rules<'_>, timings: &mut Timings, events: &mut Vec<Event>) -> Result<()> {
         let request = rules.request;
         let started = Instant::now();
         let may_end = !request.ignore_eos && self.generated >= request.min_tokens;
@@ -73,16 +62,14 @@ impl Sequence {
         let raw_logprobs = logprob_request.map(|_| self.logits.clone());
         let token = self.sampler.sample(&mut self.logits, banned);
         if let (Some(top), Some(raw)) = (logprob_request, raw_logprobs) {
-            self.pending_logprobs
-                .push(sampling::logprobs(&raw, token, top, &mut self.scratch));
+            self.pending_logprobs.push(sampling::logprobs(&raw, token, top, &mut self.scratch));
         }
         timings.sampling += started.elapsed();
         self.generated += 1;
         self.last_token = token;
 
         let is_eos = rules.eos.contains(&token) && may_end;
-        let is_stop_token =
-            request.stop_token_ids.contains(&token) && self.generated > request.min_tokens;
+        let is_stop_token = request.stop_token_ids.contains(&token) && self.generated > request.min_tokens;
         if is_eos || is_stop_token {
             // The end token itself has no text; what the stop matcher held back is real text.
             self.pending_logprobs.retain(|lp| lp.token != token);
@@ -118,26 +105,15 @@ impl Sequence {
             self.pending_logprobs = logprobs;
             return;
         }
-        events.push(Event::Text {
-            choice: self.choice,
-            text,
-            logprobs,
-        });
+        events.push(Event::Text { choice: self.choice, text, logprobs });
     }
 
     fn finish(&mut self, reason: FinishReason, text: String, events: &mut Vec<Event>) {
         if !text.is_empty() || !self.pending_logprobs.is_empty() {
             let logprobs = std::mem::take(&mut self.pending_logprobs);
-            events.push(Event::Text {
-                choice: self.choice,
-                text,
-                logprobs,
-            });
+            events.push(Event::Text { choice: self.choice, text, logprobs });
         }
         self.finished = Some(reason);
-        events.push(Event::Finished {
-            choice: self.choice,
-            reason,
-        });
+        events.push(Event::Finished { choice: self.choice, reason });
     }
 }

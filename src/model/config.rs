@@ -32,18 +32,12 @@ impl ModelInfo {
             _ => Value::Null,
         };
         let usize_of = |key: &str| config.get(key).and_then(Value::as_u64).map(|v| v as usize);
-        let num_layers =
-            usize_of("num_hidden_layers").context("config.json has no num_hidden_layers")?;
-        let num_heads =
-            usize_of("num_attention_heads").context("config.json has no num_attention_heads")?;
+        let num_layers = usize_of("num_hidden_layers").context("config.json has no num_hidden_layers")?;
+        let num_heads = usize_of("num_attention_heads").context("config.json has no num_attention_heads")?;
         let num_kv_heads = usize_of("num_key_value_heads").unwrap_or(num_heads);
         let head_dim = match usize_of("head_dim") {
             Some(d) => d,
-            None => {
-                usize_of("hidden_size")
-                    .context("config.json has neither head_dim nor hidden_size")?
-                    / num_heads
-            }
+            None => usize_of("hidden_size").context("config.json has neither head_dim nor hidden_size")? / num_heads,
         };
         let mut eos_token_ids = ids_of(generation.get("eos_token_id"));
         for id in ids_of(config.get("eos_token_id")) {
@@ -51,38 +45,21 @@ impl ModelInfo {
                 eos_token_ids.push(id);
             }
         }
-        let do_sample = generation
-            .get("do_sample")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let gen_f32 = |key: &str, default: f32| {
-            generation
-                .get(key)
-                .and_then(Value::as_f64)
-                .map_or(default, |v| v as f32)
-        };
+        let do_sample = generation.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
+        let gen_f32 =
+            |key: &str, default: f32| generation.get(key).and_then(Value::as_f64).map_or(default, |v| v as f32);
         Ok(Self {
             name: folder_name(dir),
             vocab_size: usize_of("vocab_size").context("config.json has no vocab_size")?,
-            context_length: usize_of("max_position_embeddings")
-                .or_else(|| usize_of("n_positions"))
-                .unwrap_or(2048),
+            context_length: usize_of("max_position_embeddings").or_else(|| usize_of("n_positions")).unwrap_or(2048),
             num_layers,
             num_kv_heads,
             head_dim,
             eos_token_ids,
             bos_token_id: ids_of(config.get("bos_token_id")).first().copied(),
             // Hugging Face's generate() is greedy unless the model asks for sampling.
-            default_temperature: if do_sample {
-                gen_f32("temperature", 1.0)
-            } else {
-                0.0
-            },
-            default_top_p: if do_sample {
-                gen_f32("top_p", 1.0)
-            } else {
-                1.0
-            },
+            default_temperature: if do_sample { gen_f32("temperature", 1.0) } else { 0.0 },
+            default_top_p: if do_sample { gen_f32("top_p", 1.0) } else { 1.0 },
             default_top_k: if do_sample {
                 generation.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize
             } else {
@@ -94,28 +71,21 @@ impl ModelInfo {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 fn ids_of(value: Option<&Value>) -> Vec<u32> {
     match value {
         Some(Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-        Some(Value::Array(list)) => list
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|v| v as u32)
-            .collect(),
+        Some(Value::Array(list)) => list.iter().filter_map(Value::as_u64).map(|v| v as u32).collect(),
         _ => Vec::new(),
     }
 }
 
-fn folder_name(dir: &Path) -> String {
+pub(super) fn folder_name(dir: &Path) -> String {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-    dir.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into())
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
 }
 
 /// The ONNX file of a model folder, by the names the hubs use: in the folder itself, then in its
@@ -144,20 +114,13 @@ pub fn find_model_file(dir: &Path) -> Result<PathBuf> {
     }
     match variants.len() {
         1 => Ok(variants.remove(0)),
-        0 => bail!(
-            "no model.onnx, decoder_model_merged.onnx or model_*.onnx in {} or its onnx/ folder",
-            dir.display()
-        ),
+        0 => bail!("no model.onnx, decoder_model_merged.onnx or model_*.onnx in {} or its onnx/ folder", dir.display()),
         _ => {
             variants.sort();
             bail!(
                 "{} holds several model variants ({}); keep one, or name it model.onnx",
                 dir.display(),
-                variants
-                    .iter()
-                    .map(|p| p.file_name().unwrap().to_string_lossy())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                variants.iter().map(|p| p.file_name().unwrap().to_string_lossy()).collect::<Vec<_>>().join(", ")
             )
         }
     }

@@ -3,6 +3,8 @@
 //! sampling or HTTP.
 
 mod config;
+mod genai;
+mod kv_pool;
 mod optimum;
 pub mod runtime;
 
@@ -20,10 +22,13 @@ pub struct Model {
     layout: Layout,
 }
 
-/// The on-disk layouts chatd understands. The onnxruntime-genai layout slots in here as a
-/// second variant with its own KV handling.
+/// The on-disk layouts chatd understands, each with its own KV handling.
 enum Layout {
+    /// Hugging Face Optimum: each sequence's presents come back as new tensors, run one
+    /// sequence at a time (its graph makes every row of a batch pay for the longest).
     Optimum(optimum::OptimumModel),
+    /// onnxruntime-genai: a shared in-place KV pool, decode steps batched across sequences.
+    Genai(genai::GenaiModel),
 }
 
 /// One sequence's attention keys and values, as the model's layout keeps them.
@@ -35,6 +40,14 @@ pub struct KvCache {
 
 enum KvInner {
     Optimum(optimum::OptimumKv),
+    Genai(kv_pool::RowLease),
+}
+
+/// One sequence's next token in a batched decode step.
+pub struct DecodeItem<'a> {
+    pub cache: &'a mut KvCache,
+    pub token: u32,
+    pub logits: &'a mut [f32],
 }
 
 impl KvCache {
@@ -48,58 +61,117 @@ impl KvCache {
 }
 
 impl Model {
-    /// Loads a model folder (see the README's "Model folders" for the files it reads).
+    /// Loads a model folder: the onnxruntime-genai layout when it has `genai_config.json`, else
+    /// the Hugging Face Optimum layout (see the README's "Model folders").
     pub fn load(dir: &Path, options: &RuntimeOptions) -> Result<Self> {
+        if dir.join("genai_config.json").exists() {
+            let config = genai::GenaiConfig::read(dir)?;
+            let mut options = options.clone();
+            if let (false, Some(threads)) = (options.intra_threads_set, config.intra_op_threads) {
+                options.intra_threads = threads;
+            }
+            let session = runtime::open_session(&config.file, &options)
+                .with_context(|| format!("loading {}", config.file.display()))?;
+            let model = genai::GenaiModel::new(session, &config, options.kv_cache_bytes)
+                .with_context(|| format!("reading the inputs and outputs of {}", config.file.display()))?;
+            return Ok(Self { info: config.info, layout: Layout::Genai(model) });
+        }
         let info = ModelInfo::read(dir)?;
         let file = config::find_model_file(dir)?;
-        let session = runtime::open_session(&file, options)
-            .with_context(|| format!("loading {}", file.display()))?;
+        let session = runtime::open_session(&file, options).with_context(|| format!("loading {}", file.display()))?;
         let optimum = optimum::OptimumModel::new(session, &info)
             .with_context(|| format!("reading the inputs and outputs of {}", file.display()))?;
-        Ok(Self {
-            info,
-            layout: Layout::Optimum(optimum),
-        })
+        Ok(Self { info, layout: Layout::Optimum(optimum) })
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
 
-    pub fn new_cache(&self) -> Result<KvCache> {
-        match &self.layout {
-            Layout::Optimum(m) => Ok(KvCache {
-                len: 0,
-                inner: KvInner::Optimum(m.empty_cache()?),
-            }),
+    /// "optimum" or "genai".
+    pub fn layout_name(&self) -> &'static str {
+        match self.layout {
+            Layout::Optimum(_) => "optimum",
+            Layout::Genai(_) => "genai",
         }
     }
 
-    /// A second cache with the same contents, for another choice of the same prompt (`n > 1`).
-    pub fn fork_cache(&self, cache: &KvCache) -> Result<KvCache> {
-        match &cache.inner {
-            KvInner::Optimum(kv) => Ok(KvCache {
-                len: cache.len,
-                inner: KvInner::Optimum(kv.deep_copy()?),
-            }),
+    /// Whether `count` new sequences of `positions` tokens fit the KV budget now.
+    pub fn has_room_for(&self, positions: usize, count: usize) -> bool {
+        match &self.layout {
+            Layout::Optimum(_) => true,
+            Layout::Genai(m) => m.pool().has_room_for(positions, count),
         }
+    }
+
+    /// Bytes held for keys and values by the shared pool (the Optimum layout's caches live in
+    /// ONNX Runtime tensors owned by each sequence and are not counted here).
+    pub fn kv_pool_bytes(&self) -> usize {
+        match &self.layout {
+            Layout::Optimum(_) => 0,
+            Layout::Genai(m) => m.pool().allocated_bytes(),
+        }
+    }
+
+    pub fn new_cache(&mut self) -> Result<KvCache> {
+        let inner = match &mut self.layout {
+            Layout::Optimum(m) => KvInner::Optimum(m.empty_cache()?),
+            Layout::Genai(m) => KvInner::Genai(m.lease()?),
+        };
+        Ok(KvCache { len: 0, inner })
+    }
+
+    /// A second cache with the same contents, for another choice of the same prompt (`n > 1`).
+    pub fn fork_cache(&mut self, cache: &KvCache) -> Result<KvCache> {
+        let inner = match (&mut self.layout, &cache.inner) {
+            (_, KvInner::Optimum(kv)) => KvInner::Optimum(kv.deep_copy()?),
+            (Layout::Genai(m), KvInner::Genai(lease)) => KvInner::Genai(m.fork(lease, cache.len)?),
+            _ => anyhow::bail!("a cache of another layout"),
+        };
+        Ok(KvCache { len: cache.len, inner })
     }
 
     /// Runs `tokens` after what `cache` holds, appends them to the cache, and writes the logits
     /// for the token after the last one into `logits` (vocabulary-sized).
-    pub fn forward(
-        &mut self,
-        tokens: &[u32],
-        cache: &mut KvCache,
-        logits: &mut [f32],
-    ) -> Result<()> {
+    pub fn forward(&mut self, tokens: &[u32], cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
         anyhow::ensure!(!tokens.is_empty(), "forward needs at least one token");
         match (&mut self.layout, &mut cache.inner) {
-            (Layout::Optimum(m), KvInner::Optimum(kv)) => {
-                m.forward(tokens, cache.len, kv, logits)?
-            }
+            (Layout::Optimum(m), KvInner::Optimum(kv)) => m.forward(tokens, cache.len, kv, logits)?,
+            (Layout::Genai(m), KvInner::Genai(lease)) => m.prefill(lease, cache.len, tokens, logits)?,
+            _ => anyhow::bail!("a cache of another layout"),
         }
         cache.len += tokens.len();
+        Ok(())
+    }
+
+    /// Feeds one token to each item's sequence: one batched run in the genai layout, one run
+    /// per sequence in the Optimum layout.
+    pub fn decode(&mut self, items: &mut [DecodeItem<'_>]) -> Result<()> {
+        match &mut self.layout {
+            Layout::Optimum(_) => {
+                for item in items.iter_mut() {
+                    let token = [item.token];
+                    self.forward(&token, item.cache, item.logits)?;
+                }
+            }
+            Layout::Genai(m) => {
+                let mut rows = Vec::with_capacity(items.len());
+                for item in items.iter_mut() {
+                    let KvInner::Genai(lease) = &item.cache.inner else { anyhow::bail!("a cache of another layout") };
+                    rows.push(genai::DecodeRow {
+                        lease,
+                        len: item.cache.len,
+                        token: item.token,
+                        logits: &mut *item.logits,
+                    });
+                }
+                m.decode(&mut rows)?;
+                drop(rows);
+                for item in items.iter_mut() {
+                    item.cache.len += 1;
+                }
+            }
+        }
         Ok(())
     }
 }

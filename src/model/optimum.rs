@@ -47,8 +47,7 @@ impl OptimumKv {
             .values
             .iter()
             .map(|v| {
-                let mut copy =
-                    DynTensor::new(&Allocator::default(), *v.data_type(), v.shape().clone())?;
+                let mut copy = DynTensor::new(&Allocator::default(), *v.data_type(), v.shape().clone())?;
                 let bytes = v.size().context("tensor size")?;
                 if bytes > 0 {
                     // SAFETY: both tensors are CPU tensors of the same type and shape.
@@ -99,21 +98,13 @@ impl OptimumModel {
                         }
                         Input::Past(layer * 2 + usize::from(is_value))
                     }
-                    _ => bail!(
-                        "unexpected model input `{name}` (layout: Hugging Face Optimum decoder with past)"
-                    ),
+                    _ => bail!("unexpected model input `{name}` (layout: Hugging Face Optimum decoder with past)"),
                 },
             };
             inputs.push(role);
         }
-        ensure!(
-            inputs.contains(&Input::InputIds),
-            "the model has no `input_ids` input"
-        );
-        let pasts = inputs
-            .iter()
-            .filter(|i| matches!(i, Input::Past(_)))
-            .count();
+        ensure!(inputs.contains(&Input::InputIds), "the model has no `input_ids` input");
+        let pasts = inputs.iter().filter(|i| matches!(i, Input::Past(_))).count();
         ensure!(
             pasts == 2 * layers,
             "config.json says {layers} layers, but the model has {pasts} past_key_values inputs (expected {})",
@@ -132,11 +123,7 @@ impl OptimumModel {
             }
         }
         if let Some(missing) = present_names.iter().position(String::is_empty) {
-            bail!(
-                "the model has no present.{}.{} output",
-                missing / 2,
-                if missing % 2 == 0 { "key" } else { "value" }
-            );
+            bail!("the model has no present.{}.{} output", missing / 2, if missing % 2 == 0 { "key" } else { "value" });
         }
         Ok(Self {
             session,
@@ -161,13 +148,7 @@ impl OptimumModel {
         Ok(OptimumKv { values })
     }
 
-    pub fn forward(
-        &mut self,
-        tokens: &[u32],
-        past: usize,
-        kv: &mut OptimumKv,
-        logits: &mut [f32],
-    ) -> Result<()> {
+    pub fn forward(&mut self, tokens: &[u32], past: usize, kv: &mut OptimumKv, logits: &mut [f32]) -> Result<()> {
         let n = tokens.len();
         self.ids.clear();
         self.ids.extend(tokens.iter().map(|&t| i64::from(t)));
@@ -180,31 +161,19 @@ impl OptimumModel {
             let mut values: Vec<SessionInputValue<'_>> = Vec::with_capacity(self.inputs.len());
             for input in &self.inputs {
                 values.push(match *input {
-                    Input::InputIds => {
-                        TensorRef::from_array_view(([1usize, n], &self.ids[..]))?.into()
-                    }
-                    Input::AttentionMask => {
-                        TensorRef::from_array_view(([1usize, past + n], &self.mask[..]))?.into()
-                    }
-                    Input::PositionIds => {
-                        TensorRef::from_array_view(([1usize, n], &self.positions[..]))?.into()
-                    }
-                    Input::UseCacheBranch => {
-                        TensorRef::from_array_view(([1usize], &use_cache[..]))?.into()
-                    }
+                    Input::InputIds => TensorRef::from_array_view(([1usize, n], &self.ids[..]))?.into(),
+                    Input::AttentionMask => TensorRef::from_array_view(([1usize, past + n], &self.mask[..]))?.into(),
+                    Input::PositionIds => TensorRef::from_array_view(([1usize, n], &self.positions[..]))?.into(),
+                    Input::UseCacheBranch => TensorRef::from_array_view(([1usize], &use_cache[..]))?.into(),
                     Input::Past(i) => (&kv.values[i]).into(),
                 });
             }
             self.session.run(&values[..]).context("running the model")?
         };
-        let logits_value = outputs
-            .get(&self.logits_name)
-            .context("no logits in the model's outputs")?;
+        let logits_value = outputs.get(&self.logits_name).context("no logits in the model's outputs")?;
         copy_last_row(logits_value, self.vocab_size, logits)?;
         for (slot, name) in kv.values.iter_mut().zip(&self.present_names) {
-            let present = outputs
-                .remove(name)
-                .with_context(|| format!("no {name} in the model's outputs"))?;
+            let present = outputs.remove(name).with_context(|| format!("no {name} in the model's outputs"))?;
             *slot = present.downcast::<DynTensorValueType>()?;
         }
         Ok(())
@@ -214,15 +183,11 @@ impl OptimumModel {
 fn check_kv_shape(name: &str, shape: &ort::value::Shape, info: &ModelInfo) -> Result<()> {
     let dims: &[i64] = shape;
     if dims.len() != 4 {
-        bail!(
-            "input {name} has {} dimensions, expected 4 (batch, kv heads, past, head dim)",
-            dims.len()
-        );
+        bail!("input {name} has {} dimensions, expected 4 (batch, kv heads, past, head dim)", dims.len());
     }
-    for (dim, expected, what) in [
-        (dims[1], info.num_kv_heads, "num_key_value_heads"),
-        (dims[3], info.head_dim, "head_dim"),
-    ] {
+    for (dim, expected, what) in
+        [(dims[1], info.num_kv_heads, "num_key_value_heads"), (dims[3], info.head_dim, "head_dim")]
+    {
         if dim > 0 && dim as usize != expected {
             bail!("input {name} has {dim} where config.json's {what} says {expected}");
         }
@@ -232,11 +197,7 @@ fn check_kv_shape(name: &str, shape: &ort::value::Shape, info: &ModelInfo) -> Re
 
 /// Copies the logits of the last position (the model returns one row per input token).
 fn copy_last_row(value: &ort::value::DynValue, vocab: usize, out: &mut [f32]) -> Result<()> {
-    ensure!(
-        out.len() == vocab,
-        "logits buffer has {} entries, vocabulary {vocab}",
-        out.len()
-    );
+    ensure!(out.len() == vocab, "logits buffer has {} entries, vocabulary {vocab}", out.len());
     if let Ok((_, data)) = value.try_extract_tensor::<f32>() {
         ensure!(
             data.len() >= vocab && data.len() % vocab == 0,
@@ -246,20 +207,14 @@ fn copy_last_row(value: &ort::value::DynValue, vocab: usize, out: &mut [f32]) ->
         out.copy_from_slice(&data[data.len() - vocab..]);
         return Ok(());
     }
-    let tensor = value
-        .view()
-        .downcast::<DynTensorValueType>()
-        .map_err(|e| anyhow::anyhow!("logits: {e}"))?;
+    let tensor = value.view().downcast::<DynTensorValueType>().map_err(|e| anyhow::anyhow!("logits: {e}"))?;
     ensure!(
         *tensor.data_type() == TensorElementType::Float16,
         "logits must be float32 or float16, not {:?}",
         tensor.data_type()
     );
     let count = tensor.shape().num_elements();
-    ensure!(
-        count >= vocab && count % vocab == 0,
-        "logits of {count} values for a vocabulary of {vocab}"
-    );
+    ensure!(count >= vocab && count % vocab == 0, "logits of {count} values for a vocabulary of {vocab}");
     // SAFETY: a CPU float16 tensor of `count` elements.
     let halves = unsafe { std::slice::from_raw_parts(tensor.data_ptr().cast::<u16>(), count) };
     for (o, &h) in out.iter_mut().zip(&halves[count - vocab..]) {
@@ -306,10 +261,7 @@ mod tests {
 
     #[test]
     fn io_names_parse_by_layer() {
-        assert_eq!(
-            layer_of("past_key_values.12.value", "past_key_values."),
-            Some((12, true))
-        );
+        assert_eq!(layer_of("past_key_values.12.value", "past_key_values."), Some((12, true)));
         assert_eq!(layer_of("present.0.key", "present."), Some((0, false)));
         assert_eq!(layer_of("present.x.key", "present."), None);
     }

@@ -14,17 +14,17 @@ pub struct RuntimeOptions {
     pub library: Option<PathBuf>,
     /// Intra-op threads per session (2 was fastest for the small models on a 2-core box).
     pub intra_threads: usize,
+    /// Whether `intra_threads` was set explicitly (else a model's own config may choose).
+    pub intra_threads_set: bool,
     /// Let ONNX Runtime's threads spin between ops (faster decode, busier cores when idle).
     pub spin: bool,
+    /// Most bytes the shared KV pool of the genai layout may hold.
+    pub kv_cache_bytes: usize,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        Self {
-            library: None,
-            intra_threads: 2,
-            spin: true,
-        }
+        Self { library: None, intra_threads: 2, intra_threads_set: false, spin: true, kv_cache_bytes: 1 << 30 }
     }
 }
 
@@ -45,9 +45,7 @@ impl std::error::Error for RuntimeError {}
 const HOW_TO_INSTALL: &str = "install it with scripts/setup-onnxruntime.sh (PyPI onnxruntime 1.32.0), \
      or pass --onnxruntime /path/to/libonnxruntime.so (ONNX Runtime 1.19 or newer)";
 
-static ENVIRONMENT: OnceLock<
-    std::result::Result<(PathBuf, ort::environment::Environment), String>,
-> = OnceLock::new();
+static ENVIRONMENT: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> = OnceLock::new();
 
 /// Loads ONNX Runtime once per process. The first of these that exists is used:
 /// `options.library`, `ORT_DYLIB_PATH`, a copy installed by `scripts/setup-onnxruntime.sh`
@@ -57,24 +55,14 @@ pub fn init(options: &RuntimeOptions) -> Result<&'static Path, RuntimeError> {
     let loaded = ENVIRONMENT.get_or_init(|| load(options).map_err(|e| e.message));
     match loaded {
         Ok((path, _)) => Ok(path),
-        Err(message) => Err(RuntimeError {
-            message: message.clone(),
-        }),
+        Err(message) => Err(RuntimeError { message: message.clone() }),
     }
 }
 
-fn load(
-    options: &RuntimeOptions,
-) -> Result<(PathBuf, ort::environment::Environment), RuntimeError> {
-    let explicit = options
-        .library
-        .clone()
-        .map(|p| (p, "--onnxruntime"))
-        .or_else(|| {
-            std::env::var_os("ORT_DYLIB_PATH")
-                .filter(|v| !v.is_empty())
-                .map(|p| (PathBuf::from(p), "ORT_DYLIB_PATH"))
-        });
+fn load(options: &RuntimeOptions) -> Result<(PathBuf, ort::environment::Environment), RuntimeError> {
+    let explicit = options.library.clone().map(|p| (p, "--onnxruntime")).or_else(|| {
+        std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()).map(|p| (PathBuf::from(p), "ORT_DYLIB_PATH"))
+    });
     let path = match explicit {
         Some((path, source)) => {
             if !path.exists() {
@@ -108,9 +96,7 @@ fn load(
         .with_name("chatd")
         .with_telemetry(false)
         .build()
-        .map_err(|e| RuntimeError {
-            message: format!("cannot start ONNX Runtime from {}: {e}", path.display()),
-        })?;
+        .map_err(|e| RuntimeError { message: format!("cannot start ONNX Runtime from {}: {e}", path.display()) })?;
     // ort registers its tracing logger at VERBOSE; ask only for warnings and errors so ONNX
     // Runtime does not format and forward log records on the hot path.
     env.set_log_level(ort::logging::LogLevel::Warning);
@@ -125,21 +111,13 @@ fn load(
 /// Where `scripts/setup-onnxruntime.sh` and `scripts/install.sh` put the library.
 fn candidate_paths() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if let Some(exe_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_path_buf))
-    {
+    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
         dirs.push(exe_dir.clone());
         dirs.push(exe_dir.join("../lib/chatd"));
         dirs.push(exe_dir.join("../lib"));
     }
-    dirs.push(PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/.runtime/lib"
-    )));
-    dirs.into_iter()
-        .map(|d| d.join("libonnxruntime.so"))
-        .collect()
+    dirs.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.runtime/lib")));
+    dirs.into_iter().map(|d| d.join("libonnxruntime.so")).collect()
 }
 
 /// The version the runtime library at `path` reports, e.g. "1.32.0".
@@ -160,20 +138,14 @@ fn library_version(path: &Path) -> Option<String> {
             return None;
         }
         let version = ((*base).get_version_string)();
-        (!version.is_null()).then(|| {
-            std::ffi::CStr::from_ptr(version)
-                .to_string_lossy()
-                .into_owned()
-        })
+        (!version.is_null()).then(|| std::ffi::CStr::from_ptr(version).to_string_lossy().into_owned())
     }
 }
 
 /// Opens a session with the options that measured fastest for decoder models on small CPUs.
 pub(crate) fn open_session(file: &Path, options: &RuntimeOptions) -> Result<Session> {
-    let loaded = ENVIRONMENT
-        .get()
-        .and_then(|r| r.as_ref().ok())
-        .ok_or_else(|| anyhow::anyhow!("ONNX Runtime is not loaded"))?;
+    let loaded =
+        ENVIRONMENT.get().and_then(|r| r.as_ref().ok()).ok_or_else(|| anyhow::anyhow!("ONNX Runtime is not loaded"))?;
     let session = Session::builder(&loaded.1)?
         .with_optimization_level(GraphOptimizationLevel::All)
         .map_err(ort::Error::<()>::from)?

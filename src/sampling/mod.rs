@@ -70,18 +70,9 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(params: SamplingParams, prompt: &[u32], rng: Rng) -> Self {
-        let seen = if params.repetition_penalty != 1.0 {
-            prompt.iter().map(|&t| (t, ())).collect()
-        } else {
-            HashMap::new()
-        };
-        Self {
-            params,
-            rng,
-            generated: HashMap::new(),
-            seen,
-            candidates: Vec::new(),
-        }
+        let seen =
+            if params.repetition_penalty != 1.0 { prompt.iter().map(|&t| (t, ())).collect() } else { HashMap::new() };
+        Self { params, rng, generated: HashMap::new(), seen, candidates: Vec::new() }
     }
 
     /// Picks the next token from `logits` (modified in place). `banned` tokens can't be picked
@@ -93,11 +84,7 @@ impl Sampler {
                 *l = f32::NEG_INFINITY;
             }
         }
-        let token = if self.params.is_greedy() {
-            argmax(logits)
-        } else {
-            self.sample_from(logits)
-        };
+        let token = if self.params.is_greedy() { argmax(logits) } else { self.sample_from(logits) };
         self.accept(token);
         token
     }
@@ -119,11 +106,7 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &token in self.seen.keys() {
                 if let Some(l) = logits.get_mut(token as usize) {
-                    *l = if *l > 0.0 {
-                        *l / p.repetition_penalty
-                    } else {
-                        *l * p.repetition_penalty
-                    };
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
                 }
             }
         }
@@ -145,11 +128,7 @@ impl Sampler {
         let cands = &mut self.candidates;
         cands.clear();
         // min-p keeps tokens with p >= min_p * p_max, i.e. logit >= max + T*ln(min_p).
-        let floor = if p.min_p > 0.0 {
-            max + p.temperature * p.min_p.ln()
-        } else {
-            f32::NEG_INFINITY
-        };
+        let floor = if p.min_p > 0.0 { max + p.temperature * p.min_p.ln() } else { f32::NEG_INFINITY };
         cands.extend(
             logits
                 .iter()
@@ -204,11 +183,7 @@ fn nucleus(cands: &mut Vec<(f32, u32)>, total: f32, top_p: f32) {
         if mass >= target || head == cands.len() {
             break;
         }
-        threshold = if threshold < total * 1e-12 {
-            0.0
-        } else {
-            threshold * 1e-2
-        };
+        threshold = if threshold < total * 1e-12 { 0.0 } else { threshold * 1e-2 };
     }
     cands.truncate(head);
     cands.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
@@ -235,12 +210,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Log-softmax of the raw logits for the chosen token and the `top` most likely tokens.
-pub fn logprobs(
-    logits: &[f32],
-    chosen: u32,
-    top: usize,
-    scratch: &mut Vec<(f32, u32)>,
-) -> TokenLogprobs {
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize, scratch: &mut Vec<(f32, u32)>) -> TokenLogprobs {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let log_total = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
     let mut top_list = Vec::new();
@@ -253,11 +223,7 @@ pub fn logprobs(
         scratch.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
         top_list = scratch.iter().map(|&(l, t)| (t, l - log_total)).collect();
     }
-    TokenLogprobs {
-        token: chosen,
-        logprob: logits[chosen as usize] - log_total,
-        top: top_list,
-    }
+    TokenLogprobs { token: chosen, logprob: logits[chosen as usize] - log_total, top: top_list }
 }
 
 #[cfg(test)]

@@ -15,9 +15,7 @@ impl Rng {
             z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
             z ^ (z >> 31)
         };
-        Self {
-            s: [next(), next(), next(), next()],
-        }
+        Self { s: [next(), next(), next(), next()] }
     }
 
     /// A generator seeded from the clock and a process-wide counter, for requests without `seed`.
@@ -28,11 +26,7 @@ impl Rng {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
-        Self::seeded(
-            nanos
-                ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(32)
-                ^ u64::from(std::process::id()),
-        )
+        Self::seeded(nanos ^ COUNTER.fetch_add(1, Ordering::Relaxed).rotate_left(32) ^ u64::from(std::process::id()))
     }
 
     pub fn next_u64(&mut self) -> u64 {

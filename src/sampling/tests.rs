@@ -19,13 +19,7 @@ fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
 }
 
 // ln of probabilities 0.5, 0.25, 0.125, 0.0625, 0.0625
-const LOGITS: [f32; 5] = [
-    -0.693_147_2,
-    -1.386_294_4,
-    -2.079_441_5,
-    -2.772_588_7,
-    -2.772_588_7,
-];
+const LOGITS: [f32; 5] = [-0.693_147_2, -1.386_294_4, -2.079_441_5, -2.772_588_7, -2.772_588_7];
 
 #[test]
 fn temperature_zero_is_greedy() {
@@ -39,10 +33,7 @@ fn temperature_one_follows_the_softmax() {
     let h = histogram(&SamplingParams::default(), &LOGITS, n, 2);
     for (i, expected) in [0.5, 0.25, 0.125, 0.0625, 0.0625].iter().enumerate() {
         let got = h[i] as f64 / n as f64;
-        assert!(
-            (got - expected).abs() < 0.015,
-            "token {i}: {got} vs {expected}"
-        );
+        assert!((got - expected).abs() < 0.015, "token {i}: {got} vs {expected}");
     }
 }
 
@@ -51,10 +42,7 @@ fn low_temperature_sharpens_and_high_temperature_flattens() {
     let cold = histogram(&params(|p| p.temperature = 0.3), &LOGITS, 5000, 3);
     let hot = histogram(&params(|p| p.temperature = 2.0), &LOGITS, 5000, 3);
     assert!(cold[0] > 4300, "expected ~90% for the best token: {cold:?}");
-    assert!(
-        hot[0] < 1900 && hot[4] > 500,
-        "expected ~34% and ~12%: {hot:?}"
-    );
+    assert!(hot[0] < 1900 && hot[4] > 500, "expected ~34% and ~12%: {hot:?}");
 }
 
 #[test]
@@ -96,19 +84,9 @@ fn min_p_drops_tokens_below_a_fraction_of_the_best() {
 
 #[test]
 fn logit_bias_can_force_or_forbid_a_token() {
-    let h = histogram(
-        &params(|p| p.logit_bias = vec![(4, 100.0)]),
-        &LOGITS,
-        500,
-        8,
-    );
+    let h = histogram(&params(|p| p.logit_bias = vec![(4, 100.0)]), &LOGITS, 500, 8);
     assert_eq!(h[4], 500);
-    let h = histogram(
-        &params(|p| p.logit_bias = vec![(0, -100.0)]),
-        &LOGITS,
-        500,
-        8,
-    );
+    let h = histogram(&params(|p| p.logit_bias = vec![(0, -100.0)]), &LOGITS, 500, 8);
     assert_eq!(h[0], 0);
 }
 
@@ -136,11 +114,7 @@ fn frequency_and_presence_penalties_push_away_generated_tokens() {
         let picks: Vec<u32> = (0..4).map(|_| s.sample(&mut flat.to_vec(), &[])).collect();
         let mut sorted = picks.clone();
         sorted.sort();
-        assert_eq!(
-            sorted,
-            vec![0, 1, 2, 3],
-            "each pick is penalised away: {picks:?}"
-        );
+        assert_eq!(sorted, vec![0, 1, 2, 3], "each pick is penalised away: {picks:?}");
     }
     // Frequency grows with the count, presence does not.
     let mut s = Sampler::new(
@@ -152,9 +126,7 @@ fn frequency_and_presence_penalties_push_away_generated_tokens() {
         Rng::seeded(0),
     );
     let logits = [3.0f32, 0.5];
-    let picks: Vec<u32> = (0..4)
-        .map(|_| s.sample(&mut logits.to_vec(), &[]))
-        .collect();
+    let picks: Vec<u32> = (0..4).map(|_| s.sample(&mut logits.to_vec(), &[])).collect();
     assert_eq!(picks, vec![0, 0, 0, 1]);
     let mut s = Sampler::new(
         params(|p| {
@@ -164,9 +136,7 @@ fn frequency_and_presence_penalties_push_away_generated_tokens() {
         &[],
         Rng::seeded(0),
     );
-    let picks: Vec<u32> = (0..4)
-        .map(|_| s.sample(&mut logits.to_vec(), &[]))
-        .collect();
+    let picks: Vec<u32> = (0..4).map(|_| s.sample(&mut logits.to_vec(), &[])).collect();
     assert_eq!(picks, vec![0, 0, 0, 0]);
 }
 
@@ -186,14 +156,10 @@ fn repetition_penalty_covers_the_prompt_and_scales_by_sign() {
 
 #[test]
 fn same_seed_same_tokens_different_seed_different_tokens() {
-    let logits: Vec<f32> = (0..1000)
-        .map(|i| ((i * 7919) % 1000) as f32 / 300.0)
-        .collect();
+    let logits: Vec<f32> = (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 300.0).collect();
     let run = |seed| {
         let mut s = Sampler::new(SamplingParams::default(), &[], Rng::seeded(seed));
-        (0..50)
-            .map(|_| s.sample(&mut logits.clone(), &[]))
-            .collect::<Vec<u32>>()
+        (0..50).map(|_| s.sample(&mut logits.clone(), &[])).collect::<Vec<u32>>()
     };
     assert_eq!(run(42), run(42));
     assert_ne!(run(42), run(43));
@@ -204,9 +170,6 @@ fn logprobs_are_a_normalised_log_softmax() {
     let mut scratch = Vec::new();
     let lp = logprobs(&LOGITS, 1, 3, &mut scratch);
     assert!((lp.logprob - 0.25f32.ln()).abs() < 1e-5);
-    assert_eq!(
-        lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
-        vec![0, 1, 2]
-    );
+    assert_eq!(lp.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![0, 1, 2]);
     assert!((lp.top[0].1 - 0.5f32.ln()).abs() < 1e-5);
 }

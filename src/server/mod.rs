@@ -24,11 +24,7 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self {
-            listen: "127.0.0.1:8080".into(),
-            http_threads: 32,
-            max_body_bytes: 4 << 20,
-        }
+        Self { listen: "127.0.0.1:8080".into(), http_threads: 32, max_body_bytes: 4 << 20 }
     }
 }
 
@@ -47,22 +43,13 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn bind(
-        config: ServerConfig,
-        engine: Arc<Engine>,
-        frontend: Arc<Frontend>,
-    ) -> Result<Self> {
+    pub fn bind(config: ServerConfig, engine: Arc<Engine>, frontend: Arc<Frontend>) -> Result<Self> {
         let http = tiny_http::Server::http(&config.listen)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         Ok(Self {
             http: Arc::new(http),
-            shared: Arc::new(Shared {
-                engine,
-                frontend,
-                config,
-                started: Instant::now(),
-            }),
+            shared: Arc::new(Shared { engine, frontend, config, started: Instant::now() }),
         })
     }
 

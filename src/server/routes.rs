@@ -20,10 +20,7 @@ struct Outcome {
 
 impl Outcome {
     fn status(status: u16) -> Self {
-        Self {
-            status,
-            ..Self::default()
-        }
+        Self { status, ..Self::default() }
     }
 }
 
@@ -32,16 +29,9 @@ pub(super) fn handle(shared: &Shared, request: Request) {
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_owned();
     let outcome = route(shared, request, &method, &path);
-    let mut line = format!(
-        "{method} {path} {} {:.1}ms",
-        outcome.status,
-        started.elapsed().as_secs_f64() * 1e3
-    );
+    let mut line = format!("{method} {path} {} {:.1}ms", outcome.status, started.elapsed().as_secs_f64() * 1e3);
     if let Some(u) = outcome.usage {
-        line += &format!(
-            " prompt={} completion={} cached={}",
-            u.prompt_tokens, u.completion_tokens, u.cached_tokens
-        );
+        line += &format!(" prompt={} completion={} cached={}", u.prompt_tokens, u.completion_tokens, u.cached_tokens);
     }
     if let Some(t) = outcome.timings {
         line += &format!(
@@ -75,11 +65,7 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
     match path {
         "/v1/chat/completions" => generate(shared, request, Endpoint::Chat),
         "/v1/completions" => generate(shared, request, Endpoint::Completion),
-        "/v1/models" => respond_json(
-            request,
-            200,
-            &json!({"object": "list", "data": [model_json(shared)]}),
-        ),
+        "/v1/models" => respond_json(request, 200, &json!({"object": "list", "data": [model_json(shared)]})),
         "/health" => respond_json(request, 200, &health_json(shared)),
         _ => {
             let id = &path["/v1/models/".len()..];
@@ -105,13 +91,18 @@ fn model_json(shared: &Shared) -> Value {
 
 fn health_json(shared: &Shared) -> Value {
     let stats = shared.engine.stats();
+    let read = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
     json!({
         "status": "ok",
         "model": shared.frontend.served_name(),
+        "layout": shared.engine.layout(),
         "provider": "cpu",
         "uptime_seconds": shared.started.elapsed().as_secs(),
-        "running": stats.running.load(std::sync::atomic::Ordering::Relaxed),
-        "queued": stats.queued.load(std::sync::atomic::Ordering::Relaxed),
+        "running": read(&stats.running),
+        "queued": read(&stats.queued),
+        "kv_pool_bytes": read(&stats.kv_pool_bytes),
+        "decode_steps": read(&stats.decode_steps),
+        "decode_tokens": read(&stats.decode_tokens),
     })
 }
 
@@ -163,10 +154,7 @@ fn generate(shared: &Shared, mut request: Request, endpoint: Endpoint) -> Outcom
                 }
                 Some(event) => collector.add(event),
                 None => {
-                    return respond_error(
-                        request,
-                        &ApiError::internal("the engine dropped the request"),
-                    );
+                    return respond_error(request, &ApiError::internal("the engine dropped the request"));
                 }
             }
         }
@@ -175,19 +163,11 @@ fn generate(shared: &Shared, mut request: Request, endpoint: Endpoint) -> Outcom
     let mut sse = match SseWriter::start(request) {
         Ok(w) => w,
         Err(_) => {
-            return Outcome {
-                status: 200,
-                note: Some("client disconnected".into()),
-                ..Outcome::default()
-            };
+            return Outcome { status: 200, note: Some("client disconnected".into()), ..Outcome::default() };
         }
     };
-    let gone = |usage, timings| Outcome {
-        status: 200,
-        usage,
-        timings,
-        note: Some("client disconnected mid-stream".into()),
-    };
+    let gone =
+        |usage, timings| Outcome { status: 200, usage, timings, note: Some("client disconnected mid-stream".into()) };
     for chunk in encoder.start() {
         if sse.event(&chunk).is_err() {
             return gone(None, None);
@@ -197,17 +177,9 @@ fn generate(shared: &Shared, mut request: Request, endpoint: Endpoint) -> Outcom
         let event = match handle.recv() {
             Some(e) => e,
             None => {
-                let _ = sse.event(
-                    &ApiError::internal("the engine dropped the request")
-                        .to_json()
-                        .to_string(),
-                );
+                let _ = sse.event(&ApiError::internal("the engine dropped the request").to_json().to_string());
                 let _ = sse.finish();
-                return Outcome {
-                    status: 500,
-                    note: Some("engine dropped the request".into()),
-                    ..Outcome::default()
-                };
+                return Outcome { status: 500, note: Some("engine dropped the request".into()), ..Outcome::default() };
             }
         };
         match &event {
@@ -218,21 +190,12 @@ fn generate(shared: &Shared, mut request: Request, endpoint: Endpoint) -> Outcom
                     }
                 }
                 let _ = sse.finish();
-                return Outcome {
-                    status: 200,
-                    usage: Some(*usage),
-                    timings: Some(*timings),
-                    note: None,
-                };
+                return Outcome { status: 200, usage: Some(*usage), timings: Some(*timings), note: None };
             }
             Event::Error(message) => {
                 let _ = sse.event(&ApiError::internal(message.clone()).to_json().to_string());
                 let _ = sse.finish();
-                return Outcome {
-                    status: 500,
-                    note: Some(message.clone()),
-                    ..Outcome::default()
-                };
+                return Outcome { status: 500, note: Some(message.clone()), ..Outcome::default() };
             }
             _ => {
                 if let Some(chunk) = encoder.encode(&event, tokenizer) {
@@ -247,11 +210,7 @@ fn generate(shared: &Shared, mut request: Request, endpoint: Endpoint) -> Outcom
 }
 
 fn respond_error(request: Request, error: &ApiError) -> Outcome {
-    let extra: &[(&str, &str)] = if error.status == 429 {
-        &[("Retry-After", "1")]
-    } else {
-        &[]
-    };
+    let extra: &[(&str, &str)] = if error.status == 429 { &[("Retry-After", "1")] } else { &[] };
     let mut outcome = respond_with(request, error.status, &error.to_json(), extra);
     outcome.note = Some(error.message.clone());
     outcome
@@ -264,10 +223,7 @@ fn respond_json(request: Request, status: u16, body: &Value) -> Outcome {
 fn respond_with(request: Request, status: u16, body: &Value, headers: &[(&str, &str)]) -> Outcome {
     let mut response = Response::from_string(body.to_string())
         .with_status_code(status)
-        .with_header(
-            Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..])
-                .expect("static header"),
-        );
+        .with_header(Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header"));
     for (name, value) in headers {
         if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
             response.add_header(h);

@@ -13,21 +13,14 @@ impl SseWriter {
     pub fn start(request: tiny_http::Request) -> io::Result<Self> {
         let http11 = *request.http_version() >= tiny_http::HTTPVersion(1, 1);
         let mut out = request.into_writer();
-        let framing = if http11 {
-            "Transfer-Encoding: chunked\r\n"
-        } else {
-            "Connection: close\r\n"
-        };
+        let framing = if http11 { "Transfer-Encoding: chunked\r\n" } else { "Connection: close\r\n" };
         let version = if http11 { "1.1" } else { "1.0" };
         write!(
             out,
             "HTTP/{version} 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n{framing}\r\n"
         )?;
         out.flush()?;
-        Ok(Self {
-            out,
-            chunked: http11,
-        })
+        Ok(Self { out, chunked: http11 })
     }
 
     /// Sends `data: <payload>\n\n` and flushes it to the client. An error means the client is gone.

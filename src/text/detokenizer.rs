@@ -45,18 +45,12 @@ mod tests {
         let mut pieces = 0;
         for &id in &ids {
             if let Some(piece) = decoder.step(&tok, id).unwrap() {
-                assert!(
-                    !piece.contains('\u{FFFD}'),
-                    "piece {piece:?} has a replacement character"
-                );
+                assert!(!piece.contains('\u{FFFD}'), "piece {piece:?} has a replacement character");
                 out.push_str(&piece);
                 pieces += 1;
             }
         }
         assert_eq!(out, text);
-        assert!(
-            pieces < ids.len(),
-            "some tokens must have been held back for multi-byte characters"
-        );
+        assert!(pieces < ids.len(), "some tokens must have been held back for multi-byte characters");
     }
 }

@@ -19,10 +19,7 @@ pub enum StopOutcome {
 impl StopMatcher {
     pub fn new(stops: Vec<String>) -> Self {
         let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        Self {
-            stops,
-            held: String::new(),
-        }
+        Self { stops, held: String::new() }
     }
 
     pub fn push(&mut self, piece: &str) -> StopOutcome {
@@ -31,12 +28,7 @@ impl StopMatcher {
         }
         self.held.push_str(piece);
         // The earliest stop string wins, as if the text had been scanned from the start.
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
+        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
             let before = self.held[..at].to_owned();
             self.held.clear();
             return StopOutcome::Stopped(before);
@@ -61,9 +53,7 @@ impl StopMatcher {
             let max = stop.len().saturating_sub(1).min(held.len());
             for len in (best + 1..=max).rev() {
                 let start = held.len() - len;
-                if held.is_char_boundary(start)
-                    && stop.as_bytes().starts_with(&held.as_bytes()[start..])
-                {
+                if held.is_char_boundary(start) && stop.as_bytes().starts_with(&held.as_bytes()[start..]) {
                     best = len;
                     break;
                 }
@@ -95,10 +85,7 @@ mod tests {
 
     #[test]
     fn stop_string_split_across_pieces_is_found_and_not_returned() {
-        assert_eq!(
-            run(&["END"], &["Hello E", "N", "D and more"]),
-            ("Hello ".into(), true)
-        );
+        assert_eq!(run(&["END"], &["Hello E", "N", "D and more"]), ("Hello ".into(), true));
         assert_eq!(run(&["\n\n"], &["a\n", "\nb"]), ("a".into(), true));
     }
 
@@ -112,10 +99,7 @@ mod tests {
 
     #[test]
     fn earliest_of_several_stops_wins() {
-        assert_eq!(
-            run(&["world", "lo"], &["hello world"]),
-            ("hel".into(), true)
-        );
+        assert_eq!(run(&["world", "lo"], &["hello world"]), ("hel".into(), true));
     }
 
     #[test]

@@ -24,15 +24,11 @@ impl ChatTemplate {
                 .context("configuring template syntax")?,
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |message: String| -> Result<Value, Error> {
-                Err(Error::new(ErrorKind::InvalidOperation, message))
-            },
-        );
+        env.add_function("raise_exception", |message: String| -> Result<Value, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, message))
+        });
         env.add_function("strftime_now", strftime_now);
-        env.add_template_owned(NAME, source.to_owned())
-            .context("compiling the chat template")?;
+        env.add_template_owned(NAME, source.to_owned()).context("compiling the chat template")?;
         Ok(Self {
             env,
             bos_token: bos_token.unwrap_or_default().to_owned(),
@@ -61,10 +57,8 @@ impl ChatTemplate {
 
 /// `strftime_now(format)`: the current UTC time formatted with the common strftime codes.
 fn strftime_now(format: String) -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
     let rem = secs.rem_euclid(86_400);
     let (hour, minute, second) = (rem / 3600, rem / 60 % 60, rem % 60);
@@ -159,13 +153,9 @@ mod tests {
     #[test]
     fn system_message_replaces_the_default_and_generation_prompt_is_optional() {
         let (template, _) = smollm_template();
-        let messages =
-            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
+        let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
         let prompt = template.render(&messages, None, false).unwrap();
-        assert_eq!(
-            prompt,
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-        );
+        assert_eq!(prompt, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
     }
 
     #[test]
@@ -182,9 +172,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, "HI|1 tools: f<s>");
-        let err = t
-            .render(&json!([{"role": "system", "content": "x"}]), None, true)
-            .unwrap_err();
+        let err = t.render(&json!([{"role": "system", "content": "x"}]), None, true).unwrap_err();
         assert!(err.to_string().contains("no system"), "{err}");
     }
 
@@ -192,11 +180,7 @@ mod tests {
     fn trim_and_lstrip_blocks_match_jinja2_defaults_of_hugging_face() {
         let source = "{% for m in messages %}\n    {{ m.content }}\n{% endfor %}";
         let t = ChatTemplate::new(source, None, None).unwrap();
-        assert_eq!(
-            t.render(&json!([{"content": "a"}, {"content": "b"}]), None, true)
-                .unwrap(),
-            "    a\n    b\n"
-        );
+        assert_eq!(t.render(&json!([{"content": "a"}, {"content": "b"}]), None, true).unwrap(), "    a\n    b\n");
     }
 
     #[test]

@@ -20,8 +20,7 @@ impl Tokenizer {
             .with_context(|| format!("reading {}", path.display()))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", config_path.display()))?,
+            Ok(text) => serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?,
             Err(_) => serde_json::Value::Null,
         };
         Ok(Self {
@@ -36,17 +35,12 @@ impl Tokenizer {
     /// `<|im_start|>` from a rendered chat template) become their ids; nothing is added around it,
     /// as Hugging Face does for a rendered chat prompt.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let encoding = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| anyhow!("decoding: {e}"))
+        self.inner.decode(ids, true).map_err(|e| anyhow!("decoding: {e}"))
     }
 
     /// The text of one token on its own (for logprobs): special tokens included, possibly a
@@ -94,10 +88,8 @@ pub(crate) mod tests {
 
     /// The shared SmolLM2 tokenizer; `../shared/models` sits beside every checkout, CI's too.
     pub(crate) fn smollm_tokenizer() -> Tokenizer {
-        let dir =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-instruct");
-        Tokenizer::load(&dir)
-            .unwrap_or_else(|e| panic!("the test model is needed at {}: {e:#}", dir.display()))
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-instruct");
+        Tokenizer::load(&dir).unwrap_or_else(|e| panic!("the test model is needed at {}: {e:#}", dir.display()))
     }
 
     #[test]

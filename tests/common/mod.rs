@@ -14,13 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub fn model_dir() -> PathBuf {
-    let dir =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-instruct");
-    assert!(
-        dir.join("model.onnx").exists(),
-        "the test model is needed at {}",
-        dir.display()
-    );
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-instruct");
+    assert!(dir.join("model.onnx").exists(), "the test model is needed at {}", dir.display());
     dir
 }
 
@@ -33,11 +28,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(extra_args: &[&str]) -> Daemon {
+        Self::start_with_model(&model_dir(), extra_args)
+    }
+
+    pub fn start_with_model(model: &std::path::Path, extra_args: &[&str]) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
-        cmd.arg("--model")
-            .arg(model_dir())
-            .args(["--listen", "127.0.0.1:0", "--threads", "2"])
-            .args(extra_args);
+        cmd.arg("--model").arg(model).args(["--listen", "127.0.0.1:0", "--threads", "2"]).args(extra_args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
         // the thread that spawned it exits.
@@ -64,11 +60,7 @@ impl Daemon {
             Ok(addr) => addr,
             Err(_) => panic!("chatd did not start:\n{}", log.lock().unwrap().join("\n")),
         };
-        Daemon {
-            addr,
-            child: Mutex::new(child),
-            log,
-        }
+        Daemon { addr, child: Mutex::new(child), log }
     }
 
     pub fn log(&self) -> Vec<String> {
@@ -99,9 +91,7 @@ impl Daemon {
     /// Sends bytes as they are and reads the reply until the server closes the connection.
     pub fn raw(&self, bytes: &[u8]) -> Reply {
         let mut stream = TcpStream::connect(&self.addr).expect("connecting to chatd");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(120)))
-            .unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         stream.write_all(bytes).unwrap();
         let mut data = Vec::new();
         let _ = stream.read_to_end(&mut data);
@@ -150,42 +140,21 @@ impl Reply {
     fn parse(data: &[u8]) -> Reply {
         let text = String::from_utf8_lossy(data).into_owned();
         let Some((head, rest)) = text.split_once("\r\n\r\n") else {
-            return Reply {
-                status: 0,
-                headers: Vec::new(),
-                body: text,
-            };
+            return Reply { status: 0, headers: Vec::new(), body: text };
         };
         let mut lines = head.lines();
-        let status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
         let headers: Vec<(String, String)> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
             .collect();
-        let chunked = headers
-            .iter()
-            .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-        let body = if chunked {
-            dechunk(rest)
-        } else {
-            rest.to_owned()
-        };
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
+        let body = if chunked { dechunk(rest) } else { rest.to_owned() };
+        Reply { status, headers, body }
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 
     pub fn json(&self) -> Value {
@@ -194,11 +163,7 @@ impl Reply {
 
     /// The `data:` payloads of a server-sent-event body, `[DONE]` included.
     pub fn events(&self) -> Vec<String> {
-        self.body
-            .split("\n\n")
-            .filter_map(|e| e.strip_prefix("data: "))
-            .map(str::to_owned)
-            .collect()
+        self.body.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_owned).collect()
     }
 
     /// Asserts an OpenAI error object with this status; returns it.

@@ -12,6 +12,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MODEL = ROOT.parent / "shared" / "models" / "smollm2-135m-instruct"
+GENAI_MODEL = ROOT.parent / "shared" / "models" / "smollm2-135m-instruct-genai"
 CHATD = pathlib.Path(os.environ.get("CHATD_BIN", ROOT / "target" / "release" / "chatd"))
 
 
@@ -21,38 +22,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def chatd():
-    """Base URL of a running daemon; stopped when the session ends."""
+def start_chatd(model_dir, log_name):
+    """Starts chatd on `model_dir`; returns (process, base URL) once /health answers."""
     assert CHATD.exists(), f"{CHATD} is missing: build it with `cargo build --release`"
-    assert (MODEL / "model.onnx").exists(), f"the test model is needed at {MODEL}"
+    assert model_dir.exists(), f"the test model is needed at {model_dir}"
     port = free_port()
-    log = open(ROOT / "target" / "pytest-chatd.log", "w")
+    log = open(ROOT / "target" / log_name, "w")
     proc = subprocess.Popen(
-        [str(CHATD), "--model", str(MODEL), "--listen", f"127.0.0.1:{port}", "--threads", "2"],
+        [str(CHATD), "--model", str(model_dir), "--listen", f"127.0.0.1:{port}", "--threads", "2"],
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
+    log.close()
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"chatd exited with {proc.returncode}; see target/pytest-chatd.log")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=1) as r:
-                    if json.load(r)["status"] == "ok":
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("chatd did not become healthy in 60 s")
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
+    deadline = time.time() + 60
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"chatd exited with {proc.returncode}; see target/{log_name}")
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+            with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                if json.load(r)["status"] == "ok":
+                    return proc, base
+        except OSError:
+            pass
+        if time.time() > deadline:
             proc.kill()
-        log.close()
+            raise RuntimeError("chatd did not become healthy in 60 s")
+        time.sleep(0.1)
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="session")
+def chatd():
+    """Base URL of chatd on the Optimum-layout model."""
+    proc, base = start_chatd(MODEL, "pytest-chatd.log")
+    yield base
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def chatd_genai():
+    """Base URL of chatd on the onnxruntime-genai-layout model."""
+    proc, base = start_chatd(GENAI_MODEL, "pytest-chatd-genai.log")
+    yield base
+    stop(proc)

@@ -1,0 +1,358 @@
+//! The onnxruntime-genai layout (`genai_config.json`, `GroupQueryAttention`): one KV buffer per
+//! layer shared by all sequences, bound as both `past_key_values.*` and `present.*`, so a step
+//! writes only the new token's keys and values and copies nothing. Decode steps of many
+//! sequences run as one batch; each row's length comes from its attention-mask row
+//! (right-padded). Prompt chunks run one sequence at a time, as `GroupQueryAttention` requires.
+//!
+//! Runs go through ONNX Runtime's C `Run` directly: the ort crate's safe paths either copy
+//! borrowed inputs (IoBinding) or cannot bind one buffer as both input and output.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use ort::AsPointer;
+use ort::memory::MemoryInfo;
+use ort::session::Session;
+use ort::value::{Shape, TensorRef, TensorRefMut, ValueType};
+use serde_json::Value;
+
+use super::ModelInfo;
+use super::kv_pool::{KvPool, RowLease};
+
+/// What `genai_config.json` says about the decoder.
+pub struct GenaiConfig {
+    pub file: PathBuf,
+    pub info: ModelInfo,
+    input_ids: String,
+    attention_mask: String,
+    position_ids: Option<String>,
+    past_key: String,
+    past_value: String,
+    logits: String,
+    present_key: String,
+    present_value: String,
+    pub intra_op_threads: Option<usize>,
+}
+
+impl GenaiConfig {
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("genai_config.json");
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let root: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let model = &root["model"];
+        let decoder = &model["decoder"];
+        let search = &root["search"];
+        let get_usize = |v: &Value, key: &str| -> Result<usize> {
+            v.get(key)
+                .and_then(Value::as_u64)
+                .map(|n| n as usize)
+                .with_context(|| format!("{} has no {key}", path.display()))
+        };
+        let name = |section: &str, key: &str, default: &str| -> String {
+            decoder[section].get(key).and_then(Value::as_str).unwrap_or(default).to_owned()
+        };
+        if search.get("past_present_share_buffer").and_then(Value::as_bool) == Some(false) {
+            bail!("{}: past_present_share_buffer false is not supported (use the Optimum layout)", path.display());
+        }
+        let num_heads = get_usize(decoder, "num_attention_heads")?;
+        let head_dim = match get_usize(decoder, "head_size") {
+            Ok(d) => d,
+            Err(_) => get_usize(decoder, "hidden_size")? / num_heads,
+        };
+        let ids = |v: &Value| -> Vec<u32> {
+            match v {
+                Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+                Value::Array(a) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
+                _ => Vec::new(),
+            }
+        };
+        let do_sample = search.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
+        let f32_of = |key: &str, default: f32| search.get(key).and_then(Value::as_f64).map_or(default, |v| v as f32);
+        let info = ModelInfo {
+            name: super::config::folder_name(dir),
+            vocab_size: get_usize(model, "vocab_size")?,
+            context_length: get_usize(model, "context_length")?,
+            num_layers: get_usize(decoder, "num_hidden_layers")?,
+            num_kv_heads: get_usize(decoder, "num_key_value_heads").unwrap_or(num_heads),
+            head_dim,
+            eos_token_ids: ids(&model["eos_token_id"]),
+            bos_token_id: ids(&model["bos_token_id"]).first().copied(),
+            default_temperature: if do_sample { f32_of("temperature", 1.0) } else { 0.0 },
+            default_top_p: if do_sample { f32_of("top_p", 1.0) } else { 1.0 },
+            default_top_k: if do_sample {
+                search.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize
+            } else {
+                0
+            },
+            default_repetition_penalty: f32_of("repetition_penalty", 1.0),
+        };
+        let threads =
+            decoder["session_options"].get("intra_op_num_threads").and_then(Value::as_u64).map(|n| n as usize);
+        Ok(Self {
+            file: dir.join(decoder.get("filename").and_then(Value::as_str).unwrap_or("model.onnx")),
+            info,
+            input_ids: name("inputs", "input_ids", "input_ids"),
+            attention_mask: name("inputs", "attention_mask", "attention_mask"),
+            position_ids: decoder["inputs"].get("position_ids").and_then(Value::as_str).map(str::to_owned),
+            past_key: name("inputs", "past_key_names", "past_key_values.%d.key"),
+            past_value: name("inputs", "past_value_names", "past_key_values.%d.value"),
+            logits: name("outputs", "logits", "logits"),
+            present_key: name("outputs", "present_key_names", "present.%d.key"),
+            present_value: name("outputs", "present_value_names", "present.%d.value"),
+            intra_op_threads: threads,
+        })
+    }
+}
+
+/// What each input is fed with, in the order we pass them.
+#[derive(Clone, Copy, PartialEq)]
+enum Input {
+    Ids,
+    Mask,
+    Positions,
+    /// Buffer index in the pool: layer * 2 (+1 for values).
+    Kv(usize),
+}
+
+pub struct GenaiModel {
+    session: Session,
+    input_names: Vec<CString>,
+    inputs: Vec<Input>,
+    /// Logits first, then the presents in pool buffer order.
+    output_names: Vec<CString>,
+    pool: KvPool,
+    vocab: usize,
+    ids: Vec<i64>,
+    mask: Vec<i64>,
+    positions: Vec<i64>,
+    logits: Vec<f32>,
+}
+
+/// One sequence in a batched decode step.
+pub struct DecodeRow<'a> {
+    pub lease: &'a RowLease,
+    pub len: usize,
+    pub token: u32,
+    pub logits: &'a mut [f32],
+}
+
+impl GenaiModel {
+    pub fn new(session: Session, config: &GenaiConfig, kv_budget_bytes: usize) -> Result<Self> {
+        let info = &config.info;
+        let layers = info.num_layers;
+        let mut input_names = Vec::new();
+        let mut inputs = Vec::new();
+        let model_inputs: Vec<String> = session.inputs().iter().map(|o| o.name().to_owned()).collect();
+        let mut want = |name: &str, role: Input| -> Result<()> {
+            ensure!(
+                model_inputs.iter().any(|n| n == name),
+                "the model has no input `{name}` (named in genai_config.json)"
+            );
+            input_names.push(CString::new(name)?);
+            inputs.push(role);
+            Ok(())
+        };
+        want(&config.input_ids, Input::Ids)?;
+        want(&config.attention_mask, Input::Mask)?;
+        if let Some(p) = &config.position_ids {
+            want(p, Input::Positions)?;
+        }
+        for layer in 0..layers {
+            want(&config.past_key.replace("%d", &layer.to_string()), Input::Kv(layer * 2))?;
+            want(&config.past_value.replace("%d", &layer.to_string()), Input::Kv(layer * 2 + 1))?;
+        }
+        ensure!(
+            inputs.len() == model_inputs.len(),
+            "the model has inputs genai_config.json does not describe: {:?}",
+            model_inputs
+                .iter()
+                .filter(|n| !input_names.iter().any(|c| c.to_str() == Ok(n.as_str())))
+                .collect::<Vec<_>>()
+        );
+        for outlet in session.inputs() {
+            if let ValueType::Tensor { ty, shape, .. } = outlet.dtype() {
+                if outlet.name().contains("past") {
+                    ensure!(
+                        *ty == ort::value::TensorElementType::Float32,
+                        "only float32 KV caches are supported, {} is {ty:?}",
+                        outlet.name()
+                    );
+                    let dims: &[i64] = shape;
+                    if dims.len() == 4 && dims[1] > 0 && dims[1] as usize != info.num_kv_heads {
+                        bail!(
+                            "{} has {} KV heads, genai_config.json says {}",
+                            outlet.name(),
+                            dims[1],
+                            info.num_kv_heads
+                        );
+                    }
+                }
+            }
+        }
+        let mut output_names = vec![CString::new(config.logits.as_str())?];
+        for layer in 0..layers {
+            output_names.push(CString::new(config.present_key.replace("%d", &layer.to_string()))?);
+            output_names.push(CString::new(config.present_value.replace("%d", &layer.to_string()))?);
+        }
+        let model_outputs: Vec<&str> = session.outputs().iter().map(|o| o.name()).collect();
+        for name in &output_names {
+            let name = name.to_str()?;
+            ensure!(model_outputs.contains(&name), "the model has no output `{name}` (named in genai_config.json)");
+        }
+        let pool = KvPool::new(layers, info.num_kv_heads, info.head_dim, info.context_length, kv_budget_bytes);
+        Ok(Self {
+            session,
+            input_names,
+            inputs,
+            output_names,
+            pool,
+            vocab: info.vocab_size,
+            ids: Vec::new(),
+            mask: Vec::new(),
+            positions: Vec::new(),
+            logits: Vec::new(),
+        })
+    }
+
+    pub fn pool(&self) -> &KvPool {
+        &self.pool
+    }
+
+    pub fn lease(&mut self) -> Result<RowLease> {
+        self.pool.lease()
+    }
+
+    pub fn fork(&mut self, lease: &RowLease, len: usize) -> Result<RowLease> {
+        let copy = self.pool.lease()?;
+        self.pool.copy_row(lease.row, copy.row, len);
+        self.pool.set_row_len(copy.row, len);
+        Ok(copy)
+    }
+
+    /// Feeds `tokens` (a prompt chunk) to one sequence at batch size 1.
+    pub fn prefill(&mut self, lease: &RowLease, len: usize, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
+        let n = tokens.len();
+        self.pool.ensure_capacity(len + n)?;
+        self.ids.clear();
+        self.ids.extend(tokens.iter().map(|&t| i64::from(t)));
+        self.mask.clear();
+        self.mask.resize(len + n, 1);
+        self.positions.clear();
+        self.positions.extend((len..len + n).map(|p| p as i64));
+        self.logits.resize(n * self.vocab, 0.0);
+        self.run(lease.row, 1, n, len + n)?;
+        logits.copy_from_slice(&self.logits[(n - 1) * self.vocab..n * self.vocab]);
+        self.pool.set_row_len(lease.row, len + n);
+        Ok(())
+    }
+
+    /// One token for each of `rows` in a single run. Leased rows that are not in the step ride
+    /// along with a padding token written past their valid length, where it is overwritten later.
+    pub fn decode(&mut self, rows: &mut [DecodeRow<'_>]) -> Result<()> {
+        let span = self.pool.row_span();
+        let mut lens = vec![0usize; span];
+        let mut tokens = vec![0u32; span];
+        for r in 0..span {
+            lens[r] = self.pool.row_len(r);
+        }
+        for row in rows.iter() {
+            lens[row.lease.row] = row.len;
+            tokens[row.lease.row] = row.token;
+        }
+        let width = lens.iter().map(|l| l + 1).max().unwrap_or(1);
+        self.pool.ensure_capacity(width)?;
+        self.ids.clear();
+        self.ids.extend(tokens.iter().map(|&t| i64::from(t)));
+        self.mask.clear();
+        self.positions.clear();
+        for &len in &lens {
+            self.mask.extend((0..width).map(|p| i64::from(p <= len)));
+            self.positions.push(len as i64);
+        }
+        self.logits.resize(span * self.vocab, 0.0);
+        self.run(0, span, 1, width)?;
+        for row in rows.iter_mut() {
+            let r = row.lease.row;
+            row.logits.copy_from_slice(&self.logits[r * self.vocab..(r + 1) * self.vocab]);
+            self.pool.set_row_len(r, row.len + 1);
+        }
+        Ok(())
+    }
+
+    /// Runs rows `first..first + batch` with `seq` new tokens each and an attention mask of
+    /// `width` positions; the inputs are in `self.ids` / `self.mask` / `self.positions`.
+    fn run(&mut self, first: usize, batch: usize, seq: usize, width: usize) -> Result<()> {
+        let (heads, dim, capacity) = (self.pool.kv_heads(), self.pool.head_dim(), self.pool.capacity());
+        let kv_shape = Shape::new([batch as i64, heads as i64, capacity as i64, dim as i64]);
+        let ids = TensorRef::from_array_view(([batch, seq], &self.ids[..]))?;
+        let mask = TensorRef::from_array_view(([batch, width], &self.mask[..]))?;
+        let positions = TensorRef::from_array_view(([batch, seq], &self.positions[..]))?;
+        let kv_count = self.output_names.len() - 1;
+        let mut kv = Vec::with_capacity(kv_count);
+        for index in 0..kv_count {
+            let ptr = self.pool.row_ptr(index, first);
+            // SAFETY: rows first..first+batch of buffer `index` hold batch*heads*capacity*dim
+            // floats; the tensor is dropped before the pool can be resized.
+            kv.push(unsafe { TensorRefMut::<f32>::from_raw(MemoryInfo::default(), ptr.cast(), kv_shape.clone())? });
+        }
+        let logits = {
+            let ptr = self.logits.as_mut_ptr();
+            // SAFETY: self.logits holds at least `len` floats and outlives the run.
+            unsafe {
+                TensorRefMut::<f32>::from_raw(
+                    MemoryInfo::default(),
+                    ptr.cast(),
+                    Shape::new([batch as i64, seq as i64, self.vocab as i64]),
+                )?
+            }
+        };
+        debug_assert!(self.logits.len() >= batch * seq * self.vocab);
+        let input_ptrs: Vec<*const ort::sys::OrtValue> = self
+            .inputs
+            .iter()
+            .map(|input| match *input {
+                Input::Ids => ids.ptr(),
+                Input::Mask => mask.ptr(),
+                Input::Positions => positions.ptr(),
+                Input::Kv(i) => kv[i].ptr(),
+            })
+            .collect();
+        // The presents are the very same values as the pasts: the buffers are shared.
+        let mut output_ptrs: Vec<*mut ort::sys::OrtValue> = Vec::with_capacity(kv_count + 1);
+        output_ptrs.push(logits.ptr().cast_mut());
+        output_ptrs.extend(kv.iter().map(|v| v.ptr().cast_mut()));
+        let input_names: Vec<*const std::ffi::c_char> = self.input_names.iter().map(|n| n.as_ptr()).collect();
+        let output_names: Vec<*const std::ffi::c_char> = self.output_names.iter().map(|n| n.as_ptr()).collect();
+        let api = ort::api();
+        // SAFETY: every pointer is valid for the call; outputs are preallocated values that ONNX
+        // Runtime writes into and does not take ownership of.
+        let status = unsafe {
+            (api.Run)(
+                self.session.ptr().cast_mut(),
+                std::ptr::null(),
+                input_names.as_ptr(),
+                input_ptrs.as_ptr(),
+                input_ptrs.len(),
+                output_names.as_ptr(),
+                output_names.len(),
+                output_ptrs.as_mut_ptr(),
+            )
+        };
+        check(status).context("running the model")
+    }
+}
+
+fn check(status: ort::sys::OrtStatusPtr) -> Result<()> {
+    if status.0.is_null() {
+        return Ok(());
+    }
+    let api = ort::api();
+    // SAFETY: a non-null status from the API; released after its message is copied.
+    let message = unsafe {
+        let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+        (api.ReleaseStatus)(status.0);
+        text
+    };
+    bail!("{message}")
+}

@@ -1,0 +1,233 @@
+//! The KV memory of the onnxruntime-genai layout: per layer, one key and one value buffer of
+//! shape `[rows, kv_heads, capacity, head_dim]`. Each sequence leases a row; a batched decode
+//! step binds rows `0..n` of every buffer as both the past input and the present output of
+//! `GroupQueryAttention`, which writes each new token in place at its row's length. Rows and
+//! capacity grow on demand, never beyond the byte budget.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Result, bail};
+
+/// The shared bookkeeping a lease needs to give its row back when dropped.
+#[derive(Default)]
+struct Rows {
+    /// Per row: leased, and how many positions hold valid keys and values.
+    leased: Vec<bool>,
+    len: Vec<usize>,
+}
+
+pub struct KvPool {
+    rows: Arc<Mutex<Rows>>,
+    /// Rows allocated in the buffers.
+    allocated: usize,
+    capacity: usize,
+    buffers: Vec<Vec<f32>>,
+    kv_heads: usize,
+    head_dim: usize,
+    max_capacity: usize,
+    budget_bytes: usize,
+}
+
+/// A row of the pool, held by one sequence's cache; dropping it frees the row.
+pub struct RowLease {
+    pub row: usize,
+    rows: Arc<Mutex<Rows>>,
+}
+
+impl Drop for RowLease {
+    fn drop(&mut self) {
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        rows.leased[self.row] = false;
+        rows.len[self.row] = 0;
+    }
+}
+
+/// Capacity grows in blocks so a growing sequence re-lays out the pool rarely.
+const BLOCK: usize = 256;
+
+impl KvPool {
+    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, max_capacity: usize, budget_bytes: usize) -> Self {
+        Self {
+            rows: Arc::default(),
+            allocated: 0,
+            capacity: 0,
+            buffers: (0..2 * layers).map(|_| Vec::new()).collect(),
+            kv_heads,
+            head_dim,
+            max_capacity,
+            budget_bytes,
+        }
+    }
+
+    pub fn bytes_per_position(&self) -> usize {
+        self.buffers.len() * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes currently allocated for keys and values.
+    pub fn allocated_bytes(&self) -> usize {
+        self.allocated * self.capacity * self.bytes_per_position()
+    }
+
+    /// Rows in use plus one: the rows a batch over every leased row must cover.
+    pub fn row_span(&self) -> usize {
+        let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        rows.leased.iter().rposition(|&l| l).map_or(0, |r| r + 1)
+    }
+
+    pub fn row_len(&self, row: usize) -> usize {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner()).len[row]
+    }
+
+    pub fn set_row_len(&self, row: usize, len: usize) {
+        self.rows.lock().unwrap_or_else(|e| e.into_inner()).len[row] = len;
+    }
+
+    /// Whether `count` more sequences of `positions` tokens could be placed within the budget.
+    pub fn has_room_for(&self, positions: usize, count: usize) -> bool {
+        let in_use = self.rows.lock().unwrap_or_else(|e| e.into_inner()).leased.iter().filter(|&&l| l).count();
+        let rows = self.allocated.max(in_use + count);
+        let capacity = self.capacity.max(round_up(positions)).min(self.max_capacity);
+        rows * capacity * self.bytes_per_position() <= self.budget_bytes
+    }
+
+    /// Leases the lowest free row (keeping batches compact), adding a row if all are taken.
+    pub fn lease(&mut self) -> Result<RowLease> {
+        let row = {
+            let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+            match rows.leased.iter().position(|&l| !l) {
+                Some(r) => {
+                    rows.leased[r] = true;
+                    r
+                }
+                None => {
+                    rows.leased.push(true);
+                    rows.len.push(0);
+                    rows.leased.len() - 1
+                }
+            }
+        };
+        if row >= self.allocated {
+            let capacity = self.capacity.max(BLOCK.min(self.max_capacity));
+            if let Err(e) = self.resize(row + 1, capacity) {
+                self.rows.lock().unwrap_or_else(|e| e.into_inner()).leased[row] = false;
+                return Err(e);
+            }
+        }
+        Ok(RowLease { row, rows: self.rows.clone() })
+    }
+
+    /// Makes every row hold at least `positions` positions.
+    pub fn ensure_capacity(&mut self, positions: usize) -> Result<()> {
+        if positions <= self.capacity {
+            return Ok(());
+        }
+        if positions > self.max_capacity {
+            bail!("{positions} positions exceed the model's context of {}", self.max_capacity);
+        }
+        self.resize(self.allocated, round_up(positions).min(self.max_capacity))
+    }
+
+    fn resize(&mut self, rows: usize, capacity: usize) -> Result<()> {
+        let bytes = rows * capacity * self.bytes_per_position();
+        if bytes > self.budget_bytes {
+            bail!(
+                "the KV cache would need {} MiB ({rows} sequences x {capacity} positions), over its budget of {} MiB",
+                bytes >> 20,
+                self.budget_bytes >> 20
+            );
+        }
+        let (old_rows, old_cap) = (self.allocated, self.capacity);
+        let (h, d) = (self.kv_heads, self.head_dim);
+        for buffer in &mut self.buffers {
+            if capacity == old_cap {
+                // Rows are the outermost dimension: new rows are appended.
+                buffer.resize(rows * h * capacity * d, 0.0);
+                continue;
+            }
+            let mut grown = vec![0.0f32; rows * h * capacity * d];
+            for r in 0..old_rows.min(rows) {
+                for head in 0..h {
+                    let from = (r * h + head) * old_cap * d;
+                    let to = (r * h + head) * capacity * d;
+                    let n = old_cap.min(capacity) * d;
+                    grown[to..to + n].copy_from_slice(&buffer[from..from + n]);
+                }
+            }
+            *buffer = grown;
+        }
+        if capacity != old_cap || rows != old_rows {
+            log::debug!("KV pool: {rows} rows x {capacity} positions ({} MiB)", bytes >> 20);
+        }
+        self.allocated = rows;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// Copies the first `len` positions of row `from` into row `to` (a fork for `n > 1`).
+    pub fn copy_row(&mut self, from: usize, to: usize, len: usize) {
+        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        for buffer in &mut self.buffers {
+            for head in 0..h {
+                let src = (from * h + head) * cap * d;
+                let dst = (to * h + head) * cap * d;
+                buffer.copy_within(src..src + len * d, dst);
+            }
+        }
+    }
+
+    /// Pointer to row `row` of buffer `index` (layer * 2 + 0 for keys, + 1 for values).
+    pub fn row_ptr(&mut self, index: usize, row: usize) -> *mut f32 {
+        let offset = row * self.kv_heads * self.capacity * self.head_dim;
+        debug_assert!(offset < self.buffers[index].len().max(1));
+        // SAFETY: offset is within the buffer for any allocated row.
+        unsafe { self.buffers[index].as_mut_ptr().add(offset) }
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+}
+
+fn round_up(positions: usize) -> usize {
+    positions.div_ceil(BLOCK).max(1) * BLOCK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_reused_lowest_first_and_growth_keeps_contents() {
+        let mut pool = KvPool::new(1, 2, 4, 8192, 1 << 30);
+        let a = pool.lease().unwrap();
+        let b = pool.lease().unwrap();
+        assert_eq!((a.row, b.row), (0, 1));
+        let p = pool.row_ptr(0, 1);
+        unsafe { *p.add(3) = 7.0 };
+        pool.ensure_capacity(600).unwrap();
+        assert_eq!(pool.capacity(), 768);
+        assert_eq!(unsafe { *pool.row_ptr(0, 1).add(3) }, 7.0);
+        drop(a);
+        assert_eq!(pool.lease().unwrap().row, 0);
+        assert_eq!(pool.row_span(), 2);
+    }
+
+    #[test]
+    fn the_budget_is_never_exceeded() {
+        // 2 buffers x 1 head x 4 dims x 4 bytes = 32 bytes per position; 256 positions per row.
+        let mut pool = KvPool::new(1, 1, 4, 8192, 32 * 256 * 2);
+        let _a = pool.lease().unwrap();
+        let _b = pool.lease().unwrap();
+        assert!(pool.lease().is_err());
+        assert!(pool.ensure_capacity(300).is_err());
+        assert!(!pool.has_room_for(10, 1));
+    }
+}
