@@ -56,6 +56,12 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
     ("max-queued", "CHATD_MAX_QUEUED", "N", "requests waiting for a place before 429s [64]"),
     ("prefill-chunk", "CHATD_PREFILL_CHUNK", "N", "prompt tokens per model run [256]"),
     ("kv-cache-mb", "CHATD_KV_CACHE_MB", "N", "most memory for the genai layout's shared KV cache [1024]"),
+    (
+        "prefix-cache-mb",
+        "CHATD_PREFIX_CACHE_MB",
+        "N",
+        "memory for prompt keys/values reused across requests; 0 = off [256]",
+    ),
 ];
 
 pub fn usage() -> String {
@@ -127,6 +133,7 @@ impl Config {
                 self.runtime.intra_threads_set = true;
             }
             "kv-cache-mb" => self.runtime.kv_cache_bytes = count(value, 1)? << 20,
+            "prefix-cache-mb" => self.engine.prefix_cache_bytes = count(value, 0)? << 20,
             "onnxruntime" => self.runtime.library = Some(PathBuf::from(value)),
             "served-model-name" => self.served_model_name = Some(value.to_owned()),
             "max-body-bytes" => self.server.max_body_bytes = count(value, 1024)?,

@@ -91,7 +91,9 @@ fn streaming_sends_role_then_deltas_then_finish_then_usage_then_done() {
     assert_eq!(finish["choices"][0]["finish_reason"], "stop");
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"], json!([]));
-    assert_eq!(usage["usage"], plain["usage"]);
+    for key in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage["usage"][key], plain["usage"][key]);
+    }
     // Every chunk but the last carries "usage": null, as OpenAI does.
     assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null()));
 }
@@ -138,7 +140,8 @@ fn content_as_text_parts_equals_content_as_string() {
     let b =
         d.chat(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": FRANCE}]}], "max_tokens": 8}));
     assert_eq!(a["choices"][0]["message"], b["choices"][0]["message"]);
-    assert_eq!(a["usage"], b["usage"]);
+    assert_eq!(a["usage"]["prompt_tokens"], b["usage"]["prompt_tokens"]);
+    assert_eq!(a["usage"]["completion_tokens"], b["usage"]["completion_tokens"]);
 }
 
 #[test]

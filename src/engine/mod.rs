@@ -5,6 +5,7 @@
 //! thread owns the model and runs it step by step over every admitted sequence; the queue in
 //! front of it is a bounded channel, so a full queue is an immediate, explicit refusal.
 
+mod prefix_cache;
 mod request;
 mod scheduler;
 mod sequence;
@@ -30,11 +31,13 @@ pub struct EngineConfig {
     pub max_queued: usize,
     /// Prompt tokens fed per model run, so a long prompt does not stall running streams.
     pub prefill_chunk: usize,
+    /// Memory for keys and values kept for reuse by later requests (0 turns reuse off).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_running: 8, max_queued: 64, prefill_chunk: 256 }
+        Self { max_running: 8, max_queued: 64, prefill_chunk: 256, prefix_cache_bytes: 256 << 20 }
     }
 }
 
@@ -66,6 +69,11 @@ pub struct EngineStats {
     pub queued: AtomicUsize,
     /// Bytes of the shared KV pool (genai layout).
     pub kv_pool_bytes: AtomicUsize,
+    /// Requests that started from a cached prefix, and the prompt tokens they did not compute.
+    pub prefix_hits: AtomicUsize,
+    pub prefix_cached_tokens: AtomicUsize,
+    /// Bytes held by the prefix cache.
+    pub prefix_cache_bytes: AtomicUsize,
     /// Decode steps run, and tokens they produced: tokens / steps is the mean batch size.
     pub decode_steps: AtomicUsize,
     pub decode_tokens: AtomicUsize,

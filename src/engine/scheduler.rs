@@ -5,6 +5,7 @@ use std::time::Instant;
 use anyhow::Result;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
+use super::prefix_cache::PrefixCache;
 use super::request::{Event, FinishReason, GenerateRequest, Timings, Usage};
 use super::sequence::{Rules, Sequence};
 use super::{EngineConfig, EngineStats};
@@ -26,6 +27,8 @@ struct Group {
     state: State,
     timings: Timings,
     first_token: bool,
+    /// Prompt tokens restored from the prefix cache.
+    cached: usize,
     /// Events of the current round, sent once the round is done.
     events: Vec<Event>,
 }
@@ -49,6 +52,7 @@ pub(crate) struct Scheduler {
     /// The oldest queued job, taken off the channel but waiting for room (first come, first served).
     waiting: Option<Job>,
     running: usize,
+    prefix: PrefixCache,
 }
 
 impl Scheduler {
@@ -59,7 +63,8 @@ impl Scheduler {
         jobs: Receiver<Job>,
         stats: Arc<EngineStats>,
     ) -> Self {
-        Self { model, tokenizer, config, jobs, stats, groups: Vec::new(), waiting: None, running: 0 }
+        let prefix = PrefixCache::new(config.prefix_cache_bytes);
+        Self { model, tokenizer, config, jobs, stats, groups: Vec::new(), waiting: None, running: 0, prefix }
     }
 
     /// Runs until the engine is dropped and every admitted request has finished.
@@ -114,16 +119,32 @@ impl Scheduler {
             }
             self.stats.queued.fetch_sub(1, Ordering::Relaxed);
             let timings = Timings { queued: job.queued_at.elapsed(), ..Timings::default() };
-            let state = match self.model.new_cache() {
-                Ok(cache) => State::Prefill { cache, fed: 0 },
+            let (cache, cached) = match self.start_cache(&job.request.prompt) {
+                Ok(c) => c,
                 Err(e) => {
                     let _ = job.events.send(Event::Error(format!("cannot allocate the KV cache: {e:#}")));
                     continue;
                 }
             };
+            let state = State::Prefill { cache, fed: cached };
             self.running += n;
-            self.groups.push(Group { job, state, timings, first_token: false, events: Vec::new() });
+            self.groups.push(Group { job, state, timings, first_token: false, cached, events: Vec::new() });
         }
+    }
+
+    /// A cache for `prompt`: restored from the longest cached prefix, or empty.
+    fn start_cache(&mut self, prompt: &[u32]) -> Result<(KvCache, usize)> {
+        if let Some((snapshot, len)) = self.prefix.lookup(prompt) {
+            match self.model.restore(snapshot, len) {
+                Ok(cache) => {
+                    self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                    self.stats.prefix_cached_tokens.fetch_add(len, Ordering::Relaxed);
+                    return Ok((cache, len));
+                }
+                Err(e) => log::warn!("prefix cache restore failed, computing the prompt: {e:#}"),
+            }
+        }
+        Ok((self.model.new_cache()?, 0))
     }
 
     /// Feeds one prompt chunk of every request still reading its prompt (batch size 1 each).
@@ -194,19 +215,35 @@ impl Scheduler {
                     break;
                 }
             }
-            if let State::Decode { seqs } = &group.state {
-                if seqs.iter().all(|s| s.finished.is_some()) {
-                    let usage = Usage {
-                        prompt_tokens: group.job.request.prompt.len(),
-                        completion_tokens: seqs.iter().map(|s| s.generated).sum(),
-                        cached_tokens: 0,
-                    };
-                    group.timings.total = group.job.queued_at.elapsed();
-                    let _ = group.job.events.send(Event::Done { usage, timings: group.timings });
-                    group.state = State::Done;
-                }
+            let State::Decode { seqs } = &group.state else { continue };
+            if seqs.iter().any(|s| s.finished.is_none()) {
+                continue;
+            }
+            let usage = Usage {
+                prompt_tokens: group.job.request.prompt.len(),
+                completion_tokens: seqs.iter().map(|s| s.generated).sum(),
+                cached_tokens: group.cached,
+            };
+            group.timings.total = group.job.queued_at.elapsed();
+            let _ = group.job.events.send(Event::Done { usage, timings: group.timings });
+            let State::Decode { seqs } = std::mem::replace(&mut group.state, State::Done) else { unreachable!() };
+            if self.config.prefix_cache_bytes > 0 {
+                remember(&self.model, &mut self.prefix, &group.job.request, &seqs[0]);
+                self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
             }
         }
+    }
+}
+
+/// Keeps the first choice's keys and values for later requests that share its tokens.
+fn remember(model: &Model, prefix: &mut PrefixCache, request: &GenerateRequest, seq: &Sequence) {
+    let fed = seq.cache.len() - request.prompt.len();
+    let mut tokens = Vec::with_capacity(seq.cache.len());
+    tokens.extend_from_slice(&request.prompt);
+    tokens.extend_from_slice(&seq.tokens[..fed]);
+    match model.snapshot(&seq.cache) {
+        Ok(snapshot) => prefix.insert(tokens, snapshot),
+        Err(e) => log::debug!("not caching this prefix: {e:#}"),
     }
 }
 
@@ -219,7 +256,11 @@ fn rules<'a>(model: &'a Model, tokenizer: &'a Arc<Tokenizer>, request: &'a Gener
 fn prefill_step(model: &mut Model, tokenizer: &Arc<Tokenizer>, config: &EngineConfig, group: &mut Group) -> Result<()> {
     let State::Prefill { cache, fed } = &mut group.state else { return Ok(()) };
     let prompt = &group.job.request.prompt;
-    let end = (*fed + config.prefill_chunk.max(1)).min(prompt.len());
+    let mut end = (*fed + config.prefill_chunk.max(1)).min(prompt.len());
+    if prompt.len() - end == 1 && end - *fed > 1 {
+        // Never leave a last chunk of one token: see PrefixCache::lookup on single-token runs.
+        end -= 1;
+    }
     let mut logits = vec![0.0; model.info().vocab_size];
     let started = Instant::now();
     model.forward(&prompt[*fed..end], cache, &mut logits)?;
@@ -270,7 +311,7 @@ fn cancel(group: &mut Group) {
             }
         }
     }
-    let usage = Usage { prompt_tokens: group.job.request.prompt.len(), completion_tokens, cached_tokens: 0 };
+    let usage = Usage { prompt_tokens: group.job.request.prompt.len(), completion_tokens, cached_tokens: group.cached };
     group.timings.total = group.job.queued_at.elapsed();
     let _ = group.job.events.send(Event::Done { usage, timings: group.timings });
     group.state = State::Done;

@@ -18,6 +18,8 @@ pub(super) struct Sequence {
     pub last_token: u32,
     pub finished: Option<FinishReason>,
     pub generated: usize,
+    /// The tokens sampled so far (the last one is not in the cache yet).
+    pub tokens: Vec<u32>,
     sampler: Sampler,
     decoder: IncrementalDecoder,
     stop: StopMatcher,
@@ -43,6 +45,7 @@ impl Sequence {
             last_token: 0,
             finished: None,
             generated: 0,
+            tokens: Vec::new(),
             sampler,
             decoder: IncrementalDecoder::default(),
             stop: StopMatcher::new(stop),
@@ -67,6 +70,7 @@ impl Sequence {
         timings.sampling += started.elapsed();
         self.generated += 1;
         self.last_token = token;
+        self.tokens.push(token);
 
         let is_eos = rules.eos.contains(&token) && may_end;
         let is_stop_token = request.stop_token_ids.contains(&token) && self.generated > request.min_tokens;

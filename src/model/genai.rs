@@ -131,7 +131,7 @@ pub struct GenaiModel {
 
 /// One sequence in a batched decode step.
 pub struct DecodeRow<'a> {
-    pub lease: &'a RowLease,
+    pub lease: &'a mut RowLease,
     pub len: usize,
     pub token: u32,
     pub logits: &'a mut [f32],
@@ -219,14 +219,18 @@ impl GenaiModel {
         &self.pool
     }
 
+    pub fn pool_mut(&mut self) -> &mut KvPool {
+        &mut self.pool
+    }
+
     pub fn lease(&mut self) -> Result<RowLease> {
         self.pool.lease()
     }
 
     pub fn fork(&mut self, lease: &RowLease, len: usize) -> Result<RowLease> {
         let copy = self.pool.lease()?;
-        self.pool.copy_row(lease.row, copy.row, len);
-        self.pool.set_row_len(copy.row, len);
+        self.pool.copy_row(lease.row(), copy.row(), len);
+        self.pool.set_row_len(copy.row(), len);
         Ok(copy)
     }
 
@@ -241,15 +245,18 @@ impl GenaiModel {
         self.positions.clear();
         self.positions.extend((len..len + n).map(|p| p as i64));
         self.logits.resize(n * self.vocab, 0.0);
-        self.run(lease.row, 1, n, len + n)?;
+        self.run(lease.row(), 1, n, len + n)?;
         logits.copy_from_slice(&self.logits[(n - 1) * self.vocab..n * self.vocab]);
-        self.pool.set_row_len(lease.row, len + n);
+        self.pool.set_row_len(lease.row(), len + n);
         Ok(())
     }
 
     /// One token for each of `rows` in a single run. Leased rows that are not in the step ride
     /// along with a padding token written past their valid length, where it is overwritten later.
     pub fn decode(&mut self, rows: &mut [DecodeRow<'_>]) -> Result<()> {
+        for row in rows.iter_mut() {
+            self.pool.move_down(row.lease, row.len);
+        }
         let span = self.pool.row_span();
         let mut lens = vec![0usize; span];
         let mut tokens = vec![0u32; span];
@@ -257,8 +264,8 @@ impl GenaiModel {
             lens[r] = self.pool.row_len(r);
         }
         for row in rows.iter() {
-            lens[row.lease.row] = row.len;
-            tokens[row.lease.row] = row.token;
+            lens[row.lease.row()] = row.len;
+            tokens[row.lease.row()] = row.token;
         }
         let width = lens.iter().map(|l| l + 1).max().unwrap_or(1);
         self.pool.ensure_capacity(width)?;
@@ -273,7 +280,7 @@ impl GenaiModel {
         self.logits.resize(span * self.vocab, 0.0);
         self.run(0, span, 1, width)?;
         for row in rows.iter_mut() {
-            let r = row.lease.row;
+            let r = row.lease.row();
             row.logits.copy_from_slice(&self.logits[r * self.vocab..(r + 1) * self.vocab]);
             self.pool.set_row_len(r, row.len + 1);
         }

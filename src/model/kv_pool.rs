@@ -30,8 +30,14 @@ pub struct KvPool {
 
 /// A row of the pool, held by one sequence's cache; dropping it frees the row.
 pub struct RowLease {
-    pub row: usize,
+    row: usize,
     rows: Arc<Mutex<Rows>>,
+}
+
+impl RowLease {
+    pub fn row(&self) -> usize {
+        self.row
+    }
 }
 
 impl Drop for RowLease {
@@ -179,6 +185,53 @@ impl KvPool {
         }
     }
 
+    /// Moves `lease` to the lowest free row below it, if any, carrying its first `len`
+    /// positions; keeps the rows of generating sequences packed at the front, so a batched
+    /// step does not carry idle rows.
+    pub fn move_down(&mut self, lease: &mut RowLease, len: usize) {
+        let target = {
+            let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(target) = rows.leased[..lease.row].iter().position(|&l| !l) else { return };
+            rows.leased[target] = true;
+            rows.len[target] = len;
+            rows.leased[lease.row] = false;
+            rows.len[lease.row] = 0;
+            target
+        };
+        self.copy_row(lease.row, target, len);
+        lease.row = target;
+    }
+
+    /// Copies the first `len` positions of `row` out, as `[kv_heads, len, head_dim]` per buffer.
+    pub fn read_row(&self, row: usize, len: usize) -> Vec<Vec<f32>> {
+        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        self.buffers
+            .iter()
+            .map(|buffer| {
+                let mut out = Vec::with_capacity(h * len * d);
+                for head in 0..h {
+                    let src = (row * h + head) * cap * d;
+                    out.extend_from_slice(&buffer[src..src + len * d]);
+                }
+                out
+            })
+            .collect()
+    }
+
+    /// Writes the first `len` positions of `data` (as `read_row` gives, of `data_len` positions)
+    /// into `row`.
+    pub fn write_row(&mut self, row: usize, data: &[Vec<f32>], data_len: usize, len: usize) {
+        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        for (buffer, src) in self.buffers.iter_mut().zip(data) {
+            for head in 0..h {
+                let from = head * data_len * d;
+                let to = (row * h + head) * cap * d;
+                buffer[to..to + len * d].copy_from_slice(&src[from..from + len * d]);
+            }
+        }
+        self.rows.lock().unwrap_or_else(|e| e.into_inner()).len[row] = len;
+    }
+
     /// Pointer to row `row` of buffer `index` (layer * 2 + 0 for keys, + 1 for values).
     pub fn row_ptr(&mut self, index: usize, row: usize) -> *mut f32 {
         let offset = row * self.kv_heads * self.capacity * self.head_dim;
@@ -209,14 +262,14 @@ mod tests {
         let mut pool = KvPool::new(1, 2, 4, 8192, 1 << 30);
         let a = pool.lease().unwrap();
         let b = pool.lease().unwrap();
-        assert_eq!((a.row, b.row), (0, 1));
+        assert_eq!((a.row(), b.row()), (0, 1));
         let p = pool.row_ptr(0, 1);
         unsafe { *p.add(3) = 7.0 };
         pool.ensure_capacity(600).unwrap();
         assert_eq!(pool.capacity(), 768);
         assert_eq!(unsafe { *pool.row_ptr(0, 1).add(3) }, 7.0);
         drop(a);
-        assert_eq!(pool.lease().unwrap().row, 0);
+        assert_eq!(pool.lease().unwrap().row(), 0);
         assert_eq!(pool.row_span(), 2);
     }
 

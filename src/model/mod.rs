@@ -43,6 +43,33 @@ enum KvInner {
     Genai(kv_pool::RowLease),
 }
 
+/// A copy of a cache's keys and values, kept outside the model's working memory (the prefix
+/// cache): `[kv_heads, len, head_dim]` per layer input, keys and values alternating.
+pub struct KvSnapshot {
+    len: usize,
+    data: Vec<Vec<f32>>,
+}
+
+impl KvSnapshot {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.data.iter().map(|d| d.len() * std::mem::size_of::<f32>()).sum()
+    }
+
+    /// A snapshot of made-up values, for tests of what stores snapshots.
+    #[doc(hidden)]
+    pub fn synthetic(len: usize, floats_per_position: usize) -> Self {
+        Self { len, data: vec![vec![0.0; len * floats_per_position]] }
+    }
+}
+
 /// One sequence's next token in a batched decode step.
 pub struct DecodeItem<'a> {
     pub cache: &'a mut KvCache,
@@ -131,6 +158,37 @@ impl Model {
         Ok(KvCache { len: cache.len, inner })
     }
 
+    /// Copies the keys and values of `cache` out of the model's working memory.
+    pub fn snapshot(&self, cache: &KvCache) -> Result<KvSnapshot> {
+        let data = match (&self.layout, &cache.inner) {
+            (_, KvInner::Optimum(kv)) => kv.read()?,
+            (Layout::Genai(m), KvInner::Genai(lease)) => m.pool().read_row(lease.row(), cache.len),
+            _ => anyhow::bail!("a cache of another layout"),
+        };
+        Ok(KvSnapshot { len: cache.len, data })
+    }
+
+    /// A new cache holding the first `len` positions of `snapshot`.
+    pub fn restore(&mut self, snapshot: &KvSnapshot, len: usize) -> Result<KvCache> {
+        anyhow::ensure!(len <= snapshot.len, "restoring {len} of {} positions", snapshot.len);
+        let inner = match &mut self.layout {
+            Layout::Optimum(m) => KvInner::Optimum(optimum::OptimumKv::from_data(
+                &snapshot.data,
+                snapshot.len,
+                len,
+                m.kv_heads(),
+                m.head_dim(),
+            )?),
+            Layout::Genai(m) => {
+                let lease = m.lease()?;
+                m.pool_mut().ensure_capacity(len + 1)?;
+                m.pool_mut().write_row(lease.row(), &snapshot.data, snapshot.len, len);
+                KvInner::Genai(lease)
+            }
+        };
+        Ok(KvCache { len, inner })
+    }
+
     /// Runs `tokens` after what `cache` holds, appends them to the cache, and writes the logits
     /// for the token after the last one into `logits` (vocabulary-sized).
     pub fn forward(&mut self, tokens: &[u32], cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
@@ -157,13 +215,11 @@ impl Model {
             Layout::Genai(m) => {
                 let mut rows = Vec::with_capacity(items.len());
                 for item in items.iter_mut() {
-                    let KvInner::Genai(lease) = &item.cache.inner else { anyhow::bail!("a cache of another layout") };
-                    rows.push(genai::DecodeRow {
-                        lease,
-                        len: item.cache.len,
-                        token: item.token,
-                        logits: &mut *item.logits,
-                    });
+                    let len = item.cache.len;
+                    let KvInner::Genai(lease) = &mut item.cache.inner else {
+                        anyhow::bail!("a cache of another layout")
+                    };
+                    rows.push(genai::DecodeRow { lease, len, token: item.token, logits: &mut *item.logits });
                 }
                 m.decode(&mut rows)?;
                 drop(rows);

@@ -42,6 +42,33 @@ pub struct OptimumKv {
 }
 
 impl OptimumKv {
+    /// The keys and values as `[kv_heads, len, head_dim]` per layer input (float32 caches only).
+    pub fn read(&self) -> Result<Vec<Vec<f32>>> {
+        self.values
+            .iter()
+            .map(|v| {
+                let (_, data) = v.try_extract_tensor::<f32>().context("only float32 caches can be snapshot")?;
+                Ok(data.to_vec())
+            })
+            .collect()
+    }
+
+    /// A cache of the first `len` of `data_len` positions of `data` (as `read` gives).
+    pub fn from_data(data: &[Vec<f32>], data_len: usize, len: usize, heads: usize, dim: usize) -> Result<Self> {
+        let values = data
+            .iter()
+            .map(|src| {
+                let mut out = Vec::with_capacity(heads * len * dim);
+                for head in 0..heads {
+                    let from = head * data_len * dim;
+                    out.extend_from_slice(&src[from..from + len * dim]);
+                }
+                Ok(ort::value::Tensor::from_array(([1usize, heads, len, dim], out))?.upcast())
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self { values })
+    }
+
     pub fn deep_copy(&self) -> Result<Self> {
         let values = self
             .values
@@ -138,6 +165,14 @@ impl OptimumModel {
             mask: Vec::new(),
             positions: Vec::new(),
         })
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.num_kv_heads
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
     }
 
     pub fn empty_cache(&self) -> Result<OptimumKv> {

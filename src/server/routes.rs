@@ -101,6 +101,11 @@ fn health_json(shared: &Shared) -> Value {
         "running": read(&stats.running),
         "queued": read(&stats.queued),
         "kv_pool_bytes": read(&stats.kv_pool_bytes),
+        "prefix_cache": {
+            "hits": read(&stats.prefix_hits),
+            "cached_tokens": read(&stats.prefix_cached_tokens),
+            "bytes": read(&stats.prefix_cache_bytes),
+        },
         "decode_steps": read(&stats.decode_steps),
         "decode_tokens": read(&stats.decode_tokens),
     })

@@ -1,0 +1,128 @@
+//! Reuse of prompt keys and values across requests: a chat app resends the whole conversation
+//! every turn, and on-box apps share system prompts. Finished sequences leave a snapshot of
+//! their cache here, indexed by the tokens it holds; a new request starts from the longest
+//! cached prefix of its prompt and computes only the rest. Entries are evicted least recently
+//! used first, within a byte budget. A linear scan is enough at this size (tens of entries).
+
+use crate::model::KvSnapshot;
+
+/// Shorter matches are not worth a restore.
+const MIN_REUSE: usize = 8;
+
+struct Entry {
+    tokens: Vec<u32>,
+    snapshot: KvSnapshot,
+    last_used: u64,
+}
+
+pub(super) struct PrefixCache {
+    entries: Vec<Entry>,
+    budget_bytes: usize,
+    bytes: usize,
+    clock: u64,
+}
+
+impl PrefixCache {
+    pub fn new(budget_bytes: usize) -> Self {
+        Self { entries: Vec::new(), budget_bytes, bytes: 0, clock: 0 }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The entry with the longest common prefix with `prompt`, and that length. At least two
+    /// prompt tokens are left to run: the last one's logits start the completion, and ONNX
+    /// Runtime computes a single-token run by another kernel path (GEMV) whose rounding differs,
+    /// so leaving two keeps a cached answer identical to an uncached one.
+    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(&KvSnapshot, usize)> {
+        let limit = prompt.len().saturating_sub(2);
+        let (index, len) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit)))
+            .max_by_key(|&(_, len)| len)?;
+        if len < MIN_REUSE {
+            return None;
+        }
+        self.clock += 1;
+        let entry = &mut self.entries[index];
+        entry.last_used = self.clock;
+        Some((&entry.snapshot, len))
+    }
+
+    /// Keeps `snapshot` of the cache holding `tokens`. Entries it extends are dropped (an
+    /// earlier turn of the same conversation); the least recently used go when over budget.
+    pub fn insert(&mut self, tokens: Vec<u32>, snapshot: KvSnapshot) {
+        debug_assert_eq!(tokens.len(), snapshot.len());
+        let size = snapshot.bytes();
+        if size > self.budget_bytes || snapshot.len() < MIN_REUSE {
+            return;
+        }
+        let before = self.entries.len();
+        self.entries.retain(|e| !tokens.starts_with(&e.tokens));
+        if self.entries.len() != before {
+            self.bytes = self.entries.iter().map(|e| e.snapshot.bytes()).sum();
+        }
+        while self.bytes + size > self.budget_bytes {
+            let Some(oldest) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i) else {
+                break;
+            };
+            let gone = self.entries.swap_remove(oldest);
+            self.bytes -= gone.snapshot.bytes();
+        }
+        self.clock += 1;
+        self.bytes += size;
+        self.entries.push(Entry { tokens, snapshot, last_used: self.clock });
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(len: usize) -> KvSnapshot {
+        KvSnapshot::synthetic(len, 1)
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_two_prompt_tokens_are_left() {
+        let mut cache = PrefixCache::new(1 << 20);
+        let a: Vec<u32> = (0..20).collect();
+        let b: Vec<u32> = (0..12).chain(100..120).collect();
+        cache.insert(a.clone(), snap(20));
+        cache.insert(b, snap(32));
+        let prompt: Vec<u32> = (0..30).collect();
+        assert_eq!(cache.lookup(&prompt).map(|(_, n)| n), Some(20));
+        assert_eq!(cache.lookup(&a).map(|(_, n)| n), Some(18));
+        assert!(cache.lookup(&[0, 1, 2, 3, 9]).is_none(), "too short to be worth it");
+    }
+
+    #[test]
+    fn a_later_turn_replaces_the_earlier_one_and_lru_goes_first() {
+        let mut cache = PrefixCache::new(100 * 4);
+        let turn1: Vec<u32> = (0..30).collect();
+        let turn2: Vec<u32> = (0..50).collect();
+        cache.insert(turn1, snap(30));
+        cache.insert(turn2, snap(50));
+        assert_eq!(cache.len(), 1);
+        let other: Vec<u32> = (500..540).collect();
+        cache.insert(other.clone(), snap(40));
+        assert_eq!(cache.bytes(), 90 * 4);
+        // Touch the conversation, then overflow: the other entry, least recently used, goes.
+        assert!(cache.lookup(&(0..60).collect::<Vec<u32>>()).is_some());
+        cache.insert((900..930).collect(), snap(30));
+        assert!(cache.lookup(&other).is_none());
+        assert!(cache.bytes() <= 100 * 4);
+    }
+}

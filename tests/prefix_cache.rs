@@ -1,0 +1,68 @@
+//! Prefix reuse: a repeated prompt, a shared system prompt and a growing conversation start
+//! from cached keys and values, report them in `usage.prompt_tokens_details.cached_tokens`, and
+//! answer exactly as without the cache; in both model layouts.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::Daemon;
+use serde_json::{Value, json};
+
+fn genai_dir() -> PathBuf {
+    common::model_dir().parent().unwrap().join("smollm2-135m-instruct-genai")
+}
+
+const SYSTEM: &str = "You are a terse assistant for a weather station on a mountain. Answer in one short sentence.";
+
+fn ask(d: &Daemon, messages: &Value) -> (String, u64) {
+    let v = d.chat(json!({"messages": messages, "max_tokens": 24, "temperature": 0}));
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_owned();
+    (text, v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap())
+}
+
+fn prefix_reuse_is_exact_and_reported(model: &Path) {
+    let cold = Daemon::start_with_model(model, &["--prefix-cache-mb", "0"]);
+    let warm = Daemon::start_with_model(model, &[]);
+    let first = json!([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Is it windy today?"}]);
+    let other = json!([{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Will it snow tonight?"}]);
+
+    let (a_cold, c) = ask(&cold, &first);
+    assert_eq!(c, 0, "no reuse without a prefix cache");
+    let (a1, c1) = ask(&warm, &first);
+    assert_eq!((a1.as_str(), c1), (a_cold.as_str(), 0));
+    // The same prompt again: everything but the last two tokens comes from the cache.
+    let (a2, c2) = ask(&warm, &first);
+    assert_eq!(a2, a_cold);
+    assert!(c2 > 20, "cached {c2}");
+    // Another question after the same system prompt reuses the system prompt.
+    let (b_cold, _) = ask(&cold, &other);
+    let (b_warm, c3) = ask(&warm, &other);
+    assert_eq!(b_warm, b_cold);
+    assert!(c3 >= 20, "cached {c3}");
+    // A conversation resent with the reply and a new question reuses the earlier turn.
+    let turn2 = json!([
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Is it windy today?"},
+        {"role": "assistant", "content": a_cold},
+        {"role": "user", "content": "And tomorrow?"},
+    ]);
+    let (t_cold, _) = ask(&cold, &turn2);
+    let (t_warm, c4) = ask(&warm, &turn2);
+    assert_eq!(t_warm, t_cold);
+    let turn1_prompt =
+        warm.chat(json!({"messages": first, "max_tokens": 1}))["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(c4 > turn1_prompt, "turn 2 reused {c4} tokens; turn 1's prompt alone was {turn1_prompt}");
+    let health = warm.get("/health").json();
+    assert!(health["prefix_cache"]["hits"].as_u64().unwrap() >= 3, "{health}");
+}
+
+#[test]
+fn genai_layout_reuses_prefixes_exactly() {
+    prefix_reuse_is_exact_and_reported(&genai_dir());
+}
+
+#[test]
+fn optimum_layout_reuses_prefixes_exactly() {
+    prefix_reuse_is_exact_and_reported(&common::model_dir());
+}
