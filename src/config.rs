@@ -54,7 +54,15 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
     ("http-threads", "CHATD_HTTP_THREADS", "N", "threads serving HTTP requests (one stream each) [32]"),
     ("max-running", "CHATD_MAX_RUNNING", "N", "sequences generating at once [8]"),
     ("max-queued", "CHATD_MAX_QUEUED", "N", "requests waiting for a place before 429s [64]"),
+    ("max-queue-wait-s", "CHATD_MAX_QUEUE_WAIT_S", "SECS", "longest wait for a place before a 429 [30]"),
+    ("request-timeout-s", "CHATD_REQUEST_TIMEOUT_S", "SECS", "deadline of requests without `timeout` [600]"),
     ("prefill-chunk", "CHATD_PREFILL_CHUNK", "N", "prompt tokens per model run [256]"),
+    (
+        "stream-slowdown",
+        "CHATD_STREAM_SLOWDOWN",
+        "X",
+        "most slowdown of running streams while a new prompt is fed [2.0]",
+    ),
     ("kv-cache-mb", "CHATD_KV_CACHE_MB", "N", "most memory for the genai layout's shared KV cache [1024]"),
     (
         "prefix-cache-mb",
@@ -120,6 +128,12 @@ impl Config {
             }
             Ok(n)
         }
+        fn seconds(value: &str) -> Result<std::time::Duration, String> {
+            match value.trim().parse::<f64>() {
+                Ok(s) if s > 0.0 && s <= 1e6 => Ok(std::time::Duration::from_secs_f64(s)),
+                _ => Err(format!("{value:?} is not a number of seconds above 0")),
+            }
+        }
         match name {
             "model" => self.model = Some(PathBuf::from(value)),
             "listen" => {
@@ -146,7 +160,15 @@ impl Config {
             "http-threads" => self.server.http_threads = count(value, 1)?,
             "max-running" => self.engine.max_running = count(value, 1)?,
             "max-queued" => self.engine.max_queued = count(value, 1)?,
+            "max-queue-wait-s" => self.engine.max_queue_wait = seconds(value)?,
+            "request-timeout-s" => self.engine.request_timeout = seconds(value)?,
             "prefill-chunk" => self.engine.prefill_chunk = count(value, 1)?,
+            "stream-slowdown" => {
+                self.engine.stream_slowdown = match value.trim().parse::<f64>() {
+                    Ok(x) if (1.1..=1000.0).contains(&x) => x,
+                    _ => return Err(format!("{value:?} is not a factor between 1.1 and 1000")),
+                }
+            }
             _ => return Err("unknown setting".into()),
         }
         Ok(())

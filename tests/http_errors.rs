@@ -150,7 +150,7 @@ fn disconnect_mid_stream_keeps_the_daemon_serving() {
         common::wait_until(std::time::Duration::from_secs(10), || d
             .log()
             .iter()
-            .any(|l| l.contains("disconnected mid-stream"))),
+            .any(|l| l.contains("client disconnected"))),
         "{}",
         d.log().join("\n")
     );

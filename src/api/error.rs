@@ -63,6 +63,11 @@ impl ApiError {
         Self { code: Some("overloaded"), ..Self::new(429, "rate_limit_error", message) }
     }
 
+    /// 504: the request's deadline passed before it could start.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self { code: Some("timeout"), ..Self::new(504, "server_error", message) }
+    }
+
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self { code: Some("unavailable"), ..Self::new(503, "server_error", message) }
     }

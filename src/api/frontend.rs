@@ -4,7 +4,7 @@ use serde_json::{Map, Value};
 
 use super::ApiError;
 use super::params::{Fields, wrong_type};
-use crate::engine::{Engine, GenerateRequest, RequestHandle, SubmitError};
+use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError};
 use crate::model::ModelInfo;
 use crate::sampling::SamplingParams;
 use crate::text::{ChatTemplate, Tokenizer};
@@ -180,6 +180,7 @@ impl Frontend {
             stop_token_ids,
             sampling,
             logprobs: logprobs.then_some(top_logprobs),
+            deadline: f.number("timeout", 0.001, 86_400.0)?.map(|s| std::time::Duration::from_secs_f32(s)),
         };
         Ok(ParsedRequest { endpoint, model, stream, include_usage, logprobs, generate })
     }
@@ -192,6 +193,16 @@ impl Frontend {
             SubmitError::Invalid(m) if m.contains("context") => ApiError::context_length(m),
             SubmitError::Invalid(m) => ApiError::invalid("n", m),
         })
+    }
+
+    /// The API error for a request the engine gave up on.
+    pub fn engine_error(error: &EngineError) -> ApiError {
+        match error.kind {
+            ErrorKind::Overloaded => ApiError::overloaded(error.message.clone()),
+            ErrorKind::Timeout => ApiError::timeout(error.message.clone()),
+            ErrorKind::TooLarge => ApiError::context_length(error.message.clone()),
+            ErrorKind::Internal => ApiError::internal(error.message.clone()),
+        }
     }
 
     fn chat_prompt(&self, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {

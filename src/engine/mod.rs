@@ -13,6 +13,7 @@ mod sequence;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use crossbeam_channel::{Sender, TrySendError};
@@ -20,7 +21,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::model::{Model, ModelInfo};
 use crate::text::Tokenizer;
 
-pub use request::{Event, FinishReason, GenerateRequest, RequestHandle, Timings, Usage};
+pub use request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, RequestHandle, Timings, Usage};
 
 /// Limits of the engine; every queue and every set of sequences is bounded by these.
 #[derive(Clone, Debug)]
@@ -29,15 +30,30 @@ pub struct EngineConfig {
     pub max_running: usize,
     /// Requests waiting for a place; beyond this `submit` refuses at once.
     pub max_queued: usize,
-    /// Prompt tokens fed per model run, so a long prompt does not stall running streams.
+    /// Longest a request may wait for a place before it is refused as overloaded.
+    pub max_queue_wait: Duration,
+    /// Deadline of requests that don't set their own.
+    pub request_timeout: Duration,
+    /// Most prompt tokens fed per model run.
     pub prefill_chunk: usize,
+    /// While sequences generate, new prompts are fed slowly enough that rounds take on average
+    /// at most this many times a plain decode step (running streams' inter-token latency).
+    pub stream_slowdown: f64,
     /// Memory for keys and values kept for reuse by later requests (0 turns reuse off).
     pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_running: 8, max_queued: 64, prefill_chunk: 256, prefix_cache_bytes: 256 << 20 }
+        Self {
+            max_running: 8,
+            max_queued: 64,
+            max_queue_wait: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(600),
+            prefill_chunk: 256,
+            stream_slowdown: 2.0,
+            prefix_cache_bytes: 256 << 20,
+        }
     }
 }
 
@@ -67,8 +83,9 @@ impl std::fmt::Display for SubmitError {
 pub struct EngineStats {
     pub running: AtomicUsize,
     pub queued: AtomicUsize,
-    /// Bytes of the shared KV pool (genai layout).
+    /// Bytes of the shared KV pool (genai layout), and of it those held by live sequences.
     pub kv_pool_bytes: AtomicUsize,
+    pub kv_pool_used_bytes: AtomicUsize,
     /// Requests that started from a cached prefix, and the prompt tokens they did not compute.
     pub prefix_hits: AtomicUsize,
     pub prefix_cached_tokens: AtomicUsize,
@@ -95,7 +112,9 @@ impl Engine {
         let info = model.info().clone();
         let layout = model.layout_name();
         let stats = Arc::new(EngineStats::default());
-        let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1));
+        // The scheduler drains this channel every round into its own queue, where `max_queued`
+        // is enforced (by `stats.queued`) and waits and deadlines are watched.
+        let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1) * 2);
         let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
         let thread = std::thread::Builder::new()
             .name("chatd-engine".into())
@@ -147,11 +166,16 @@ impl Engine {
         let job =
             scheduler::Job { request, events: events_tx, cancel: cancel.clone(), queued_at: std::time::Instant::now() };
         let jobs = self.jobs.as_ref().ok_or(SubmitError::Stopped)?;
-        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        // Free places count as room: a burst on an idle server is admitted, not refused.
+        let free = self.config.max_running.saturating_sub(self.stats.running.load(Ordering::Relaxed));
+        if self.stats.queued.fetch_add(1, Ordering::SeqCst) >= self.config.max_queued + free {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::Overloaded);
+        }
         match jobs.try_send(job) {
             Ok(()) => Ok(RequestHandle::new(events_rx, cancel)),
             Err(e) => {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                self.stats.queued.fetch_sub(1, Ordering::SeqCst);
                 Err(match e {
                     TrySendError::Full(_) => SubmitError::Overloaded,
                     TrySendError::Disconnected(_) => SubmitError::Stopped,

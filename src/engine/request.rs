@@ -24,6 +24,9 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Report log-probabilities, with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Ends the request this long after submission, with the text so far (finish reason
+    /// `Deadline`); `None` uses the engine's default.
+    pub deadline: Option<Duration>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +37,8 @@ pub enum FinishReason {
     Length,
     /// The request was cancelled (client gone, or a callback asked to stop).
     Cancelled,
+    /// The request's deadline passed.
+    Deadline,
 }
 
 impl FinishReason {
@@ -42,6 +47,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Cancelled => "cancelled",
+            FinishReason::Deadline => "timeout",
         }
     }
 }
@@ -78,8 +84,39 @@ pub enum Event {
     Finished { choice: usize, reason: FinishReason },
     /// All choices have ended.
     Done { usage: Usage, timings: Timings },
-    /// The request failed inside the engine; no more events follow.
-    Error(String),
+    /// The request failed or was refused inside the engine; no more events follow.
+    Error(EngineError),
+}
+
+/// Why the engine gave up on a request, by class (each maps to one HTTP status / C status).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// It waited in the queue longer than allowed: the server is overloaded.
+    Overloaded,
+    /// Its deadline passed before it could start.
+    Timeout,
+    /// It can never fit the KV memory budget.
+    TooLarge,
+    /// The model run or text processing failed.
+    Internal,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl EngineError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into() }
+    }
+}
+
+impl std::fmt::Display for EngineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// The caller's side of a request. Dropping it cancels the request: the engine frees its

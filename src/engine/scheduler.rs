@@ -1,17 +1,92 @@
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::prefix_cache::PrefixCache;
-use super::request::{Event, FinishReason, GenerateRequest, Timings, Usage};
+use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Timings, Usage};
 use super::sequence::{Rules, Sequence};
 use super::{EngineConfig, EngineStats};
 use crate::model::{DecodeItem, KvCache, Model};
 use crate::sampling::{Rng, Sampler};
 use crate::text::Tokenizer;
+
+/// Fewest prompt tokens per run while other sequences generate (two, not one: see
+/// `PrefixCache::lookup` on single-token runs).
+const MIN_MIXED_CHUNK: usize = 2;
+
+/// Paces prompt feeding while other sequences generate. On a small CPU a prompt token costs
+/// about as much as a whole decode step, so feeding a long prompt flat out would stall every
+/// running stream. Prompt tokens accrue as credit at a rate per round; a chunk runs once the
+/// credit covers it. The rate is tuned so that rounds take on average `slowdown` times a
+/// decode step without a prompt beside it.
+struct Pacer {
+    /// `EngineConfig::stream_slowdown`.
+    slowdown: f64,
+    /// Prompt tokens earned per round.
+    rate: f64,
+    credit: f64,
+    /// Recent decode rounds without a prompt beside them, and their median: the reference.
+    /// A median, because a burst of other work on the box (say, the client that is about to
+    /// send the long prompt) must not move it.
+    recent: VecDeque<f64>,
+    alone: f64,
+    /// Moving average of a round's time while a prompt is fed.
+    mixed: f64,
+}
+
+impl Pacer {
+    fn new(slowdown: f64) -> Self {
+        Self { slowdown, rate: 1.0, credit: 0.0, recent: VecDeque::with_capacity(64), alone: 0.0, mixed: 0.0 }
+    }
+
+    fn budget(&mut self, prompting: bool, max_chunk: usize) -> usize {
+        if !prompting {
+            return 0;
+        }
+        self.credit = (self.credit + self.rate).min(max_chunk as f64);
+        if self.credit < MIN_MIXED_CHUNK as f64 { 0 } else { self.credit as usize }
+    }
+
+    fn observe(&mut self, prompting: bool, fed: usize, round: Duration) {
+        let t = round.as_secs_f64();
+        let ema = |avg: f64, x: f64| if avg == 0.0 { x } else { avg + (x - avg) / 8.0 };
+        if !prompting {
+            if self.recent.len() == 64 {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(t);
+            let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
+            sorted.sort_by(f64::total_cmp);
+            self.alone = sorted[sorted.len() / 2];
+            self.mixed = 0.0;
+            self.credit = 0.0;
+            return;
+        }
+        self.credit -= fed as f64;
+        self.mixed = ema(self.mixed, t);
+        if self.alone > 0.0 {
+            let target = self.slowdown * self.alone;
+            if self.mixed > target {
+                self.rate *= 0.8;
+            } else if self.mixed < 0.8 * target {
+                self.rate = self.rate * 1.1 + 0.05;
+            }
+            // The floor keeps a prompt moving even when the box is too busy to meet the target.
+            self.rate = self.rate.clamp(0.5, 256.0);
+        }
+        log::trace!(
+            "pacer: round {:.1} ms (fed {fed}), mixed {:.1} ms, alone {:.1} ms, rate {:.2} tokens/round",
+            t * 1e3,
+            self.mixed * 1e3,
+            self.alone * 1e3,
+            self.rate
+        );
+    }
+}
 
 /// A request as it travels from `Engine::submit` to the scheduler.
 pub(crate) struct Job {
@@ -24,6 +99,7 @@ pub(crate) struct Job {
 /// An admitted request: its prompt is being fed, or its choices are being generated.
 struct Group {
     job: Job,
+    deadline: Instant,
     state: State,
     timings: Timings,
     first_token: bool,
@@ -49,10 +125,11 @@ pub(crate) struct Scheduler {
     jobs: Receiver<Job>,
     stats: Arc<EngineStats>,
     groups: Vec<Group>,
-    /// The oldest queued job, taken off the channel but waiting for room (first come, first served).
-    waiting: Option<Job>,
+    /// Jobs taken off the channel, waiting for room, oldest first (first come, first served).
+    queue: VecDeque<Job>,
     running: usize,
     prefix: PrefixCache,
+    pacer: Pacer,
 }
 
 impl Scheduler {
@@ -64,72 +141,121 @@ impl Scheduler {
         stats: Arc<EngineStats>,
     ) -> Self {
         let prefix = PrefixCache::new(config.prefix_cache_bytes);
-        Self { model, tokenizer, config, jobs, stats, groups: Vec::new(), waiting: None, running: 0, prefix }
+        let pacer = Pacer::new(config.stream_slowdown);
+        Self {
+            model,
+            tokenizer,
+            config,
+            jobs,
+            stats,
+            groups: Vec::new(),
+            queue: VecDeque::new(),
+            running: 0,
+            prefix,
+            pacer,
+        }
     }
 
     /// Runs until the engine is dropped and every admitted request has finished.
     pub fn run(mut self) {
         while self.admit() {
+            let now = Instant::now();
             for group in &mut self.groups {
                 if group.job.cancel.load(Ordering::Relaxed) {
-                    cancel(group);
+                    end(group, FinishReason::Cancelled);
+                } else if now >= group.deadline {
+                    end(group, FinishReason::Deadline);
                 }
             }
-            self.prefill_round();
-            self.decode_round();
+            let decoding = self.groups.iter().any(|g| matches!(g.state, State::Decode { .. }));
+            let prompting = self.groups.iter().any(|g| matches!(g.state, State::Prefill { .. }));
+            let budget = if !decoding {
+                self.config.prefill_chunk.max(1)
+            } else {
+                self.pacer.budget(prompting, self.config.prefill_chunk.max(1))
+            };
+            let (prefill, fed) = self.prefill_round(budget);
+            let decode = self.decode_round();
+            if decoding {
+                self.pacer.observe(prompting, fed, prefill + decode);
+            }
             self.deliver();
             self.groups.retain(|g| !matches!(g.state, State::Done));
             self.running = self.groups.iter().map(|g| g.job.request.n).sum();
             self.stats.running.store(self.running, Ordering::Relaxed);
             self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
+            self.stats.kv_pool_used_bytes.store(self.model.kv_pool_used_bytes(), Ordering::Relaxed);
         }
     }
 
-    /// Moves queued jobs in while there is room. Blocks only when nothing is running.
-    /// Returns false when the queue is closed and nothing is left to do.
+    /// Takes new jobs off the channel, drops queued jobs that were cancelled or waited too
+    /// long, and admits the oldest while there is room. Blocks only when there is nothing to
+    /// do. Returns false when the engine is closed and everything has finished.
     fn admit(&mut self) -> bool {
-        loop {
-            let job = match self.waiting.take() {
-                Some(job) => job,
-                None if self.groups.is_empty() => match self.jobs.recv() {
-                    Ok(job) => job,
-                    Err(_) => return false,
-                },
-                None => match self.jobs.try_recv() {
-                    Ok(job) => job,
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => return true,
-                },
-            };
-            if job.cancel.load(Ordering::Relaxed) {
-                self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                continue;
+        if self.groups.is_empty() && self.queue.is_empty() {
+            match self.jobs.recv() {
+                Ok(job) => self.queue.push_back(job),
+                Err(_) => return false,
             }
+        }
+        loop {
+            match self.jobs.try_recv() {
+                Ok(job) => self.queue.push_back(job),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        let config = &self.config;
+        let stats = &self.stats;
+        self.queue.retain(|job| {
+            let waited = job.queued_at.elapsed();
+            let refusal = if job.cancel.load(Ordering::Relaxed) {
+                None
+            } else if waited >= job.request.deadline.unwrap_or(config.request_timeout) {
+                Some(EngineError::new(ErrorKind::Timeout, "the request's deadline passed while it waited in the queue"))
+            } else if waited >= config.max_queue_wait {
+                let message =
+                    format!("the server is busy: the request waited {:.0} s for a place", waited.as_secs_f64());
+                Some(EngineError::new(ErrorKind::Overloaded, message))
+            } else {
+                return true;
+            };
+            if let Some(error) = refusal {
+                let _ = job.events.send(Event::Error(error));
+            }
+            stats.queued.fetch_sub(1, Ordering::SeqCst);
+            false
+        });
+        while let Some(job) = self.queue.front() {
             let n = job.request.n;
             let fits =
                 self.running + n <= self.config.max_running && self.model.has_room_for(job.request.prompt.len() + 1, n);
-            if !fits {
-                if self.groups.is_empty() {
-                    // Nothing will free room: the request can never run.
-                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
-                    let _ = job.events.send(Event::Error("the request does not fit the KV cache budget".into()));
-                    continue;
-                }
-                self.waiting = Some(job);
-                return true;
+            if !fits && !self.groups.is_empty() {
+                break;
             }
-            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            let job = self.queue.pop_front().expect("front exists");
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            if !fits {
+                // Nothing is running, so nothing will free room: it can never run.
+                let error =
+                    EngineError::new(ErrorKind::TooLarge, "the request does not fit the server's KV cache budget");
+                let _ = job.events.send(Event::Error(error));
+                continue;
+            }
             let timings = Timings { queued: job.queued_at.elapsed(), ..Timings::default() };
             let (cache, cached) = match self.start_cache(&job.request.prompt) {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = job.events.send(Event::Error(format!("cannot allocate the KV cache: {e:#}")));
+                    let error = EngineError::new(ErrorKind::Internal, format!("cannot allocate the KV cache: {e:#}"));
+                    let _ = job.events.send(Event::Error(error));
                     continue;
                 }
             };
             let state = State::Prefill { cache, fed: cached };
+            let deadline = job.queued_at + job.request.deadline.unwrap_or(self.config.request_timeout);
             self.running += n;
-            self.groups.push(Group { job, state, timings, first_token: false, cached, events: Vec::new() });
+            self.groups.push(Group { job, deadline, state, timings, first_token: false, cached, events: Vec::new() });
         }
+        true
     }
 
     /// A cache for `prompt`: restored from the longest cached prefix, or empty.
@@ -147,19 +273,27 @@ impl Scheduler {
         Ok((self.model.new_cache()?, 0))
     }
 
-    /// Feeds one prompt chunk of every request still reading its prompt (batch size 1 each).
-    fn prefill_round(&mut self) {
+    /// Feeds up to `budget` prompt tokens, oldest request first; returns the time taken and the
+    /// tokens fed.
+    fn prefill_round(&mut self, budget: usize) -> (Duration, usize) {
+        let mut left = budget;
+        let started = Instant::now();
         for group in &mut self.groups {
+            if left == 0 {
+                break;
+            }
             if matches!(group.state, State::Prefill { .. }) {
-                if let Err(e) = prefill_step(&mut self.model, &self.tokenizer, &self.config, group) {
-                    fail(group, e);
+                match prefill_step(&mut self.model, &self.tokenizer, left, group) {
+                    Ok(fed) => left = left.saturating_sub(fed),
+                    Err(e) => fail(group, e),
                 }
             }
         }
+        (started.elapsed(), budget - left)
     }
 
     /// Advances every generating sequence by one token: one model step for all of them.
-    fn decode_round(&mut self) {
+    fn decode_round(&mut self) -> Duration {
         let mut items = Vec::new();
         for group in &mut self.groups {
             if let State::Decode { seqs } = &mut group.state {
@@ -169,14 +303,16 @@ impl Scheduler {
             }
         }
         if items.is_empty() {
-            return;
+            return Duration::ZERO;
         }
         self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
         self.stats.decode_tokens.fetch_add(items.len(), Ordering::Relaxed);
+        let batch = items.len();
         let started = Instant::now();
         let result = self.model.decode(&mut items);
         drop(items);
         let elapsed = started.elapsed();
+        log::trace!("decode step, batch {batch}: {:.1} ms", elapsed.as_secs_f64() * 1e3);
         for group in &mut self.groups {
             let State::Decode { seqs } = &mut group.state else { continue };
             if let Err(e) = &result {
@@ -197,6 +333,7 @@ impl Scheduler {
                 fail(group, e);
             }
         }
+        elapsed
     }
 
     /// Sends each request the events of this round; a request whose caller is gone is dropped
@@ -251,23 +388,25 @@ fn rules<'a>(model: &'a Model, tokenizer: &'a Arc<Tokenizer>, request: &'a Gener
     Rules { request, eos: &model.info().eos_token_ids, context_length: model.info().context_length, tokenizer }
 }
 
-/// Feeds the next chunk of the prompt; after the last one, forks the cache into `n` choices and
-/// samples each choice's first token.
-fn prefill_step(model: &mut Model, tokenizer: &Arc<Tokenizer>, config: &EngineConfig, group: &mut Group) -> Result<()> {
-    let State::Prefill { cache, fed } = &mut group.state else { return Ok(()) };
+/// Feeds the next chunk of the prompt, at most `budget` tokens, and returns how many it fed;
+/// after the last chunk, forks the cache into `n` choices and samples each first token.
+fn prefill_step(model: &mut Model, tokenizer: &Arc<Tokenizer>, budget: usize, group: &mut Group) -> Result<usize> {
+    let State::Prefill { cache, fed } = &mut group.state else { return Ok(0) };
     let prompt = &group.job.request.prompt;
-    let mut end = (*fed + config.prefill_chunk.max(1)).min(prompt.len());
-    if prompt.len() - end == 1 && end - *fed > 1 {
+    let start = *fed;
+    let mut end = (start + budget.max(1)).min(prompt.len());
+    if prompt.len() - end == 1 && end - start > 1 {
         // Never leave a last chunk of one token: see PrefixCache::lookup on single-token runs.
         end -= 1;
     }
     let mut logits = vec![0.0; model.info().vocab_size];
     let started = Instant::now();
-    model.forward(&prompt[*fed..end], cache, &mut logits)?;
+    model.forward(&prompt[start..end], cache, &mut logits)?;
     group.timings.model += started.elapsed();
+    log::trace!("prefill {} tokens after {start}: {:.1} ms", end - start, started.elapsed().as_secs_f64() * 1e3);
     *fed = end;
     if end < prompt.len() {
-        return Ok(());
+        return Ok(end - start);
     }
     let request = &group.job.request;
     let State::Prefill { cache, .. } = std::mem::replace(&mut group.state, State::Done) else { unreachable!() };
@@ -290,26 +429,30 @@ fn prefill_step(model: &mut Model, tokenizer: &Arc<Tokenizer>, config: &EngineCo
         seq.advance(&rules, &mut group.timings, &mut group.events)?;
     }
     group.state = State::Decode { seqs };
-    Ok(())
+    Ok(end - start)
 }
 
 fn fail(group: &mut Group, error: anyhow::Error) {
     log::error!("request failed in the engine: {error:#}");
     group.events.clear();
-    let _ = group.job.events.send(Event::Error(format!("{error:#}")));
+    let _ = group.job.events.send(Event::Error(EngineError::new(ErrorKind::Internal, format!("{error:#}"))));
     group.state = State::Done;
 }
 
-/// Ends a cancelled request: each unfinished choice reports `Cancelled`, then `Done`.
-fn cancel(group: &mut Group) {
+/// Ends a request early (cancelled, or past its deadline): each unfinished choice gets what
+/// its stop matcher held back and a finish with `reason`, then `Done` with the usage so far.
+fn end(group: &mut Group, reason: FinishReason) {
     let mut completion_tokens = 0;
-    if let State::Decode { seqs } = &group.state {
-        for seq in seqs {
+    if let State::Decode { seqs } = &mut group.state {
+        for seq in seqs.iter_mut() {
             completion_tokens += seq.generated;
             if seq.finished.is_none() {
-                let _ = group.job.events.send(Event::Finished { choice: seq.choice, reason: FinishReason::Cancelled });
+                seq.end(reason, &mut group.events);
             }
         }
+    }
+    for event in group.events.drain(..) {
+        let _ = group.job.events.send(event);
     }
     let usage = Usage { prompt_tokens: group.job.request.prompt.len(), completion_tokens, cached_tokens: group.cached };
     group.timings.total = group.job.queued_at.elapsed();

@@ -99,6 +99,12 @@ impl Sequence {
         Ok(())
     }
 
+    /// Ends the sequence from outside (cancel, deadline), releasing any held-back text.
+    pub fn end(&mut self, reason: FinishReason, events: &mut Vec<Event>) {
+        let rest = self.stop.finish();
+        self.finish(reason, rest, events);
+    }
+
     fn emit(&mut self, text: String, events: &mut Vec<Event>) {
         if text.is_empty() && self.pending_logprobs.is_empty() {
             return;

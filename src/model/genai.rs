@@ -257,7 +257,9 @@ impl GenaiModel {
         for row in rows.iter_mut() {
             self.pool.move_down(row.lease, row.len);
         }
-        let span = self.pool.row_span();
+        // Rows 0..span go into the run; generating rows are packed at the bottom by now, so
+        // rarely does a row not in this step ride along (with a padding token past its length).
+        let span = rows.iter().map(|r| r.lease.row() + 1).max().unwrap_or(0);
         let mut lens = vec![0usize; span];
         let mut tokens = vec![0u32; span];
         for r in 0..span {

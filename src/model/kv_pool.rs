@@ -78,10 +78,10 @@ impl KvPool {
         self.allocated * self.capacity * self.bytes_per_position()
     }
 
-    /// Rows in use plus one: the rows a batch over every leased row must cover.
-    pub fn row_span(&self) -> usize {
-        let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-        rows.leased.iter().rposition(|&l| l).map_or(0, |r| r + 1)
+    /// Bytes of the rows leased now (the rest of the allocation is free for new sequences).
+    pub fn used_bytes(&self) -> usize {
+        let leased = self.rows.lock().unwrap_or_else(|e| e.into_inner()).leased.iter().filter(|&&l| l).count();
+        leased * self.capacity * self.bytes_per_position()
     }
 
     pub fn row_len(&self, row: usize) -> usize {
@@ -100,11 +100,13 @@ impl KvPool {
         rows * capacity * self.bytes_per_position() <= self.budget_bytes
     }
 
-    /// Leases the lowest free row (keeping batches compact), adding a row if all are taken.
+    /// Leases the highest free row, adding a row if all are taken. New sequences start at the
+    /// top, away from the generating ones, which `move_down` keeps packed at the bottom, so a
+    /// prompt being fed is not carried through the batched decode steps.
     pub fn lease(&mut self) -> Result<RowLease> {
         let row = {
             let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-            match rows.leased.iter().position(|&l| !l) {
+            match rows.leased.iter().rposition(|&l| !l) {
                 Some(r) => {
                     rows.leased[r] = true;
                     r
@@ -258,7 +260,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_are_reused_lowest_first_and_growth_keeps_contents() {
+    fn rows_are_reused_highest_first_and_growth_keeps_contents() {
         let mut pool = KvPool::new(1, 2, 4, 8192, 1 << 30);
         let a = pool.lease().unwrap();
         let b = pool.lease().unwrap();
@@ -268,9 +270,13 @@ mod tests {
         pool.ensure_capacity(600).unwrap();
         assert_eq!(pool.capacity(), 768);
         assert_eq!(unsafe { *pool.row_ptr(0, 1).add(3) }, 7.0);
+        let mut c = pool.lease().unwrap();
+        assert_eq!(c.row(), 2);
         drop(a);
-        assert_eq!(pool.lease().unwrap().row(), 0);
-        assert_eq!(pool.row_span(), 2);
+        // A generating sequence moves down into the freed row, carrying its positions.
+        pool.move_down(&mut c, 0);
+        assert_eq!(c.row(), 0);
+        assert_eq!(pool.lease().unwrap().row(), 2);
     }
 
     #[test]

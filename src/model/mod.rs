@@ -140,6 +140,14 @@ impl Model {
         }
     }
 
+    /// Bytes of the shared pool held by live sequences now.
+    pub fn kv_pool_used_bytes(&self) -> usize {
+        match &self.layout {
+            Layout::Optimum(_) => 0,
+            Layout::Genai(m) => m.pool().used_bytes(),
+        }
+    }
+
     pub fn new_cache(&mut self) -> Result<KvCache> {
         let inner = match &mut self.layout {
             Layout::Optimum(m) => KvInner::Optimum(m.empty_cache()?),

@@ -6,8 +6,12 @@ use tiny_http::{Header, Method, Request, Response};
 
 use super::Shared;
 use super::sse::SseWriter;
-use crate::api::{ApiError, Collector, Endpoint, StreamEncoder};
-use crate::engine::{Event, Timings, Usage};
+use std::time::Duration;
+
+use crossbeam_channel::RecvTimeoutError;
+
+use crate::api::{ApiError, Collector, Endpoint, Frontend, StreamEncoder};
+use crate::engine::{Event, RequestHandle, Timings, Usage};
 
 /// What one request did, for its log line.
 #[derive(Default)]
@@ -101,6 +105,7 @@ fn health_json(shared: &Shared) -> Value {
         "running": read(&stats.running),
         "queued": read(&stats.queued),
         "kv_pool_bytes": read(&stats.kv_pool_bytes),
+        "kv_pool_used_bytes": read(&stats.kv_pool_used_bytes),
         "prefix_cache": {
             "hits": read(&stats.prefix_hits),
             "cached_tokens": read(&stats.prefix_cached_tokens),
@@ -142,75 +147,147 @@ fn generate(shared: &Shared, mut request: Request, endpoint: Endpoint) -> Outcom
         Ok(h) => h,
         Err(e) => return respond_error(request, &e),
     };
+    let client = Client::new(request.connection_fd());
     let tokenizer = frontend.tokenizer();
+    let gone =
+        |usage: Option<Usage>| Outcome { status: 499, usage, timings: None, note: Some("client disconnected".into()) };
+    // Nothing is sent before the first event, so a request refused while queued still gets its
+    // own status (429, 504) rather than an error inside a 200 stream.
+    let first = match next_event(&handle, &client) {
+        Next::Event(Event::Error(e)) => return respond_error(request, &Frontend::engine_error(&e)),
+        Next::Event(e) => e,
+        Next::Gone => return gone(None),
+        Next::Dropped => return respond_error(request, &ApiError::internal("the engine dropped the request")),
+    };
     if !parsed.stream {
         let mut collector = Collector::new(&parsed);
+        let mut event = first;
         loop {
-            match handle.recv() {
-                Some(Event::Done { usage, timings }) => {
+            match event {
+                Event::Done { usage, timings } => {
                     let body = collector.finish(&usage, tokenizer);
                     let mut outcome = respond_json(request, 200, &body);
                     outcome.usage = Some(usage);
                     outcome.timings = Some(timings);
                     return outcome;
                 }
-                Some(Event::Error(message)) => {
-                    return respond_error(request, &ApiError::internal(message));
-                }
-                Some(event) => collector.add(event),
-                None => {
-                    return respond_error(request, &ApiError::internal("the engine dropped the request"));
-                }
+                Event::Error(e) => return respond_error(request, &Frontend::engine_error(&e)),
+                other => collector.add(other),
             }
+            event = match next_event(&handle, &client) {
+                Next::Event(e) => e,
+                Next::Gone => return gone(None),
+                Next::Dropped => return respond_error(request, &ApiError::internal("the engine dropped the request")),
+            };
         }
     }
     let mut encoder = StreamEncoder::new(&parsed);
-    let mut sse = match SseWriter::start(request) {
-        Ok(w) => w,
-        Err(_) => {
-            return Outcome { status: 200, note: Some("client disconnected".into()), ..Outcome::default() };
-        }
-    };
-    let gone =
-        |usage, timings| Outcome { status: 200, usage, timings, note: Some("client disconnected mid-stream".into()) };
+    let Ok(mut sse) = SseWriter::start(request) else { return gone(None) };
     for chunk in encoder.start() {
         if sse.event(&chunk).is_err() {
-            return gone(None, None);
+            return gone(None);
         }
     }
+    let mut event = first;
     loop {
-        let event = match handle.recv() {
-            Some(e) => e,
-            None => {
-                let _ = sse.event(&ApiError::internal("the engine dropped the request").to_json().to_string());
-                let _ = sse.finish();
-                return Outcome { status: 500, note: Some("engine dropped the request".into()), ..Outcome::default() };
-            }
-        };
         match &event {
             Event::Done { usage, timings } => {
                 if let Some(chunk) = encoder.usage(usage) {
                     if sse.event(&chunk).is_err() {
-                        return gone(Some(*usage), Some(*timings));
+                        return gone(Some(*usage));
                     }
                 }
                 let _ = sse.finish();
                 return Outcome { status: 200, usage: Some(*usage), timings: Some(*timings), note: None };
             }
-            Event::Error(message) => {
-                let _ = sse.event(&ApiError::internal(message.clone()).to_json().to_string());
+            Event::Error(e) => {
+                let error = Frontend::engine_error(e);
+                let _ = sse.event(&error.to_json().to_string());
                 let _ = sse.finish();
-                return Outcome { status: 500, note: Some(message.clone()), ..Outcome::default() };
+                return Outcome { status: error.status, note: Some(error.message), ..Outcome::default() };
             }
             _ => {
                 if let Some(chunk) = encoder.encode(&event, tokenizer) {
-                    if sse.event(&chunk).is_err() {
+                    // Checking first catches a closed connection one token earlier than the
+                    // write error would.
+                    if client.gone() || sse.event(&chunk).is_err() {
                         // Dropping the handle cancels the request; the engine frees it next step.
-                        return gone(None, None);
+                        return gone(None);
                     }
                 }
             }
         }
+        event = match next_event(&handle, &client) {
+            Next::Event(e) => e,
+            Next::Gone => return gone(None),
+            Next::Dropped => {
+                let _ = sse.event(&ApiError::internal("the engine dropped the request").to_json().to_string());
+                let _ = sse.finish();
+                return Outcome { status: 500, note: Some("engine dropped the request".into()), ..Outcome::default() };
+            }
+        };
+    }
+}
+
+/// How often a handler waiting for the engine checks that its client is still there.
+const CLIENT_POLL: Duration = Duration::from_millis(20);
+
+enum Next {
+    Event(Event),
+    /// The client closed its connection.
+    Gone,
+    /// The engine dropped the request without a final event.
+    Dropped,
+}
+
+/// The request's next event, watching the client's connection meanwhile (at least every
+/// `CLIENT_POLL`, also while events keep coming).
+fn next_event(handle: &RequestHandle, client: &Client) -> Next {
+    loop {
+        if client.due() && client.gone() {
+            return Next::Gone;
+        }
+        match handle.recv_timeout(CLIENT_POLL) {
+            Ok(event) => return Next::Event(event),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Next::Dropped,
+        }
+    }
+}
+
+/// The client's end of the connection.
+struct Client {
+    fd: Option<std::os::unix::io::RawFd>,
+    last_check: std::cell::Cell<Instant>,
+}
+
+impl Client {
+    fn new(fd: Option<std::os::unix::io::RawFd>) -> Self {
+        Self { fd, last_check: std::cell::Cell::new(Instant::now()) }
+    }
+
+    /// Whether `CLIENT_POLL` has passed since the last look at the connection.
+    fn due(&self) -> bool {
+        let now = Instant::now();
+        if now - self.last_check.get() < CLIENT_POLL {
+            return false;
+        }
+        self.last_check.set(now);
+        true
+    }
+
+    /// Whether the client has closed the connection. TCP's state says so (CLOSE_WAIT after the
+    /// client's FIN); reading cannot, since tiny_http shuts down its read side itself once it
+    /// expects no further request on the connection.
+    fn gone(&self) -> bool {
+        let Some(fd) = self.fd else { return false };
+        // SAFETY: tcp_info is plain data; the fd stays open while the request (or its writer)
+        // is alive, which outlives every call.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
+        // TCP_CLOSE_WAIT = 8, TCP_CLOSE = 7 (linux/tcp.h): the peer has closed.
+        rc == 0 && matches!(info.tcpi_state, 7 | 8)
     }
 }
 

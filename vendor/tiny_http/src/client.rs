@@ -18,6 +18,10 @@ pub struct ClientConnection {
     // address of the client
     remote_addr: IoResult<Option<SocketAddr>>,
 
+    // chatd patch: the connection's socket, for Request::connection_fd.
+    #[cfg(unix)]
+    raw_fd: Option<std::os::unix::io::RawFd>,
+
     // sequence of Readers to the stream, so that the data is not read in
     //  the wrong order
     source: SequentialReaderBuilder<BufReader<RefinedTcpStream>>,
@@ -53,6 +57,10 @@ impl ClientConnection {
         mut read_socket: RefinedTcpStream,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
+        // The write half: it lives as long as a request's writer does, while the read half is
+        // shut down and closed as soon as tiny_http expects no further request.
+        #[cfg(unix)]
+        let raw_fd = write_socket.raw_fd();
         let secure = read_socket.secure();
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
@@ -62,6 +70,8 @@ impl ClientConnection {
             source,
             sink: SequentialWriterBuilder::new(BufWriter::with_capacity(1024, write_socket)),
             remote_addr,
+            #[cfg(unix)]
+            raw_fd,
             next_header_source: first_header,
             no_more_requests: false,
             secure,
@@ -163,6 +173,8 @@ impl ClientConnection {
                 }
             }
         })?;
+        #[cfg(unix)]
+        let request = request.with_connection_fd(self.raw_fd);
 
         // return the request
         Ok(request)

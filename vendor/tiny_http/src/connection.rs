@@ -77,6 +77,16 @@ impl std::io::Write for Connection {
         }
     }
 }
+#[cfg(unix)]
+impl std::os::unix::io::AsRawFd for Connection {
+    // chatd patch: lets a handler check whether its client is still connected.
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
 impl Connection {
     /// Gets the peer's address. Some for TCP, None for Unix sockets.
     pub(crate) fn peer_addr(&mut self) -> std::io::Result<Option<SocketAddr>> {

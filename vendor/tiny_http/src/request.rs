@@ -74,6 +74,10 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // chatd patch: the connection's socket, see `connection_fd`.
+    #[cfg(unix)]
+    connection_fd: Option<std::os::unix::io::RawFd>,
 }
 
 struct NotifyOnDrop<R> {
@@ -238,6 +242,8 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        #[cfg(unix)]
+        connection_fd: None,
     })
 }
 
@@ -467,6 +473,20 @@ impl Request {
             ErrorKind::ConnectionReset => Ok(()),
             _ => Err(err),
         })
+    }
+
+    /// chatd patch: the file descriptor of the connection this request came on, valid while the
+    /// request (or the writer `into_writer` returned) is alive. Lets a handler check, without
+    /// reading anything, whether its client has gone away. Never close it or change its flags.
+    #[cfg(unix)]
+    pub fn connection_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.connection_fd
+    }
+
+    #[cfg(unix)]
+    pub(crate) fn with_connection_fd(mut self, fd: Option<std::os::unix::io::RawFd>) -> Self {
+        self.connection_fd = fd;
+        self
     }
 
     pub(crate) fn with_notify_sender(mut self, sender: Sender<()>) -> Self {

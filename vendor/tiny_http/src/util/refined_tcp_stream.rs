@@ -89,6 +89,17 @@ pub struct RefinedTcpStream {
 }
 
 impl RefinedTcpStream {
+    /// chatd patch: the socket's file descriptor (plain TCP/Unix connections only).
+    #[cfg(unix)]
+    pub(crate) fn raw_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        use std::os::unix::io::AsRawFd;
+        match &self.stream {
+            Stream::Http(conn) => Some(conn.as_raw_fd()),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => None,
+        }
+    }
+
     pub(crate) fn new<S>(stream: S) -> (RefinedTcpStream, RefinedTcpStream)
     where
         S: Into<Stream>,
