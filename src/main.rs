@@ -54,6 +54,9 @@ fn serve(config: Config) -> Result<()> {
         anyhow::bail!("model folder {} does not exist; {NO_MODEL}", model_dir.display());
     }
     runtime::init(&config.runtime)?;
+    // Listen first: while the model loads, /health and the API answer 503 "loading".
+    let server = Server::start(config.server.clone())?;
+    log::info!("listening on http://{} (loading the model)", server.local_addr());
     let started = std::time::Instant::now();
     let tokenizer = Arc::new(Tokenizer::load(&model_dir)?);
     let model = Model::load(&model_dir, &config.runtime)?;
@@ -70,7 +73,8 @@ fn serve(config: Config) -> Result<()> {
     );
     let engine = Arc::new(Engine::start(model, tokenizer, config.engine.clone())?);
     let frontend = Arc::new(Frontend::new(&engine, config.served_model_name.clone(), Limits::default())?);
-    let server = Server::bind(config.server.clone(), engine, frontend.clone())?;
+    server.set_ready(engine, frontend.clone());
     log::info!("serving {} on http://{}", frontend.served_name(), server.local_addr());
-    server.run()
+    server.wait();
+    Ok(())
 }

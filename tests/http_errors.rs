@@ -156,3 +156,15 @@ fn disconnect_mid_stream_keeps_the_daemon_serving() {
     );
     still_serving(d);
 }
+
+#[test]
+fn while_the_model_loads_everything_answers_503() {
+    let d = Daemon::start_listening(&[]);
+    let health = d.get("/health");
+    assert_eq!(health.status, 503, "{}", health.body);
+    assert_eq!(health.json()["status"], "loading");
+    let e = d.post("/v1/chat/completions", &json!({"messages": user("Hi")})).error(503);
+    assert!(e["message"].as_str().unwrap().contains("loading"), "{e}");
+    assert!(common::wait_until(std::time::Duration::from_secs(60), || d.get("/health").status == 200));
+    still_serving(&d);
+}

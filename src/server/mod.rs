@@ -4,7 +4,7 @@
 mod routes;
 mod sse;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -30,27 +30,51 @@ impl Default for ServerConfig {
 
 /// What the request handlers share.
 pub(crate) struct Shared {
-    pub engine: Arc<Engine>,
-    pub frontend: Arc<Frontend>,
+    /// Set once the model is loaded; until then every route answers 503.
+    pub ready: OnceLock<Ready>,
     pub config: ServerConfig,
     pub started: Instant,
 }
 
-/// A bound server; `run` serves until the process ends.
+pub(crate) struct Ready {
+    pub engine: Arc<Engine>,
+    pub frontend: Arc<Frontend>,
+}
+
+/// A listening server. It answers from the moment it is bound (503 while the model loads),
+/// so a supervisor or client sees "loading" rather than a refused connection.
 pub struct Server {
     http: Arc<tiny_http::Server>,
     shared: Arc<Shared>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Server {
-    pub fn bind(config: ServerConfig, engine: Arc<Engine>, frontend: Arc<Frontend>) -> Result<Self> {
+    /// Binds `config.listen` and starts the HTTP threads.
+    pub fn start(config: ServerConfig) -> Result<Self> {
         let http = tiny_http::Server::http(&config.listen)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("cannot listen on {}", config.listen))?;
-        Ok(Self {
-            http: Arc::new(http),
-            shared: Arc::new(Shared { engine, frontend, config, started: Instant::now() }),
-        })
+        let http = Arc::new(http);
+        let shared = Arc::new(Shared { ready: OnceLock::new(), config, started: Instant::now() });
+        let mut threads = Vec::new();
+        for i in 0..shared.config.http_threads.max(1) {
+            let http = http.clone();
+            let shared = shared.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("chatd-http-{i}"))
+                .spawn(move || {
+                    loop {
+                        match http.recv() {
+                            Ok(request) => routes::handle(&shared, request),
+                            Err(e) => log::warn!("accepting a request failed: {e}"),
+                        }
+                    }
+                })
+                .context("starting an HTTP thread")?;
+            threads.push(thread);
+        }
+        Ok(Self { http, shared, threads })
     }
 
     /// The address actually bound (useful with port 0).
@@ -58,30 +82,15 @@ impl Server {
         self.http.server_addr().to_string()
     }
 
-    /// Serves on `http_threads` threads; returns only if every thread has stopped.
-    pub fn run(self) -> Result<()> {
-        let mut threads = Vec::new();
-        for i in 0..self.shared.config.http_threads.max(1) {
-            let http = self.http.clone();
-            let shared = self.shared.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("chatd-http-{i}"))
-                .spawn(move || {
-                    loop {
-                        match http.recv() {
-                            Ok(request) => routes::handle(&shared, request),
-                            Err(e) => {
-                                log::warn!("accepting a request failed: {e}");
-                            }
-                        }
-                    }
-                })
-                .context("starting an HTTP thread")?;
-            threads.push(thread);
-        }
-        for thread in threads {
+    /// Starts serving the API with this engine.
+    pub fn set_ready(&self, engine: Arc<Engine>, frontend: Arc<Frontend>) {
+        let _ = self.shared.ready.set(Ready { engine, frontend });
+    }
+
+    /// Blocks while the HTTP threads serve.
+    pub fn wait(self) {
+        for thread in self.threads {
             let _ = thread.join();
         }
-        Ok(())
     }
 }

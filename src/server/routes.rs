@@ -4,8 +4,8 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response};
 
-use super::Shared;
 use super::sse::SseWriter;
+use super::{Ready, Shared};
 use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
@@ -66,15 +66,22 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
         outcome.note = Some(err.message);
         return outcome;
     }
+    let Some(ready) = shared.ready.get() else {
+        if path == "/health" {
+            let body = json!({"status": "loading", "reason": "the model is loading"});
+            return respond_json(request, 503, &body);
+        }
+        return respond_error(request, &ApiError::unavailable("the model is loading; retry shortly"));
+    };
     match path {
-        "/v1/chat/completions" => generate(shared, request, Endpoint::Chat),
-        "/v1/completions" => generate(shared, request, Endpoint::Completion),
-        "/v1/models" => respond_json(request, 200, &json!({"object": "list", "data": [model_json(shared)]})),
-        "/health" => respond_json(request, 200, &health_json(shared)),
+        "/v1/chat/completions" => generate(shared, ready, request, Endpoint::Chat),
+        "/v1/completions" => generate(shared, ready, request, Endpoint::Completion),
+        "/v1/models" => respond_json(request, 200, &json!({"object": "list", "data": [model_json(ready)]})),
+        "/health" => respond_json(request, 200, &health_json(shared, ready)),
         _ => {
             let id = &path["/v1/models/".len()..];
-            if id == shared.frontend.served_name() {
-                respond_json(request, 200, &model_json(shared))
+            if id == ready.frontend.served_name() {
+                respond_json(request, 200, &model_json(ready))
             } else {
                 respond_error(request, &ApiError::model_not_found(id))
             }
@@ -82,10 +89,10 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
     }
 }
 
-fn model_json(shared: &Shared) -> Value {
-    let info = shared.frontend.info();
+fn model_json(ready: &Ready) -> Value {
+    let info = ready.frontend.info();
     json!({
-        "id": shared.frontend.served_name(),
+        "id": ready.frontend.served_name(),
         "object": "model",
         "created": 0,
         "owned_by": "chatd",
@@ -93,13 +100,13 @@ fn model_json(shared: &Shared) -> Value {
     })
 }
 
-fn health_json(shared: &Shared) -> Value {
-    let stats = shared.engine.stats();
+fn health_json(shared: &Shared, ready: &Ready) -> Value {
+    let stats = ready.engine.stats();
     let read = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
     json!({
         "status": "ok",
-        "model": shared.frontend.served_name(),
-        "layout": shared.engine.layout(),
+        "model": ready.frontend.served_name(),
+        "layout": ready.engine.layout(),
         "provider": "cpu",
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "running": read(&stats.running),
@@ -133,17 +140,17 @@ fn read_body(request: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError> {
     Ok(body)
 }
 
-fn generate(shared: &Shared, mut request: Request, endpoint: Endpoint) -> Outcome {
+fn generate(shared: &Shared, ready: &Ready, mut request: Request, endpoint: Endpoint) -> Outcome {
     let body = match read_body(&mut request, shared.config.max_body_bytes) {
         Ok(body) => body,
         Err(e) => return respond_error(request, &e),
     };
-    let frontend = &shared.frontend;
+    let frontend = &ready.frontend;
     let parsed = match frontend.parse(endpoint, &body) {
         Ok(p) => p,
         Err(e) => return respond_error(request, &e),
     };
-    let handle = match frontend.submit(&shared.engine, &parsed) {
+    let handle = match frontend.submit(&ready.engine, &parsed) {
         Ok(h) => h,
         Err(e) => return respond_error(request, &e),
     };

@@ -32,6 +32,15 @@ impl Daemon {
     }
 
     pub fn start_with_model(model: &std::path::Path, extra_args: &[&str]) -> Daemon {
+        Self::spawn(model, extra_args, true)
+    }
+
+    /// Returns as soon as the daemon listens, while its model may still be loading.
+    pub fn start_listening(extra_args: &[&str]) -> Daemon {
+        Self::spawn(&model_dir(), extra_args, false)
+    }
+
+    fn spawn(model: &std::path::Path, extra_args: &[&str], wait_until_serving: bool) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
         cmd.arg("--model").arg(model).args(["--listen", "127.0.0.1:0", "--threads", "2"]).args(extra_args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
@@ -50,15 +59,27 @@ impl Daemon {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("on http://").nth(1) {
-                    let _ = tx.send(addr.trim().to_owned());
+                // "listening on http://ADDR (loading the model)", then "serving NAME on http://ADDR".
+                let stage = if line.contains("listening on http://") {
+                    Some(false)
+                } else if line.contains("serving ") {
+                    Some(true)
+                } else {
+                    None
+                };
+                if let (Some(ready), Some(addr)) = (stage, line.split("on http://").nth(1)) {
+                    let addr = addr.split_whitespace().next().unwrap_or_default().to_owned();
+                    let _ = tx.send((ready, addr));
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => addr,
-            Err(_) => panic!("chatd did not start:\n{}", log.lock().unwrap().join("\n")),
+        let addr = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok((ready, addr)) if ready == wait_until_serving => break addr,
+                Ok(_) => continue,
+                Err(_) => panic!("chatd did not start:\n{}", log.lock().unwrap().join("\n")),
+            }
         };
         Daemon { addr, child: Mutex::new(child), log }
     }
