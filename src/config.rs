@@ -53,10 +53,16 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
     ("log-level", "CHATD_LOG_LEVEL", "LEVEL", "error, warn, info, debug or trace [info]"),
     ("http-threads", "CHATD_HTTP_THREADS", "N", "threads serving HTTP requests (one stream each) [32]"),
     ("max-running", "CHATD_MAX_RUNNING", "N", "sequences generating at once [8]"),
+    ("workers", "CHATD_WORKERS", "N", "threads for sampling/detokenizing beside the model; 0 = engine thread [2]"),
     ("max-queued", "CHATD_MAX_QUEUED", "N", "requests waiting for a place before 429s [64]"),
     ("max-queue-wait-s", "CHATD_MAX_QUEUE_WAIT_S", "SECS", "longest wait for a place before a 429 [30]"),
     ("request-timeout-s", "CHATD_REQUEST_TIMEOUT_S", "SECS", "deadline of requests without `timeout` [600]"),
-    ("prefill-chunk", "CHATD_PREFILL_CHUNK", "N", "prompt tokens per model run [256]"),
+    (
+        "prefill-chunk",
+        "CHATD_PREFILL_CHUNK",
+        "N",
+        "prompt tokens per model run; prompts are cut at multiples of it [16]",
+    ),
     (
         "stream-slowdown",
         "CHATD_STREAM_SLOWDOWN",
@@ -159,6 +165,7 @@ impl Config {
             }
             "http-threads" => self.server.http_threads = count(value, 1)?,
             "max-running" => self.engine.max_running = count(value, 1)?,
+            "workers" => self.engine.workers = count(value, 0)?,
             "max-queued" => self.engine.max_queued = count(value, 1)?,
             "max-queue-wait-s" => self.engine.max_queue_wait = seconds(value)?,
             "request-timeout-s" => self.engine.request_timeout = seconds(value)?,

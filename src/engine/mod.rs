@@ -34,11 +34,14 @@ pub struct EngineConfig {
     pub max_queue_wait: Duration,
     /// Deadline of requests that don't set their own.
     pub request_timeout: Duration,
-    /// Most prompt tokens fed per model run.
+    /// Prompt tokens per model run; prompts are always cut at multiples of this (see
+    /// `prefill_step`). 16 costs no more per token than 256 on the small models measured.
     pub prefill_chunk: usize,
     /// While sequences generate, new prompts are fed slowly enough that rounds take on average
     /// at most this many times a plain decode step (running streams' inter-token latency).
     pub stream_slowdown: f64,
+    /// Threads for per-sequence CPU work beside the model (0: on the engine thread).
+    pub workers: usize,
     /// Memory for keys and values kept for reuse by later requests (0 turns reuse off).
     pub prefix_cache_bytes: usize,
 }
@@ -50,8 +53,9 @@ impl Default for EngineConfig {
             max_queued: 64,
             max_queue_wait: Duration::from_secs(30),
             request_timeout: Duration::from_secs(600),
-            prefill_chunk: 256,
+            prefill_chunk: 16,
             stream_slowdown: 2.0,
+            workers: 2,
             prefix_cache_bytes: 256 << 20,
         }
     }

@@ -36,19 +36,19 @@ impl PrefixCache {
         self.entries.len()
     }
 
-    /// The entry with the longest common prefix with `prompt`, and that length. At least two
-    /// prompt tokens are left to run: the last one's logits start the completion, and ONNX
-    /// Runtime computes a single-token run by another kernel path (GEMV) whose rounding differs,
-    /// so leaving two keeps a cached answer identical to an uncached one.
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(&KvSnapshot, usize)> {
-        let limit = prompt.len().saturating_sub(2);
+    /// The entry with the longest common prefix with `prompt`, and how much of it to reuse: a
+    /// multiple of `chunk` (so the rest of the prompt is cut exactly as without the cache, see
+    /// the scheduler's `prefill_step`), leaving at least one prompt token to run, since its
+    /// logits start the completion.
+    pub fn lookup(&mut self, prompt: &[u32], chunk: usize) -> Option<(&KvSnapshot, usize)> {
+        let limit = prompt.len().saturating_sub(1);
         let (index, len) = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit)))
+            .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit) / chunk * chunk))
             .max_by_key(|&(_, len)| len)?;
-        if len < MIN_REUSE {
+        if len < MIN_REUSE.max(chunk) {
             return None;
         }
         self.clock += 1;
@@ -96,16 +96,17 @@ mod tests {
     }
 
     #[test]
-    fn longest_prefix_wins_and_two_prompt_tokens_are_left() {
+    fn longest_prefix_wins_in_whole_chunks() {
         let mut cache = PrefixCache::new(1 << 20);
         let a: Vec<u32> = (0..20).collect();
         let b: Vec<u32> = (0..12).chain(100..120).collect();
         cache.insert(a.clone(), snap(20));
         cache.insert(b, snap(32));
         let prompt: Vec<u32> = (0..30).collect();
-        assert_eq!(cache.lookup(&prompt).map(|(_, n)| n), Some(20));
-        assert_eq!(cache.lookup(&a).map(|(_, n)| n), Some(18));
-        assert!(cache.lookup(&[0, 1, 2, 3, 9]).is_none(), "too short to be worth it");
+        assert_eq!(cache.lookup(&prompt, 1).map(|(_, n)| n), Some(20));
+        assert_eq!(cache.lookup(&prompt, 8).map(|(_, n)| n), Some(16), "whole chunks only");
+        assert_eq!(cache.lookup(&a, 1).map(|(_, n)| n), Some(19), "one prompt token is left to run");
+        assert!(cache.lookup(&[0, 1, 2, 3, 9], 1).is_none(), "too short to be worth it");
     }
 
     #[test]
@@ -120,9 +121,9 @@ mod tests {
         cache.insert(other.clone(), snap(40));
         assert_eq!(cache.bytes(), 90 * 4);
         // Touch the conversation, then overflow: the other entry, least recently used, goes.
-        assert!(cache.lookup(&(0..60).collect::<Vec<u32>>()).is_some());
+        assert!(cache.lookup(&(0..60).collect::<Vec<u32>>(), 1).is_some());
         cache.insert((900..930).collect(), snap(30));
-        assert!(cache.lookup(&other).is_none());
+        assert!(cache.lookup(&other, 1).is_none());
         assert!(cache.bytes() <= 100 * 4);
     }
 }

@@ -10,18 +10,19 @@ use super::prefix_cache::PrefixCache;
 use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Timings, Usage};
 use super::sequence::{Rules, Sequence};
 use super::{EngineConfig, EngineStats};
-use crate::model::{DecodeItem, KvCache, Model};
+use rayon::prelude::*;
+
+use crate::model::{DecodeItem, KvCache, Model, ModelInfo};
 use crate::sampling::{Rng, Sampler};
 use crate::text::Tokenizer;
 
-/// Fewest prompt tokens per run while other sequences generate (two, not one: see
-/// `PrefixCache::lookup` on single-token runs).
-const MIN_MIXED_CHUNK: usize = 2;
+/// Prompt tokens fed in a round when nothing else is generating.
+const ALONE_ROUND_TOKENS: usize = 256;
 
 /// Paces prompt feeding while other sequences generate. On a small CPU a prompt token costs
 /// about as much as a whole decode step, so feeding a long prompt flat out would stall every
-/// running stream. Prompt tokens accrue as credit at a rate per round; a chunk runs once the
-/// credit covers it. The rate is tuned so that rounds take on average `slowdown` times a
+/// running stream. Prompt tokens accrue as credit at a rate per round; a chunk (always the
+/// same fixed chunk, see `prefill_step`) runs once the credit covers it. The rate is tuned so that rounds take on average `slowdown` times a
 /// decode step without a prompt beside it.
 struct Pacer {
     /// `EngineConfig::stream_slowdown`.
@@ -43,12 +44,12 @@ impl Pacer {
         Self { slowdown, rate: 1.0, credit: 0.0, recent: VecDeque::with_capacity(64), alone: 0.0, mixed: 0.0 }
     }
 
-    fn budget(&mut self, prompting: bool, max_chunk: usize) -> usize {
+    fn budget(&mut self, prompting: bool, chunk: usize) -> usize {
         if !prompting {
             return 0;
         }
-        self.credit = (self.credit + self.rate).min(max_chunk as f64);
-        if self.credit < MIN_MIXED_CHUNK as f64 { 0 } else { self.credit as usize }
+        self.credit = (self.credit + self.rate).min(chunk as f64);
+        if self.credit < chunk as f64 { 0 } else { chunk }
     }
 
     fn observe(&mut self, prompting: bool, fed: usize, round: Duration) {
@@ -130,6 +131,8 @@ pub(crate) struct Scheduler {
     running: usize,
     prefix: PrefixCache,
     pacer: Pacer,
+    /// Threads for per-sequence CPU work; `None` runs it on the scheduler thread.
+    workers: Option<rayon::ThreadPool>,
 }
 
 impl Scheduler {
@@ -142,6 +145,16 @@ impl Scheduler {
     ) -> Self {
         let prefix = PrefixCache::new(config.prefix_cache_bytes);
         let pacer = Pacer::new(config.stream_slowdown);
+        let workers = (config.workers > 0)
+            .then(|| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(config.workers)
+                    .thread_name(|i| format!("chatd-worker-{i}"))
+                    .build()
+                    .map_err(|e| log::warn!("no worker pool ({e}); sampling on the engine thread"))
+                    .ok()
+            })
+            .flatten();
         Self {
             model,
             tokenizer,
@@ -153,6 +166,7 @@ impl Scheduler {
             running: 0,
             prefix,
             pacer,
+            workers,
         }
     }
 
@@ -170,7 +184,7 @@ impl Scheduler {
             let decoding = self.groups.iter().any(|g| matches!(g.state, State::Decode { .. }));
             let prompting = self.groups.iter().any(|g| matches!(g.state, State::Prefill { .. }));
             let budget = if !decoding {
-                self.config.prefill_chunk.max(1)
+                ALONE_ROUND_TOKENS.max(self.config.prefill_chunk)
             } else {
                 self.pacer.budget(prompting, self.config.prefill_chunk.max(1))
             };
@@ -260,7 +274,7 @@ impl Scheduler {
 
     /// A cache for `prompt`: restored from the longest cached prefix, or empty.
     fn start_cache(&mut self, prompt: &[u32]) -> Result<(KvCache, usize)> {
-        if let Some((snapshot, len)) = self.prefix.lookup(prompt) {
+        if let Some((snapshot, len)) = self.prefix.lookup(prompt, self.config.prefill_chunk.max(1)) {
             match self.model.restore(snapshot, len) {
                 Ok(cache) => {
                     self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
@@ -283,7 +297,7 @@ impl Scheduler {
                 break;
             }
             if matches!(group.state, State::Prefill { .. }) {
-                match prefill_step(&mut self.model, &self.tokenizer, left, group) {
+                match prefill_step(&mut self.model, &self.tokenizer, self.config.prefill_chunk.max(1), left, group) {
                     Ok(fed) => left = left.saturating_sub(fed),
                     Err(e) => fail(group, e),
                 }
@@ -313,25 +327,22 @@ impl Scheduler {
         drop(items);
         let elapsed = started.elapsed();
         log::trace!("decode step, batch {batch}: {:.1} ms", elapsed.as_secs_f64() * 1e3);
-        for group in &mut self.groups {
-            let State::Decode { seqs } = &mut group.state else { continue };
-            if let Err(e) = &result {
-                let message = format!("{e:#}");
-                fail(group, anyhow::anyhow!(message));
-                continue;
+        if let Err(e) = &result {
+            let message = format!("{e:#}");
+            for group in self.groups.iter_mut().filter(|g| matches!(g.state, State::Decode { .. })) {
+                fail(group, anyhow::anyhow!(message.clone()));
             }
-            group.timings.model += elapsed;
-            let rules = rules(&self.model, &self.tokenizer, &group.job.request);
-            let mut outcome = Ok(());
-            for seq in seqs.iter_mut().filter(|s| s.finished.is_none()) {
-                outcome = seq.advance(&rules, &mut group.timings, &mut group.events);
-                if outcome.is_err() {
-                    break;
-                }
-            }
-            if let Err(e) = outcome {
-                fail(group, e);
-            }
+            return elapsed;
+        }
+        // Sampling, detokenization and stop strings: per request, on the worker pool when
+        // several requests are generating, so one request's heavy work runs beside the others'.
+        let info = self.model.info();
+        let tokenizer = &self.tokenizer;
+        let work = |group: &mut Group| advance_group(group, info, tokenizer, elapsed);
+        let generating = self.groups.iter().filter(|g| matches!(g.state, State::Decode { .. })).count();
+        match &self.workers {
+            Some(pool) if generating > 1 => pool.install(|| self.groups.par_iter_mut().for_each(work)),
+            _ => self.groups.iter_mut().for_each(work),
         }
         elapsed
     }
@@ -384,21 +395,65 @@ fn remember(model: &Model, prefix: &mut PrefixCache, request: &GenerateRequest, 
     }
 }
 
-fn rules<'a>(model: &'a Model, tokenizer: &'a Arc<Tokenizer>, request: &'a GenerateRequest) -> Rules<'a> {
-    Rules { request, eos: &model.info().eos_token_ids, context_length: model.info().context_length, tokenizer }
+fn rules<'a>(info: &'a ModelInfo, tokenizer: &'a Arc<Tokenizer>, request: &'a GenerateRequest) -> Rules<'a> {
+    Rules { request, eos: &info.eos_token_ids, context_length: info.context_length, tokenizer }
 }
 
-/// Feeds the next chunk of the prompt, at most `budget` tokens, and returns how many it fed;
-/// after the last chunk, forks the cache into `n` choices and samples each first token.
-fn prefill_step(model: &mut Model, tokenizer: &Arc<Tokenizer>, budget: usize, group: &mut Group) -> Result<usize> {
-    let State::Prefill { cache, fed } = &mut group.state else { return Ok(0) };
-    let prompt = &group.job.request.prompt;
-    let start = *fed;
-    let mut end = (start + budget.max(1)).min(prompt.len());
-    if prompt.len() - end == 1 && end - start > 1 {
-        // Never leave a last chunk of one token: see PrefixCache::lookup on single-token runs.
-        end -= 1;
+/// Samples the next token of each generating sequence of `group` from its fresh logits.
+fn advance_group(group: &mut Group, info: &ModelInfo, tokenizer: &Arc<Tokenizer>, step: Duration) {
+    let State::Decode { seqs } = &mut group.state else { return };
+    group.timings.model += step;
+    let rules = rules(info, tokenizer, &group.job.request);
+    let mut outcome = Ok(());
+    for seq in seqs.iter_mut().filter(|s| s.finished.is_none()) {
+        outcome = seq.advance(&rules, &mut group.timings, &mut group.events);
+        if outcome.is_err() {
+            break;
+        }
     }
+    if let Err(e) = outcome {
+        fail(group, e);
+    }
+}
+
+/// Feeds the prompt in fixed chunks, ending at multiples of `chunk` positions, while `budget`
+/// allows; returns the tokens fed. After the last chunk, forks the cache into `n` choices and
+/// samples each first token.
+///
+/// Chunk boundaries depend only on positions, never on timing or load: ONNX Runtime's kernels
+/// round differently for different numbers of rows, so the same prompt must always be cut the
+/// same way (prefix cache restores also stop at a boundary) for greedy answers not to depend
+/// on what else the server was doing.
+fn prefill_step(
+    model: &mut Model,
+    tokenizer: &Arc<Tokenizer>,
+    chunk: usize,
+    budget: usize,
+    group: &mut Group,
+) -> Result<usize> {
+    let mut fed_now = 0;
+    loop {
+        let State::Prefill { fed, .. } = &group.state else { return Ok(fed_now) };
+        let start = *fed;
+        let end = ((start / chunk + 1) * chunk).min(group.job.request.prompt.len());
+        if fed_now + (end - start) > budget {
+            return Ok(fed_now);
+        }
+        prefill_chunk(model, tokenizer, start, end, group)?;
+        fed_now += end - start;
+    }
+}
+
+/// Runs prompt positions `start..end`; after the last, starts generating.
+fn prefill_chunk(
+    model: &mut Model,
+    tokenizer: &Arc<Tokenizer>,
+    start: usize,
+    end: usize,
+    group: &mut Group,
+) -> Result<()> {
+    let State::Prefill { cache, fed } = &mut group.state else { return Ok(()) };
+    let prompt = &group.job.request.prompt;
     let mut logits = vec![0.0; model.info().vocab_size];
     let started = Instant::now();
     model.forward(&prompt[start..end], cache, &mut logits)?;
@@ -406,7 +461,7 @@ fn prefill_step(model: &mut Model, tokenizer: &Arc<Tokenizer>, budget: usize, gr
     log::trace!("prefill {} tokens after {start}: {:.1} ms", end - start, started.elapsed().as_secs_f64() * 1e3);
     *fed = end;
     if end < prompt.len() {
-        return Ok(end - start);
+        return Ok(());
     }
     let request = &group.job.request;
     let State::Prefill { cache, .. } = std::mem::replace(&mut group.state, State::Done) else { unreachable!() };
@@ -424,12 +479,12 @@ fn prefill_step(model: &mut Model, tokenizer: &Arc<Tokenizer>, budget: usize, gr
         let sampler = Sampler::new(request.sampling.clone(), prompt, rng);
         seqs.push(Sequence::new(choice, cache, logits.clone(), sampler, request.stop.clone()));
     }
-    let rules = rules(model, tokenizer, request);
+    let rules = rules(model.info(), tokenizer, request);
     for seq in &mut seqs {
         seq.advance(&rules, &mut group.timings, &mut group.events)?;
     }
     group.state = State::Decode { seqs };
-    Ok(end - start)
+    Ok(())
 }
 
 fn fail(group: &mut Group, error: anyhow::Error) {
