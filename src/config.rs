@@ -39,7 +39,7 @@ pub enum Command {
 
 /// (flag, environment variable, value name, help)
 const SETTINGS: &[(&str, &str, &str, &str)] = &[
-    ("model", "CHATD_MODEL", "DIR", "model folder (Hugging Face Optimum ONNX layout); required"),
+    ("model", "CHATD_MODEL", "DIR", "model folder (onnxruntime-genai or Hugging Face Optimum ONNX layout); required"),
     ("listen", "CHATD_LISTEN", "ADDR", "address to serve on [127.0.0.1:8080]"),
     ("threads", "CHATD_THREADS", "N", "ONNX Runtime intra-op threads [2]"),
     (
