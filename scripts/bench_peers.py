@@ -42,20 +42,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 # name, chatbench arguments, llama-server slots, in --quick
+# Each phase has its own --seed, hence its own prompts (the same for every server): a server's
+# prefix cache cannot carry a phase's prompts over into the next phase.
 PHASES_FULL = [
-    ("single", ["--concurrency", "1", "--requests", "6"], 1),
-    ("turns1", ["--turns", "10", "--concurrency", "1"], 1),
-    ("turns2", ["--turns", "10", "--concurrency", "2"], 2),
-    ("c4", ["--concurrency", "4", "--requests", "16"], 8),
-    ("c8", ["--concurrency", "8", "--requests", "24"], 8),
+    ("single", ["--concurrency", "1", "--requests", "6", "--seed", "101"], 1),
+    ("turns1", ["--turns", "10", "--concurrency", "1", "--seed", "102"], 1),
+    ("turns2", ["--turns", "10", "--concurrency", "2", "--seed", "103"], 2),
+    ("c4", ["--concurrency", "4", "--requests", "16", "--seed", "104"], 8),
+    ("c8", ["--concurrency", "8", "--requests", "24", "--seed", "105"], 8),
 ]
 PHASES_QUICK = [
-    ("single", ["--concurrency", "1", "--requests", "2"], 1),
-    ("turns1", ["--turns", "3", "--concurrency", "1"], 1),
-    ("c4", ["--concurrency", "4", "--requests", "4"], 8),
-    ("c8", ["--concurrency", "8", "--requests", "8"], 8),
+    ("single", ["--concurrency", "1", "--requests", "2", "--seed", "101"], 1),
+    ("turns1", ["--turns", "3", "--concurrency", "1", "--seed", "102"], 1),
+    ("c4", ["--concurrency", "4", "--requests", "4", "--seed", "104"], 8),
+    ("c8", ["--concurrency", "8", "--requests", "8", "--seed", "105"], 8),
 ]
 COMMON = ["--temperature", "0", "--max-tokens", "128", "--prompt-tokens", "200", "--stream"]
+
+
+def with_common(extra):
+    """COMMON, less the options that `extra` sets itself, then `extra`."""
+    out, i = [], 0
+    while i < len(COMMON):
+        opt = COMMON[i]
+        takes_value = i + 1 < len(COMMON) and not COMMON[i + 1].startswith("--")
+        if opt not in extra:
+            out += COMMON[i:i + 1 + takes_value]
+        i += 1 + takes_value
+    return out + list(extra)
 
 # Targets (chatd's): the script reports each as met / NOT met.
 T_SINGLE_OVER_PEERS = 1.1
@@ -156,7 +170,7 @@ class Server:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.peak_rss_kib = vm_hwm_kib(self.proc.pid)
+            self.sample_rss()
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
@@ -172,6 +186,11 @@ class Server:
         if self in _running:
             _running.remove(self)
         self.proc = None
+
+    def sample_rss(self):
+        """Folds the process's VmHWM (its peak RSS so far) into peak_rss_kib."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.peak_rss_kib = _max(self.peak_rss_kib, vm_hwm_kib(self.proc.pid))
 
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
@@ -201,10 +220,10 @@ class Bench:
         a = self.args
         out_json = os.path.join(self.out, f"{server.label}-{phase}.json")
         argv = [a.python, a.chatbench, "--url", server.url, "--model", server.model, "--warmup",
-                str(a.warmup)] + COMMON + extra + ["--output", out_json]
+                str(a.warmup)] + with_common(extra) + ["--output", out_json]
         if check:
             argv = [a.python, a.chatbench, "--url", server.url, "--model", server.model, "--check",
-                    "--requests", "4", "--max-tokens", "16", "--output", out_json]
+                    "--requests", "4", "--max-tokens", "16", "--seed", "100", "--output", out_json]
         log(f"{server.label} {phase}: chatbench {shlex.join(argv[2:])}")
         t0 = time.monotonic()
         try:
@@ -267,8 +286,11 @@ class Bench:
                         check = False
                 limit = a.overload_timeout + 300 if phase == "overload" else a.run_timeout
                 res[phase] = self.chatbench(server, phase, extra, limit)
+                server.sample_rss()  # kept even if the server dies later
                 if not server.alive():
-                    msg = f"{key}: server died during {phase}"
+                    rc = server.proc.returncode
+                    how = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+                    msg = f"{key}: server died during {phase} ({how})"
                     log(f"{msg}; last lines of {server.log_path}:\n{tail(server.log_path)}")
                     self.problems.append(msg)
         finally:
@@ -321,7 +343,7 @@ class Bench:
         self.run_server("chatd_overload",
                         self.chatd("chatd-overload", a.genai_model, ("--max-queued", "16", "--max-running", "8")),
                         [("overload", ["--concurrency", "64", "--requests", str(n), "--max-tokens", "32",
-                                       "--timeout", str(a.overload_timeout)], None)])
+                                       "--timeout", str(a.overload_timeout), "--seed", "106"], None)])
 
 
 def _g(d, *keys):

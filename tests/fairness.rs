@@ -4,49 +4,21 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use common::{Daemon, user};
-use serde_json::{Value, json};
+use common::{Daemon, next_content, open_stream, user};
+use serde_json::json;
 
 fn genai_dir() -> PathBuf {
     common::model_dir().parent().unwrap().join("smollm2-135m-instruct-genai")
-}
-
-/// The next chunk's content delta (None at the end of the stream).
-fn next_content(reader: &mut BufReader<TcpStream>) -> Option<String> {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).ok()? == 0 {
-            return None;
-        }
-        let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
-        if data == "[DONE]" {
-            return None;
-        }
-        let v: Value = serde_json::from_str(data).ok()?;
-        if let Some(text) = v["choices"][0]["delta"]["content"].as_str() {
-            if !text.is_empty() {
-                return Some(text.to_owned());
-            }
-        }
-    }
 }
 
 #[test]
 fn a_long_prompt_does_not_stall_running_streams() {
     let d = Daemon::start_with_model(&genai_dir(), &["--prefix-cache-mb", "0"]);
     let body = json!({"messages": user("Tell me a long story about the sea."), "max_tokens": 7000, "ignore_eos": true, "stream": true});
-    let body = body.to_string();
-    let mut stream = TcpStream::connect(&d.addr).unwrap();
-    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
-        .unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let (_stream, mut reader) = open_stream(&d, &body);
     let mut arrivals = Vec::new();
     for _ in 0..40 {
         next_content(&mut reader).unwrap();

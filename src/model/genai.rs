@@ -18,6 +18,7 @@ use ort::value::{Shape, TensorRef, TensorRefMut, ValueType};
 use serde_json::Value;
 
 use super::ModelInfo;
+use super::config::ids_of;
 use super::kv_pool::{KvPool, RowLease};
 
 /// What `genai_config.json` says about the decoder.
@@ -60,13 +61,6 @@ impl GenaiConfig {
             Ok(d) => d,
             Err(_) => get_usize(decoder, "hidden_size")? / num_heads,
         };
-        let ids = |v: &Value| -> Vec<u32> {
-            match v {
-                Value::Number(n) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                Value::Array(a) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
-                _ => Vec::new(),
-            }
-        };
         let do_sample = search.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
         let f32_of = |key: &str, default: f32| search.get(key).and_then(Value::as_f64).map_or(default, |v| v as f32);
         let info = ModelInfo {
@@ -76,8 +70,8 @@ impl GenaiConfig {
             num_layers: get_usize(decoder, "num_hidden_layers")?,
             num_kv_heads: get_usize(decoder, "num_key_value_heads").unwrap_or(num_heads),
             head_dim,
-            eos_token_ids: ids(&model["eos_token_id"]),
-            bos_token_id: ids(&model["bos_token_id"]).first().copied(),
+            eos_token_ids: ids_of(model.get("eos_token_id")),
+            bos_token_id: ids_of(model.get("bos_token_id")).first().copied(),
             default_temperature: if do_sample { f32_of("temperature", 1.0) } else { 0.0 },
             default_top_p: if do_sample { f32_of("top_p", 1.0) } else { 1.0 },
             default_top_k: if do_sample {

@@ -228,3 +228,35 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// Opens a streaming request and returns a reader positioned after the response head.
+pub fn open_stream(d: &Daemon, body: &Value) -> (TcpStream, BufReader<TcpStream>) {
+    let body = body.to_string();
+    let mut stream = TcpStream::connect(&d.addr).unwrap();
+    write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let reader = BufReader::new(stream.try_clone().unwrap());
+    (stream, reader)
+}
+
+/// The next chunk's content delta (None at the end of the stream).
+pub fn next_content(reader: &mut BufReader<TcpStream>) -> Option<String> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            return None;
+        }
+        let v: Value = serde_json::from_str(data).ok()?;
+        if let Some(text) = v["choices"][0]["delta"]["content"].as_str() {
+            if !text.is_empty() {
+                return Some(text.to_owned());
+            }
+        }
+    }
+}
