@@ -113,3 +113,18 @@ fn queue_wait_and_deadlines_are_bounded() {
     assert!(n > 0 && n < 4000, "{n}");
     assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
 }
+
+#[test]
+fn a_sequence_at_the_kv_budget_ends_alone() {
+    // 24 MiB holds ~540 positions of this model's keys and values (46,080 bytes each).
+    let d = Daemon::start_with_model(&genai_dir(), &["--kv-cache-mb", "24"]);
+    let long = json!({"messages": user("Count to a thousand."), "max_tokens": 1500, "ignore_eos": true});
+    let v = d.chat(long);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(n > 300 && n < 1500, "{n}");
+    // The daemon serves on, within the budget.
+    let v = d.chat(json!({"messages": user("Hi"), "max_tokens": 3}));
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert!(health(&d)["kv_pool_bytes"].as_u64().unwrap() <= 24 << 20);
+}

@@ -308,6 +308,17 @@ impl Scheduler {
 
     /// Advances every generating sequence by one token: one model step for all of them.
     fn decode_round(&mut self) -> Duration {
+        // A sequence the KV budget cannot hold one position more ends here ("length"), rather
+        // than failing the whole batch when the pool cannot grow.
+        let limit = self.model.kv_position_limit();
+        for group in &mut self.groups {
+            if let State::Decode { seqs } = &mut group.state {
+                for seq in seqs.iter_mut().filter(|s| s.finished.is_none() && s.cache.len() + 1 > limit) {
+                    log::warn!("a sequence reached the KV cache budget at {} positions", seq.cache.len());
+                    seq.end(FinishReason::Length, &mut group.events);
+                }
+            }
+        }
         let mut items = Vec::new();
         for group in &mut self.groups {
             if let State::Decode { seqs } = &mut group.state {
@@ -498,13 +509,20 @@ fn fail(group: &mut Group, error: anyhow::Error) {
 /// its stop matcher held back and a finish with `reason`, then `Done` with the usage so far.
 fn end(group: &mut Group, reason: FinishReason) {
     let mut completion_tokens = 0;
-    if let State::Decode { seqs } = &mut group.state {
-        for seq in seqs.iter_mut() {
-            completion_tokens += seq.generated;
-            if seq.finished.is_none() {
-                seq.end(reason, &mut group.events);
+    match &mut group.state {
+        State::Decode { seqs } => {
+            for seq in seqs.iter_mut() {
+                completion_tokens += seq.generated;
+                if seq.finished.is_none() {
+                    seq.end(reason, &mut group.events);
+                }
             }
         }
+        // Still reading its prompt: every choice ends with no text.
+        State::Prefill { .. } => {
+            group.events.extend((0..group.job.request.n).map(|choice| Event::Finished { choice, reason }));
+        }
+        State::Done => {}
     }
     for event in group.events.drain(..) {
         let _ = group.job.events.send(event);

@@ -128,6 +128,13 @@ impl KvPool {
         Ok(RowLease { row, rows: self.rows.clone() })
     }
 
+    /// The most positions a row could hold by growing within the budget, with the rows now
+    /// allocated.
+    pub fn position_limit(&self) -> usize {
+        let by_budget = self.budget_bytes / (self.allocated.max(1) * self.bytes_per_position());
+        (by_budget / BLOCK * BLOCK).max(self.capacity).min(self.max_capacity)
+    }
+
     /// Makes every row hold at least `positions` positions.
     pub fn ensure_capacity(&mut self, positions: usize) -> Result<()> {
         if positions <= self.capacity {
@@ -288,5 +295,6 @@ mod tests {
         assert!(pool.lease().is_err());
         assert!(pool.ensure_capacity(300).is_err());
         assert!(!pool.has_room_for(10, 1));
+        assert_eq!(pool.position_limit(), 256, "two rows already fill the budget");
     }
 }

@@ -131,6 +131,14 @@ impl Model {
         }
     }
 
+    /// The longest a sequence can grow now (the genai pool's budget; unbounded otherwise).
+    pub fn kv_position_limit(&self) -> usize {
+        match &self.layout {
+            Layout::Optimum(_) => usize::MAX,
+            Layout::Genai(m) => m.pool().position_limit(),
+        }
+    }
+
     /// Bytes held for keys and values by the shared pool (the Optimum layout's caches live in
     /// ONNX Runtime tensors owned by each sequence and are not counted here).
     pub fn kv_pool_bytes(&self) -> usize {
