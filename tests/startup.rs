@@ -1,0 +1,52 @@
+//! Startup failures end with one clear line and a non-zero exit, never a panic.
+
+use std::process::Command;
+
+fn chatd(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_chatd")).args(args).env_remove("ORT_DYLIB_PATH").output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn model() -> String {
+    format!("{}/../shared/models/smollm2-135m-instruct", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn a_missing_runtime_says_what_was_looked_for_and_how_to_install() {
+    let (code, err) = chatd(&["--model", &model(), "--onnxruntime", "/nonexistent/libonnxruntime.so"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("/nonexistent/libonnxruntime.so") && err.contains("setup-onnxruntime.sh"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // A file that is not ONNX Runtime at all.
+    let (code, err) = chatd(&["--model", &model(), "--onnxruntime", "/etc/hostname"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot load ONNX Runtime") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_missing_or_broken_model_folder_is_one_line() {
+    let (code, err) = chatd(&[]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--model") && err.contains("huggingface-cli download"), "{err}");
+    let (code, err) = chatd(&["--model", "/nonexistent-model"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not exist"), "{err}");
+    let (code, err) = chatd(&["--model", "/tmp", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 1);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("chatd: ") && last.contains("/tmp/") && !err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    let (code, err) = chatd(&["--threads", "many"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--threads"), "{err}");
+    let (code, out) = {
+        let o = Command::new(env!("CARGO_BIN_EXE_chatd")).arg("--help").output().unwrap();
+        (o.status.code().unwrap(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    assert_eq!(code, 0);
+    assert!(out.contains("--max-running"));
+}
