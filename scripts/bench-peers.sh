@@ -31,7 +31,7 @@ for a in "$@"; do
   case "$a" in
     --skip-llama) skip_llama=yes; pass+=("$a") ;;
     --no-build) build=no ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) pass+=("$a") ;;
   esac
 done

@@ -483,7 +483,9 @@ def report(bench, args, started, versions):
         if chk:
             lines.append(f"- {label} `chatbench --check` (4 requests, mixed streaming): {chk.get('requests_ok')} ok, "
                          f"{_g(chk, 'check', 'violations_error')} shape errors, "
-                         f"{_g(chk, 'check', 'violations_warning')} warnings")
+                         f"{_g(chk, 'check', 'violations_warning')} warnings"
+                         + "".join(f"; {v.get('severity')} {v.get('where')}: {v.get('message')}"
+                                   for v in (_g(chk, "check", "violations") or [])))
     lines.append("")
 
     # targets

@@ -44,18 +44,19 @@ impl Pacer {
         Self { slowdown, rate: 1.0, credit: 0.0, recent: VecDeque::with_capacity(64), alone: 0.0, mixed: 0.0 }
     }
 
-    fn budget(&mut self, prompting: bool, chunk: usize) -> usize {
-        if !prompting {
+    fn budget(&mut self, prompting: usize, chunk: usize) -> usize {
+        if prompting == 0 {
             return 0;
         }
         self.credit = (self.credit + self.rate).min(chunk as f64);
         if self.credit < chunk as f64 { 0 } else { chunk }
     }
 
-    fn observe(&mut self, prompting: bool, fed: usize, round: Duration) {
+    /// `prompting`: requests still reading their prompt.
+    fn observe(&mut self, prompting: usize, fed: usize, round: Duration) {
         let t = round.as_secs_f64();
         let ema = |avg: f64, x: f64| if avg == 0.0 { x } else { avg + (x - avg) / 8.0 };
-        if !prompting {
+        if prompting == 0 {
             if self.recent.len() == 64 {
                 self.recent.pop_front();
             }
@@ -70,7 +71,11 @@ impl Pacer {
         self.credit -= fed as f64;
         self.mixed = ema(self.mixed, t);
         if self.alone > 0.0 {
-            let target = self.slowdown * self.alone;
+            // Each waiting prompt is a request stalled outright, so prompts get a larger share
+            // of the CPU as more of them wait: one waiting prompt may slow running streams by
+            // `slowdown`, each further one by as much again. A burst of new requests thus
+            // joins the batch quickly instead of trickling in.
+            let target = (1.0 + (self.slowdown - 1.0) * prompting as f64) * self.alone;
             if self.mixed > target {
                 self.rate *= 0.8;
             } else if self.mixed < 0.8 * target {
@@ -182,7 +187,7 @@ impl Scheduler {
                 }
             }
             let decoding = self.groups.iter().any(|g| matches!(g.state, State::Decode { .. }));
-            let prompting = self.groups.iter().any(|g| matches!(g.state, State::Prefill { .. }));
+            let prompting = self.groups.iter().filter(|g| matches!(g.state, State::Prefill { .. })).count();
             let budget = if !decoding {
                 ALONE_ROUND_TOKENS.max(self.config.prefill_chunk)
             } else {
