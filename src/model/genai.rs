@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use super::ModelInfo;
 use super::config::ids_of;
-use super::kv_pool::{KvPool, RowLease};
+use super::kv_pool::{AlignedBuf, KvPool, RowLease};
 
 /// What `genai_config.json` says about the decoder.
 pub struct GenaiConfig {
@@ -120,7 +120,11 @@ pub struct GenaiModel {
     ids: Vec<i64>,
     mask: Vec<i64>,
     positions: Vec<i64>,
-    logits: Vec<f32>,
+    logits: AlignedBuf,
+    /// The KV tensors of the last run and what they were made for (first row, rows,
+    /// capacity, pool generation).
+    kv_views: Vec<TensorRefMut<'static, f32>>,
+    kv_views_key: Option<(usize, usize, usize, u64)>,
 }
 
 /// One sequence in a batched decode step.
@@ -205,7 +209,9 @@ impl GenaiModel {
             ids: Vec::new(),
             mask: Vec::new(),
             positions: Vec::new(),
-            logits: Vec::new(),
+            logits: AlignedBuf::default(),
+            kv_views: Vec::new(),
+            kv_views_key: None,
         })
     }
 
@@ -238,7 +244,7 @@ impl GenaiModel {
         self.mask.resize(len + n, 1);
         self.positions.clear();
         self.positions.extend((len..len + n).map(|p| p as i64));
-        self.logits.resize(n * self.vocab, 0.0);
+        self.logits.resize(n * self.vocab);
         self.run(lease.row(), 1, n, len + n)?;
         logits.copy_from_slice(&self.logits[(n - 1) * self.vocab..n * self.vocab]);
         self.pool.set_row_len(lease.row(), len + n);
@@ -273,7 +279,7 @@ impl GenaiModel {
             self.mask.extend((0..width).map(|p| i64::from(p <= len)));
             self.positions.push(len as i64);
         }
-        self.logits.resize(span * self.vocab, 0.0);
+        self.logits.resize(span * self.vocab);
         self.run(0, span, 1, width)?;
         for row in rows.iter_mut() {
             let r = row.lease.row();
@@ -292,13 +298,23 @@ impl GenaiModel {
         let mask = TensorRef::from_array_view(([batch, width], &self.mask[..]))?;
         let positions = TensorRef::from_array_view(([batch, seq], &self.positions[..]))?;
         let kv_count = self.output_names.len() - 1;
-        let mut kv = Vec::with_capacity(kv_count);
-        for index in 0..kv_count {
-            let ptr = self.pool.row_ptr(index, first);
-            // SAFETY: rows first..first+batch of buffer `index` hold batch*heads*capacity*dim
-            // floats; the tensor is dropped before the pool can be resized.
-            kv.push(unsafe { TensorRefMut::<f32>::from_raw(MemoryInfo::default(), ptr.cast(), kv_shape.clone())? });
+        let key = (first, batch, capacity, self.pool.generation());
+        if self.kv_views_key != Some(key) {
+            // Wrapping 60 buffers costs a few microseconds each: done again only when the
+            // rows in the run, the capacity or the buffers themselves change.
+            self.kv_views.clear();
+            for index in 0..kv_count {
+                let ptr = self.pool.row_ptr(index, first);
+                // SAFETY: rows first..first+batch of buffer `index` hold batch*heads*capacity*dim
+                // floats; the views are rebuilt (the key changes) whenever the buffers move, and
+                // ONNX Runtime never frees memory it did not allocate.
+                self.kv_views.push(unsafe {
+                    TensorRefMut::<f32>::from_raw(MemoryInfo::default(), ptr.cast(), kv_shape.clone())?
+                });
+            }
+            self.kv_views_key = Some(key);
         }
+        let kv = &self.kv_views;
         let logits = {
             let ptr = self.logits.as_mut_ptr();
             // SAFETY: self.logits holds at least `len` floats and outlives the run.

@@ -21,11 +21,13 @@ pub struct KvPool {
     /// Rows allocated in the buffers.
     allocated: usize,
     capacity: usize,
-    buffers: Vec<Vec<f32>>,
+    buffers: Vec<AlignedBuf>,
     kv_heads: usize,
     head_dim: usize,
     max_capacity: usize,
     budget_bytes: usize,
+    /// Bumped whenever the buffers may have moved (see `generation`).
+    generation: u64,
 }
 
 /// A row of the pool, held by one sequence's cache; dropping it frees the row.
@@ -48,6 +50,47 @@ impl Drop for RowLease {
     }
 }
 
+/// A float buffer aligned to 64 bytes, as ONNX Runtime's own allocator aligns the tensors its
+/// kernels expect (a plain `Vec<f32>` is only 16-byte aligned).
+#[derive(Clone, Default)]
+pub(super) struct AlignedBuf {
+    blocks: Vec<Block>,
+    len: usize,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Block([f32; 16]);
+
+const ZERO_BLOCK: Block = Block([0.0; 16]);
+
+impl AlignedBuf {
+    pub fn zeroed(len: usize) -> Self {
+        Self { blocks: vec![ZERO_BLOCK; len.div_ceil(16)], len }
+    }
+
+    /// Grows or shrinks to `len` floats; new ones are zero.
+    pub fn resize(&mut self, len: usize) {
+        self.blocks.resize(len.div_ceil(16), ZERO_BLOCK);
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: blocks hold at least `len` contiguous, initialised f32s.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast(), self.len) }
+    }
+}
+
 /// Capacity grows in blocks so a growing sequence re-lays out the pool rarely.
 const BLOCK: usize = 256;
 
@@ -57,11 +100,12 @@ impl KvPool {
             rows: Arc::default(),
             allocated: 0,
             capacity: 0,
-            buffers: (0..2 * layers).map(|_| Vec::new()).collect(),
+            buffers: (0..2 * layers).map(|_| AlignedBuf::default()).collect(),
             kv_heads,
             head_dim,
             max_capacity,
             budget_bytes,
+            generation: 0,
         }
     }
 
@@ -71,6 +115,11 @@ impl KvPool {
 
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Changes whenever the buffers were reallocated: pointers into them from before are stale.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Bytes currently allocated for keys and values.
@@ -160,10 +209,10 @@ impl KvPool {
         for buffer in &mut self.buffers {
             if capacity == old_cap {
                 // Rows are the outermost dimension: new rows are appended.
-                buffer.resize(rows * h * capacity * d, 0.0);
+                buffer.resize(rows * h * capacity * d);
                 continue;
             }
-            let mut grown = vec![0.0f32; rows * h * capacity * d];
+            let mut grown = AlignedBuf::zeroed(rows * h * capacity * d);
             for r in 0..old_rows.min(rows) {
                 for head in 0..h {
                     let from = (r * h + head) * old_cap * d;
@@ -179,6 +228,7 @@ impl KvPool {
         }
         self.allocated = rows;
         self.capacity = capacity;
+        self.generation += 1;
         Ok(())
     }
 
