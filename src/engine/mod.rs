@@ -2,8 +2,8 @@
 //!
 //! Callers (the HTTP server, the C ABI, tests) hand a tokenized [`GenerateRequest`] to
 //! [`Engine::submit`] and read [`Event`]s from the returned [`RequestHandle`]. One scheduler
-//! thread owns the model and runs it step by step over every admitted sequence; the queue in
-//! front of it is a bounded channel, so a full queue is an immediate, explicit refusal.
+//! thread owns the model and runs it in rounds over every admitted sequence; the queue in
+//! front of it is bounded (`max_queued`), so a full queue is an immediate, explicit refusal.
 
 mod prefix_cache;
 mod request;

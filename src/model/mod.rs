@@ -64,8 +64,8 @@ impl KvSnapshot {
     }
 
     /// A snapshot of made-up values, for tests of what stores snapshots.
-    #[doc(hidden)]
-    pub fn synthetic(len: usize, floats_per_position: usize) -> Self {
+    #[cfg(test)]
+    pub(crate) fn synthetic(len: usize, floats_per_position: usize) -> Self {
         Self { len, data: vec![vec![0.0; len * floats_per_position]] }
     }
 }
