@@ -200,6 +200,9 @@ impl Scheduler {
             }
             self.deliver();
             self.groups.retain(|g| !matches!(g.state, State::Done));
+            if self.groups.is_empty() {
+                self.model.release_idle_memory();
+            }
             self.running = self.groups.iter().map(|g| g.job.request.n).sum();
             self.stats.running.store(self.running, Ordering::Relaxed);
             self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);

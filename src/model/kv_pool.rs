@@ -184,6 +184,23 @@ impl KvPool {
         (by_budget / BLOCK * BLOCK).max(self.capacity).min(self.max_capacity)
     }
 
+    /// Frees every buffer when no row is leased, so an idle daemon gives the memory of a burst
+    /// back; the next sequence allocates afresh (one row, one block: a few MiB).
+    pub fn release_if_idle(&mut self) {
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        if self.allocated == 0 || rows.leased.iter().any(|&l| l) {
+            return;
+        }
+        rows.leased.clear();
+        rows.len.clear();
+        for buffer in &mut self.buffers {
+            *buffer = AlignedBuf::default();
+        }
+        self.allocated = 0;
+        self.capacity = 0;
+        self.generation += 1;
+    }
+
     /// Makes every row hold at least `positions` positions.
     pub fn ensure_capacity(&mut self, positions: usize) -> Result<()> {
         if positions <= self.capacity {
@@ -346,5 +363,18 @@ mod tests {
         assert!(pool.ensure_capacity(300).is_err());
         assert!(!pool.has_room_for(10, 1));
         assert_eq!(pool.position_limit(), 256, "two rows already fill the budget");
+    }
+
+    #[test]
+    fn an_idle_pool_gives_its_memory_back() {
+        let mut pool = KvPool::new(2, 3, 64, 8192, 1 << 30);
+        let a = pool.lease().unwrap();
+        pool.release_if_idle();
+        assert!(pool.allocated_bytes() > 0, "a leased row keeps the pool");
+        drop(a);
+        pool.release_if_idle();
+        assert_eq!(pool.allocated_bytes(), 0);
+        assert_eq!(pool.lease().unwrap().row(), 0);
+        assert!(pool.allocated_bytes() > 0);
     }
 }

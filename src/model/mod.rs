@@ -156,6 +156,13 @@ impl Model {
         }
     }
 
+    /// Gives back working memory no sequence uses (the genai pool, when no row is leased).
+    pub fn release_idle_memory(&mut self) {
+        if let Layout::Genai(m) = &mut self.layout {
+            m.pool_mut().release_if_idle();
+        }
+    }
+
     pub fn new_cache(&mut self) -> Result<KvCache> {
         let inner = match &mut self.layout {
             Layout::Optimum(m) => KvInner::Optimum(m.empty_cache()?),
