@@ -26,6 +26,8 @@ pub(super) struct Sequence {
     /// Log-probabilities of tokens whose text has not been sent yet.
     pending_logprobs: Vec<TokenLogprobs>,
     scratch: Vec<(f32, u32)>,
+    /// The raw logits, kept for logprobs while sampling modifies `logits` (reused every step).
+    raw: Vec<f32>,
 }
 
 /// What ends a sequence, shared by all choices of a request.
@@ -51,6 +53,7 @@ impl Sequence {
             stop: StopMatcher::new(stop),
             pending_logprobs: Vec::new(),
             scratch: Vec::new(),
+            raw: Vec::new(),
         }
     }
 
@@ -62,10 +65,13 @@ impl Sequence {
         let may_end = !request.ignore_eos && self.generated >= request.min_tokens;
         let banned: &[u32] = if may_end { &[] } else { rules.eos };
         let logprob_request = request.logprobs;
-        let raw_logprobs = logprob_request.map(|_| self.logits.clone());
+        if logprob_request.is_some() {
+            self.raw.clear();
+            self.raw.extend_from_slice(&self.logits);
+        }
         let token = self.sampler.sample(&mut self.logits, banned);
-        if let (Some(top), Some(raw)) = (logprob_request, raw_logprobs) {
-            self.pending_logprobs.push(sampling::logprobs(&raw, token, top, &mut self.scratch));
+        if let Some(top) = logprob_request {
+            self.pending_logprobs.push(sampling::logprobs(&self.raw, token, top, &mut self.scratch));
         }
         timings.sampling += started.elapsed();
         self.generated += 1;
