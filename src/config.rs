@@ -32,7 +32,7 @@ impl Default for Config {
 
 /// What the command line asks for.
 pub enum Command {
-    Serve(Config),
+    Serve(Box<Config>),
     Help,
     Version,
 }
@@ -123,7 +123,7 @@ impl Config {
             }
             config.set(&name, &value).map_err(|e| format!("--{name}: {e}"))?;
         }
-        Ok(Command::Serve(config))
+        Ok(Command::Serve(Box::new(config)))
     }
 
     fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
@@ -191,7 +191,7 @@ mod tests {
         match Config::parse(args.iter().map(|s| s.to_string()), |k| {
             env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         })? {
-            Command::Serve(c) => Ok(c),
+            Command::Serve(c) => Ok(*c),
             _ => Err("not serve".into()),
         }
     }

@@ -32,7 +32,7 @@ fn main() -> ExitCode {
             println!("chatd {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Command::Serve(config) => config,
+        Command::Serve(config) => *config,
     };
     env_logger::Builder::new()
         .parse_filters(&format!("{},ort=warn", config.log_level))

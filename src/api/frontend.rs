@@ -180,7 +180,7 @@ impl Frontend {
             stop_token_ids,
             sampling,
             logprobs: logprobs.then_some(top_logprobs),
-            deadline: f.number("timeout", 0.001, 86_400.0)?.map(|s| std::time::Duration::from_secs_f32(s)),
+            deadline: f.number("timeout", 0.001, 86_400.0)?.map(std::time::Duration::from_secs_f32),
         };
         Ok(ParsedRequest { endpoint, model, stream, include_usage, logprobs, generate })
     }

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, Sender};
 
 use super::prefix_cache::PrefixCache;
 use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Timings, Usage};
@@ -220,11 +220,8 @@ impl Scheduler {
                 Err(_) => return false,
             }
         }
-        loop {
-            match self.jobs.try_recv() {
-                Ok(job) => self.queue.push_back(job),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        while let Ok(job) = self.jobs.try_recv() {
+            self.queue.push_back(job);
         }
         let config = &self.config;
         let stats = &self.stats;

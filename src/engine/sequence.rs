@@ -84,7 +84,8 @@ impl Sequence {
             // The end token itself has no text; what the stop matcher held back is real text.
             self.pending_logprobs.retain(|lp| lp.token != token);
             let rest = self.stop.finish();
-            return Ok(self.finish(FinishReason::Stop, rest, events));
+            self.finish(FinishReason::Stop, rest, events);
+            return Ok(());
         }
         let started = Instant::now();
         let piece = self.decoder.step(rules.tokenizer, token)?;
@@ -93,7 +94,8 @@ impl Sequence {
             match self.stop.push(&piece) {
                 StopOutcome::Continue(text) => self.emit(text, events),
                 StopOutcome::Stopped(text) => {
-                    return Ok(self.finish(FinishReason::Stop, text, events));
+                    self.finish(FinishReason::Stop, text, events);
+                    return Ok(());
                 }
             }
         }

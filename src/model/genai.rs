@@ -260,11 +260,8 @@ impl GenaiModel {
         // Rows 0..span go into the run; generating rows are packed at the bottom by now, so
         // rarely does a row not in this step ride along (with a padding token past its length).
         let span = rows.iter().map(|r| r.lease.row() + 1).max().unwrap_or(0);
-        let mut lens = vec![0usize; span];
+        let mut lens: Vec<usize> = (0..span).map(|r| self.pool.row_len(r)).collect();
         let mut tokens = vec![0u32; span];
-        for r in 0..span {
-            lens[r] = self.pool.row_len(r);
-        }
         for row in rows.iter() {
             lens[row.lease.row()] = row.len;
             tokens[row.lease.row()] = row.token;

@@ -14,7 +14,7 @@ use super::ModelInfo;
 /// What each model input is fed with, in the session's input order.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Input {
-    InputIds,
+    Ids,
     AttentionMask,
     PositionIds,
     UseCacheBranch,
@@ -113,7 +113,7 @@ impl OptimumModel {
         for outlet in session.inputs() {
             let name = outlet.name();
             let role = match name {
-                "input_ids" => Input::InputIds,
+                "input_ids" => Input::Ids,
                 "attention_mask" => Input::AttentionMask,
                 "position_ids" => Input::PositionIds,
                 "use_cache_branch" => Input::UseCacheBranch,
@@ -130,7 +130,7 @@ impl OptimumModel {
             };
             inputs.push(role);
         }
-        ensure!(inputs.contains(&Input::InputIds), "the model has no `input_ids` input");
+        ensure!(inputs.contains(&Input::Ids), "the model has no `input_ids` input");
         let pasts = inputs.iter().filter(|i| matches!(i, Input::Past(_))).count();
         ensure!(
             pasts == 2 * layers,
@@ -196,7 +196,7 @@ impl OptimumModel {
             let mut values: Vec<SessionInputValue<'_>> = Vec::with_capacity(self.inputs.len());
             for input in &self.inputs {
                 values.push(match *input {
-                    Input::InputIds => TensorRef::from_array_view(([1usize, n], &self.ids[..]))?.into(),
+                    Input::Ids => TensorRef::from_array_view(([1usize, n], &self.ids[..]))?.into(),
                     Input::AttentionMask => TensorRef::from_array_view(([1usize, past + n], &self.mask[..]))?.into(),
                     Input::PositionIds => TensorRef::from_array_view(([1usize, n], &self.positions[..]))?.into(),
                     Input::UseCacheBranch => TensorRef::from_array_view(([1usize], &use_cache[..]))?.into(),

@@ -173,7 +173,9 @@ fn nucleus(cands: &mut Vec<(f32, u32)>, total: f32, top_p: f32) {
     let mut threshold = total * 1e-3;
     let (mut head, mut mass) = (0, 0.0f32);
     loop {
-        for i in head..cands.len() {
+        // Scans what is left behind `head`; `head` itself advances as candidates move up.
+        let behind = head;
+        for i in behind..cands.len() {
             if cands[i].0 >= threshold {
                 cands.swap(head, i);
                 mass += cands[head].0;

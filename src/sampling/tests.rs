@@ -19,7 +19,8 @@ fn params(f: impl FnOnce(&mut SamplingParams)) -> SamplingParams {
 }
 
 // ln of probabilities 0.5, 0.25, 0.125, 0.0625, 0.0625
-const LOGITS: [f32; 5] = [-0.693_147_2, -1.386_294_4, -2.079_441_5, -2.772_588_7, -2.772_588_7];
+const LN2: f32 = std::f32::consts::LN_2;
+const LOGITS: [f32; 5] = [-LN2, -2.0 * LN2, -3.0 * LN2, -4.0 * LN2, -4.0 * LN2];
 
 #[test]
 fn temperature_zero_is_greedy() {
@@ -148,10 +149,10 @@ fn repetition_penalty_covers_the_prompt_and_scales_by_sign() {
     });
     let mut s = Sampler::new(p.clone(), &[0], Rng::seeded(0));
     // token 0 (prompt): 3.0 / 2 = 1.5 < 2.0
-    assert_eq!(s.sample(&mut vec![3.0, 2.0], &[]), 1);
+    assert_eq!(s.sample(&mut [3.0, 2.0], &[]), 1);
     let mut s = Sampler::new(p, &[1], Rng::seeded(0));
     // token 1 (prompt): -1.0 * 2 = -2.0 < -1.5
-    assert_eq!(s.sample(&mut vec![-1.5, -1.0], &[]), 0);
+    assert_eq!(s.sample(&mut [-1.5, -1.0], &[]), 0);
 }
 
 #[test]
