@@ -190,8 +190,8 @@ impl Frontend {
         engine.submit(request.generate.clone()).map_err(|e| match e {
             SubmitError::Overloaded => ApiError::overloaded(e.to_string()),
             SubmitError::Stopped => ApiError::unavailable(e.to_string()),
-            SubmitError::Invalid(m) if m.contains("context") => ApiError::context_length(m),
-            SubmitError::Invalid(m) => ApiError::invalid("n", m),
+            SubmitError::ContextLength(m) => ApiError::context_length(m),
+            SubmitError::TooManyChoices(m) => ApiError::invalid("n", m),
         })
     }
 
@@ -306,13 +306,13 @@ impl Frontend {
         let top_k = match f.int("top_k", -1, i64::from(u32::MAX))? {
             Some(k) if k > 0 => k as usize,
             Some(_) => 0,
-            None => info.default_top_k,
+            None => info.defaults.top_k,
         };
-        let repetition_penalty = f.number("repetition_penalty", 0.0, 10.0)?.unwrap_or(info.default_repetition_penalty);
+        let repetition_penalty = f.number("repetition_penalty", 0.0, 10.0)?.unwrap_or(info.defaults.repetition_penalty);
         if repetition_penalty <= 0.0 {
             return Err(ApiError::invalid("repetition_penalty", "`repetition_penalty` must be greater than 0"));
         }
-        let top_p = f.number("top_p", 0.0, 1.0)?.unwrap_or(info.default_top_p);
+        let top_p = f.number("top_p", 0.0, 1.0)?.unwrap_or(info.defaults.top_p);
         if top_p <= 0.0 {
             return Err(ApiError::invalid("top_p", "`top_p` must be greater than 0"));
         }
@@ -339,7 +339,7 @@ impl Frontend {
             Some(other) => return Err(wrong_type("logit_bias", "an object", other)),
         };
         Ok(SamplingParams {
-            temperature: f.number("temperature", 0.0, 2.0)?.unwrap_or(info.default_temperature),
+            temperature: f.number("temperature", 0.0, 2.0)?.unwrap_or(info.defaults.temperature),
             top_p,
             top_k,
             min_p: f.number("min_p", 0.0, 1.0)?.unwrap_or(0.0),

@@ -68,8 +68,10 @@ pub enum SubmitError {
     Overloaded,
     /// The engine has stopped (shutdown, or its thread died).
     Stopped,
-    /// The request can never run (e.g. more choices than `max_running`, or past the context).
-    Invalid(String),
+    /// More choices than `max_running`: the request could never run.
+    TooManyChoices(String),
+    /// Prompt plus completion do not fit the model's context.
+    ContextLength(String),
 }
 
 impl std::fmt::Display for SubmitError {
@@ -77,7 +79,7 @@ impl std::fmt::Display for SubmitError {
         match self {
             SubmitError::Overloaded => f.write_str("the server is busy: too many requests are queued, retry later"),
             SubmitError::Stopped => f.write_str("the engine has stopped"),
-            SubmitError::Invalid(m) => f.write_str(m),
+            SubmitError::TooManyChoices(m) | SubmitError::ContextLength(m) => f.write_str(m),
         }
     }
 }
@@ -151,14 +153,14 @@ impl Engine {
     /// Queues a request. Never blocks: a full queue is `Overloaded`.
     pub fn submit(&self, request: GenerateRequest) -> Result<RequestHandle, SubmitError> {
         if request.n == 0 || request.n > self.config.max_running {
-            return Err(SubmitError::Invalid(format!(
+            return Err(SubmitError::TooManyChoices(format!(
                 "n must be between 1 and {} (the server's max running sequences)",
                 self.config.max_running
             )));
         }
         let needed = request.prompt.len() + request.max_tokens;
         if request.prompt.is_empty() || needed > self.info.context_length {
-            return Err(SubmitError::Invalid(format!(
+            return Err(SubmitError::ContextLength(format!(
                 "{} prompt tokens plus {} completion tokens do not fit the model's context of {} tokens",
                 request.prompt.len(),
                 request.max_tokens,

@@ -136,6 +136,8 @@ pub(crate) struct Scheduler {
     running: usize,
     prefix: PrefixCache,
     pacer: Pacer,
+    /// Logits of the last prompt chunk run, reused from chunk to chunk.
+    prefill_logits: Vec<f32>,
     /// Threads for per-sequence CPU work; `None` runs it on the scheduler thread.
     workers: Option<rayon::ThreadPool>,
 }
@@ -171,6 +173,7 @@ impl Scheduler {
             running: 0,
             prefix,
             pacer,
+            prefill_logits: Vec::new(),
             workers,
         }
     }
@@ -302,7 +305,8 @@ impl Scheduler {
                 break;
             }
             if matches!(group.state, State::Prefill { .. }) {
-                match prefill_step(&mut self.model, &self.tokenizer, self.config.prefill_chunk.max(1), left, group) {
+                let chunk = self.config.prefill_chunk.max(1);
+                match prefill_step(&mut self.model, &self.tokenizer, &mut self.prefill_logits, chunk, left, group) {
                     Ok(fed) => left = left.saturating_sub(fed),
                     Err(e) => fail(group, e),
                 }
@@ -443,6 +447,7 @@ fn advance_group(group: &mut Group, info: &ModelInfo, tokenizer: &Arc<Tokenizer>
 fn prefill_step(
     model: &mut Model,
     tokenizer: &Arc<Tokenizer>,
+    logits: &mut Vec<f32>,
     chunk: usize,
     budget: usize,
     group: &mut Group,
@@ -455,7 +460,7 @@ fn prefill_step(
         if fed_now + (end - start) > budget {
             return Ok(fed_now);
         }
-        prefill_chunk(model, tokenizer, start, end, group)?;
+        prefill_chunk(model, tokenizer, logits, start, end, group)?;
         fed_now += end - start;
     }
 }
@@ -464,15 +469,16 @@ fn prefill_step(
 fn prefill_chunk(
     model: &mut Model,
     tokenizer: &Arc<Tokenizer>,
+    logits: &mut Vec<f32>,
     start: usize,
     end: usize,
     group: &mut Group,
 ) -> Result<()> {
     let State::Prefill { cache, fed } = &mut group.state else { return Ok(()) };
     let prompt = &group.job.request.prompt;
-    let mut logits = vec![0.0; model.info().vocab_size];
+    logits.resize(model.info().vocab_size, 0.0);
     let started = Instant::now();
-    model.forward(&prompt[start..end], cache, &mut logits)?;
+    model.forward(&prompt[start..end], cache, logits)?;
     group.timings.model += started.elapsed();
     log::trace!("prefill {} tokens after {start}: {:.1} ms", end - start, started.elapsed().as_secs_f64() * 1e3);
     *fed = end;

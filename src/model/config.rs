@@ -17,11 +17,32 @@ pub struct ModelInfo {
     /// Tokens that end a completion (from `generation_config.json` and `config.json`).
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
-    /// Defaults from `generation_config.json` for requests that don't say.
-    pub default_temperature: f32,
-    pub default_top_p: f32,
-    pub default_top_k: usize,
-    pub default_repetition_penalty: f32,
+    /// Sampling defaults for requests that don't say.
+    pub defaults: GenerationDefaults,
+}
+
+/// The sampling settings a model ships (`generation_config.json`, or the `search` section of
+/// `genai_config.json`, which use the same keys).
+#[derive(Clone, Debug)]
+pub struct GenerationDefaults {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub repetition_penalty: f32,
+}
+
+impl GenerationDefaults {
+    pub(super) fn from_json(section: &Value) -> Self {
+        // Hugging Face's generate() is greedy unless the model asks for sampling.
+        let do_sample = section.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
+        let number = |key: &str, default: f32| section.get(key).and_then(Value::as_f64).map_or(default, |v| v as f32);
+        Self {
+            temperature: if do_sample { number("temperature", 1.0) } else { 0.0 },
+            top_p: if do_sample { number("top_p", 1.0) } else { 1.0 },
+            top_k: if do_sample { section.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize } else { 0 },
+            repetition_penalty: number("repetition_penalty", 1.0),
+        }
+    }
 }
 
 impl ModelInfo {
@@ -45,9 +66,6 @@ impl ModelInfo {
                 eos_token_ids.push(id);
             }
         }
-        let do_sample = generation.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
-        let gen_f32 =
-            |key: &str, default: f32| generation.get(key).and_then(Value::as_f64).map_or(default, |v| v as f32);
         Ok(Self {
             name: folder_name(dir),
             vocab_size: usize_of("vocab_size").context("config.json has no vocab_size")?,
@@ -57,20 +75,12 @@ impl ModelInfo {
             head_dim,
             eos_token_ids,
             bos_token_id: ids_of(config.get("bos_token_id")).first().copied(),
-            // Hugging Face's generate() is greedy unless the model asks for sampling.
-            default_temperature: if do_sample { gen_f32("temperature", 1.0) } else { 0.0 },
-            default_top_p: if do_sample { gen_f32("top_p", 1.0) } else { 1.0 },
-            default_top_k: if do_sample {
-                generation.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize
-            } else {
-                0
-            },
-            default_repetition_penalty: gen_f32("repetition_penalty", 1.0),
+            defaults: GenerationDefaults::from_json(&generation),
         })
     }
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(super) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }

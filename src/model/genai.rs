@@ -18,7 +18,7 @@ use ort::value::{Shape, TensorRef, TensorRefMut, ValueType};
 use serde_json::Value;
 
 use super::ModelInfo;
-use super::config::ids_of;
+use super::config::{GenerationDefaults, ids_of, read_json};
 use super::kv_pool::{AlignedBuf, KvPool, RowLease};
 
 /// What `genai_config.json` says about the decoder.
@@ -39,8 +39,7 @@ pub struct GenaiConfig {
 impl GenaiConfig {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("genai_config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let root: Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let root = read_json(&path)?;
         let model = &root["model"];
         let decoder = &model["decoder"];
         let search = &root["search"];
@@ -61,8 +60,6 @@ impl GenaiConfig {
             Ok(d) => d,
             Err(_) => get_usize(decoder, "hidden_size")? / num_heads,
         };
-        let do_sample = search.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
-        let f32_of = |key: &str, default: f32| search.get(key).and_then(Value::as_f64).map_or(default, |v| v as f32);
         let info = ModelInfo {
             name: super::config::folder_name(dir),
             vocab_size: get_usize(model, "vocab_size")?,
@@ -72,14 +69,7 @@ impl GenaiConfig {
             head_dim,
             eos_token_ids: ids_of(model.get("eos_token_id")),
             bos_token_id: ids_of(model.get("bos_token_id")).first().copied(),
-            default_temperature: if do_sample { f32_of("temperature", 1.0) } else { 0.0 },
-            default_top_p: if do_sample { f32_of("top_p", 1.0) } else { 1.0 },
-            default_top_k: if do_sample {
-                search.get("top_k").and_then(Value::as_u64).unwrap_or(0) as usize
-            } else {
-                0
-            },
-            default_repetition_penalty: f32_of("repetition_penalty", 1.0),
+            defaults: GenerationDefaults::from_json(search),
         };
         let threads =
             decoder["session_options"].get("intra_op_num_threads").and_then(Value::as_u64).map(|n| n as usize);

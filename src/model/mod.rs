@@ -12,7 +12,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-pub use config::ModelInfo;
+pub use config::{GenerationDefaults, ModelInfo};
 pub use runtime::{RuntimeError, RuntimeOptions};
 
 /// A loaded decoder model. `forward` takes `&mut self` because an ONNX Runtime session runs one
