@@ -126,6 +126,33 @@ impl Config {
         Ok(Command::Serve(Box::new(config)))
     }
 
+    /// Reads a JSON object of settings (the C ABI's `config_json`): the flags' names with `_`
+    /// or `-` (`"model"`, `"max_running"`), values as strings, numbers or booleans. Settings
+    /// not given keep their defaults; environment variables are not read.
+    pub fn from_json(text: &str) -> Result<Config, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("the configuration is not valid JSON: {e}"))?;
+        let serde_json::Value::Object(settings) = value else {
+            return Err("the configuration must be a JSON object".into());
+        };
+        let mut config = Config::default();
+        for (key, value) in &settings {
+            let name = key.replace('_', "-");
+            if !SETTINGS.iter().any(|s| s.0 == name) {
+                let known: Vec<String> = SETTINGS.iter().map(|s| s.0.replace('-', "_")).collect();
+                return Err(format!("unknown setting {key:?}; known settings: {}", known.join(", ")));
+            }
+            let text = match value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                other => return Err(format!("{key:?}: {other} is not a string, number or boolean")),
+            };
+            config.set(&name, &text).map_err(|e| format!("{key:?}: {e}"))?;
+        }
+        Ok(config)
+    }
+
     fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
         fn count(value: &str, min: usize) -> Result<usize, String> {
             let n: usize = value.trim().parse().map_err(|_| format!("{value:?} is not a whole number"))?;
@@ -214,5 +241,17 @@ mod tests {
         assert!(parse(&["--listen", "nowhere"], &[]).unwrap_err().contains("--listen"));
         assert!(parse(&["--bogus", "1"], &[]).unwrap_err().contains("unknown option --bogus"));
         assert!(parse(&["--model"], &[]).unwrap_err().contains("needs a value"));
+    }
+
+    #[test]
+    fn json_settings_use_the_flag_names() {
+        let c = Config::from_json(r#"{"model": "/m", "max_running": 4, "kv-cache-mb": "64"}"#).unwrap();
+        assert_eq!(c.model.as_deref(), Some(std::path::Path::new("/m")));
+        assert_eq!(c.engine.max_running, 4);
+        assert_eq!(c.runtime.kv_cache_bytes, 64 << 20);
+        assert!(Config::from_json(r#"{"max_running": 0}"#).unwrap_err().contains("\"max_running\""));
+        assert!(Config::from_json(r#"{"bogus": 1}"#).unwrap_err().contains("unknown setting \"bogus\""));
+        assert!(Config::from_json(r#"{"threads": [2]}"#).unwrap_err().contains("not a string"));
+        assert!(Config::from_json("[]").unwrap_err().contains("JSON object"));
     }
 }

@@ -1,5 +1,6 @@
-//! chatd's engine as a library: the daemon (`src/main.rs`), the C ABI and the tests all drive
-//! the same [`engine::Engine`].
+//! chatd's engine as a library: the daemon (`src/main.rs`), the C ABI (`ffi`, built as
+//! libchat.so / libchat.a) and the tests all drive the same [`engine::Engine`], set up by
+//! [`service::Service`].
 //!
 //! A request travels one way: `api` parses and validates it and renders the prompt with `text`,
 //! `engine` schedules it and runs `model` step by step, `sampling` picks each token, `text`
@@ -8,7 +9,9 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod ffi;
 pub mod model;
 pub mod sampling;
 pub mod server;
+pub mod service;
 pub mod text;

@@ -108,16 +108,31 @@ fn load(options: &RuntimeOptions) -> Result<(PathBuf, ort::environment::Environm
     Ok((path, env))
 }
 
-/// Where `scripts/setup-onnxruntime.sh` and `scripts/install.sh` put the library.
+/// Where `scripts/setup-onnxruntime.sh` and `scripts/install.sh` put the library: beside the
+/// file this code was loaded from (chatd, libchat.so, or a program linking libchat.a) or in
+/// its `../lib/chatd` or `../lib`.
 fn candidate_paths() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
-    if let Some(exe_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)) {
-        dirs.push(exe_dir.clone());
-        dirs.push(exe_dir.join("../lib/chatd"));
-        dirs.push(exe_dir.join("../lib"));
+    if let Some(dir) = own_file().and_then(|p| p.parent().map(Path::to_path_buf)) {
+        dirs.push(dir.clone());
+        dirs.push(dir.join("../lib/chatd"));
+        dirs.push(dir.join("../lib"));
     }
     dirs.push(PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.runtime/lib")));
     dirs.into_iter().map(|d| d.join("libonnxruntime.so")).collect()
+}
+
+/// The executable or shared library holding this function.
+fn own_file() -> Option<PathBuf> {
+    // SAFETY: dladdr only reads the loader's tables; `info` is plain data it fills in, and
+    // dli_fname points to a NUL-terminated string owned by the loader.
+    let from_loader = unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        let found = libc::dladdr(own_file as *const std::ffi::c_void, &mut info) != 0 && !info.dli_fname.is_null();
+        found.then(|| PathBuf::from(std::ffi::CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned()))
+    };
+    // The main program may be reported by its bare name; the kernel knows its full path.
+    from_loader.filter(|p| p.is_absolute()).or_else(|| std::env::current_exe().ok())
 }
 
 /// The version the runtime library at `path` reports, e.g. "1.32.0".
