@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up everything the tests need and runs the whole suite: Rust unit and integration tests
-# (the real chatd binary on the real model over HTTP) and the Python client tests (the official
-# openai package, chatbench --check).
+# (the real chatd binary on the real model over HTTP; libchat from C and C++ programs built with
+# the system compilers) and the Python tests (the official openai package, chatbench --check,
+# the libchat binding installed with pip). Slow scenarios: scripts/test-slow.sh.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -10,4 +11,6 @@ scripts/setup-onnxruntime.sh
 scripts/python-env.sh
 cargo build --release --locked
 cargo test --release --locked
+# Installed as a user would (pip install ./bindings/python), fresh each run.
+.venv/bin/python -m pip install --quiet --force-reinstall --no-deps ./bindings/python
 .venv/bin/python -m pytest -q tests/python

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The slow scenarios, run by CI after scripts/test.sh (which sets up what they need):
+#  - the C threads example under valgrind memcheck (~4 minutes): no invalid reads or writes, no
+#    definite leaks, across libchat, ONNX Runtime and the C program.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+command -v valgrind >/dev/null || { echo "test-slow.sh: valgrind is needed (Debian package valgrind)" >&2; exit 1; }
+cargo test --release --locked --test c_abi -- --ignored --nocapture
