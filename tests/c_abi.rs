@@ -181,7 +181,11 @@ fn memcheck_threads_example() {
     let program = compile("cc", &["examples/c/threads.c"], "threads-memcheck", Linking::Shared);
     // One ONNX Runtime thread and no worker pool: valgrind runs one thread at a time, and
     // spinning threads would only burn its time.
-    let config = format!(r#"{{"model": "{}", "threads": 1, "workers": 0}}"#, genai_model());
+    // Everything runs ~50x slower: no request may be refused for waiting.
+    let config = format!(
+        r#"{{"model": "{}", "threads": 1, "workers": 0, "max_queue_wait_s": 3600, "request_timeout_s": 3600}}"#,
+        genai_model()
+    );
     let output = Command::new("valgrind")
         .args(["--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite"])
         .arg(format!("--suppressions={ROOT}/tests/valgrind.supp"))
