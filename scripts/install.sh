@@ -6,8 +6,10 @@
 #                                                     found there by chatd and libchat by themselves
 #   PREFIX/include/libchat.h, PREFIX/include/libchat.hpp (C++ wrapper)
 #   PREFIX/lib/pkgconfig/libchat.pc
-#   PREFIX/lib/systemd/system/chatd.{service,socket} (+ chatd.service.d/), when systemd/ has them
-#   PREFIX/share/chatd/chatd.toml                     the example configuration, when systemd/ has it
+#   PREFIX/lib/systemd/system/chatd.{service,socket}
+#   PREFIX/share/chatd/chatd.toml                     the example configuration
+#   PREFIX/share/chatd/gpu.conf                       the CUDA/TensorRT drop-in, not enabled: copy it to
+#                                                     /etc/systemd/system/chatd.service.d/ to grant GPU access
 #
 # Usage: scripts/install.sh [--prefix PREFIX]   (default /usr/local; DESTDIR is honoured for packaging)
 set -euo pipefail
@@ -48,12 +50,7 @@ for unit in "$root"/systemd/*.service "$root"/systemd/*.socket; do
   install -d "$dest/lib/systemd/system"
   sed "s|/usr/local|$prefix|g" "$unit" > "$dest/lib/systemd/system/$(basename "$unit")"
 done
-if [ -d "$root/systemd/chatd.service.d" ]; then
-  install -d "$dest/lib/systemd/system/chatd.service.d"
-  install -m 644 "$root"/systemd/chatd.service.d/*.conf "$dest/lib/systemd/system/chatd.service.d/"
-fi
-if [ -f "$root/systemd/chatd.toml" ]; then
-  install -d "$dest/share/chatd"
-  install -m 644 "$root/systemd/chatd.toml" "$dest/share/chatd/chatd.toml"
-fi
+install -d "$dest/share/chatd"
+install -m 644 "$root/systemd/chatd.toml" "$dest/share/chatd/chatd.toml"
+install -m 644 "$root/systemd/chatd.service.d/gpu.conf" "$dest/share/chatd/gpu.conf"
 echo "installed chatd $version and libchat under $dest" >&2

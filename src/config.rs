@@ -1,11 +1,19 @@
-//! The daemon's settings: defaults, overridden by `CHATD_*` environment variables, overridden
-//! by command-line flags. Every bad value fails at startup with the setting's name and why.
+//! The daemon's settings: defaults, overridden by a TOML file (`--config`, else
+//! `$CHATD_CONFIG`, else /etc/chatd/chatd.toml when it exists), overridden by `CHATD_*`
+//! environment variables, overridden by command-line flags. Every bad value fails at startup
+//! with where it came from, the setting's name and why. The C ABI reads the same settings
+//! from JSON.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use crate::api::Limits;
 use crate::engine::EngineConfig;
 use crate::model::RuntimeOptions;
 use crate::server::ServerConfig;
+
+/// Read when neither `--config` nor `$CHATD_CONFIG` names a file, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/chatd/chatd.toml";
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -14,7 +22,10 @@ pub struct Config {
     pub runtime: RuntimeOptions,
     pub server: ServerConfig,
     pub engine: EngineConfig,
+    pub limits: Limits,
     pub log_level: String,
+    /// The configuration file that was read, if any.
+    pub file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -25,7 +36,9 @@ impl Default for Config {
             runtime: RuntimeOptions::default(),
             server: ServerConfig::default(),
             engine: EngineConfig::default(),
+            limits: Limits::default(),
             log_level: "info".into(),
+            file: None,
         }
     }
 }
@@ -33,6 +46,8 @@ impl Default for Config {
 /// What the command line asks for.
 pub enum Command {
     Serve(Box<Config>),
+    /// `--check-config`: the settings are valid; report and exit.
+    Check(Box<Config>),
     Help,
     Version,
 }
@@ -76,6 +91,30 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
         "N",
         "memory for prompt keys/values reused across requests; 0 = off [256]",
     ),
+    ("log-prompts", "CHATD_LOG_PROMPTS", "BOOL", "log prompt text (at debug level) [false]"),
+    ("max-connections", "CHATD_MAX_CONNECTIONS", "N", "connections served at once; more get 503 [128]"),
+    (
+        "idle-timeout-s",
+        "CHATD_IDLE_TIMEOUT_S",
+        "SECS",
+        "close connections silent this long, in or between requests [30]",
+    ),
+    ("max-header-bytes", "CHATD_MAX_HEADER_BYTES", "N", "largest request line + headers; larger get 431 [8192]"),
+    ("max-messages", "CHATD_MAX_MESSAGES", "N", "most messages in a chat request [256]"),
+    ("max-prompt-tokens", "CHATD_MAX_PROMPT_TOKENS", "N", "most prompt tokens; 0 = the model's context [0]"),
+    ("max-completion-tokens", "CHATD_MAX_COMPLETION_TOKENS", "N", "largest max_tokens; 0 = the model's context [0]"),
+    ("max-n", "CHATD_MAX_N", "N", "most choices (n) per request [8]"),
+    ("max-stop-strings", "CHATD_MAX_STOP_STRINGS", "N", "most stop strings per request [16]"),
+    ("max-stop-length", "CHATD_MAX_STOP_LENGTH", "N", "longest stop string in bytes [256]"),
+    (
+        "shutdown-timeout-s",
+        "CHATD_SHUTDOWN_TIMEOUT_S",
+        "SECS",
+        "on SIGTERM, time in-flight requests get to finish [30]",
+    ),
+    ("api-keys-file", "CHATD_API_KEYS_FILE", "PATH", "file of accepted API keys, one per line; unset = no keys"),
+    ("auth-health", "CHATD_AUTH_HEALTH", "BOOL", "whether /health needs an API key too [false]"),
+    ("auth-metrics", "CHATD_AUTH_METRICS", "BOOL", "whether /metrics needs an API key too [false]"),
 ];
 
 pub fn usage() -> String {
@@ -85,27 +124,33 @@ pub fn usage() -> String {
     for (flag, env, value, help) in SETTINGS {
         out += &format!("  {:<26} {help}\n  {:<26} ${env}\n", format!("--{flag} {value}"), "");
     }
+    out += &format!(
+        "  {:<26} TOML file of these settings (keys as the flags, `_` for `-`) [$CHATD_CONFIG, else {DEFAULT_CONFIG_FILE} if present]\n",
+        "--config PATH"
+    );
+    out += &format!("  {:<26} check the settings and the model folder, then exit\n", "--check-config");
     out += &format!("  {:<26} this text\n  {:<26} print the version\n", "--help", "--version");
     out
 }
 
 impl Config {
-    /// Reads the environment, then `args` (without the program name).
+    /// Reads the configuration file, the environment, then `args` (without the program name).
     pub fn parse(
         args: impl IntoIterator<Item = String>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Command, String> {
-        let mut config = Config::default();
-        for (flag, var, _, _) in SETTINGS {
-            if let Some(value) = env(var).filter(|v| !v.is_empty()) {
-                config.set(flag, &value).map_err(|e| format!("${var}: {e}"))?;
-            }
-        }
+        let mut flags = Vec::new();
+        let mut file = None;
+        let mut check = false;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
             match arg.as_str() {
                 "-h" | "--help" => return Ok(Command::Help),
                 "-V" | "--version" => return Ok(Command::Version),
+                "--check-config" => {
+                    check = true;
+                    continue;
+                }
                 _ => {}
             }
             let Some(flag) = arg.strip_prefix("--") else {
@@ -118,12 +163,61 @@ impl Config {
                     (flag.to_owned(), value)
                 }
             };
-            if !SETTINGS.iter().any(|s| s.0 == name) {
+            if name == "config" {
+                file = Some(PathBuf::from(value));
+            } else if SETTINGS.iter().any(|s| s.0 == name) {
+                flags.push((name, value));
+            } else {
                 return Err(format!("unknown option --{name}; see --help"));
             }
+        }
+        let mut config = Config::default();
+        match file.or_else(|| env("CHATD_CONFIG").filter(|v| !v.is_empty()).map(PathBuf::from)) {
+            Some(path) => config.read_file(&path)?,
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => config.read_file(Path::new(DEFAULT_CONFIG_FILE))?,
+            None => {}
+        }
+        for (flag, var, _, _) in SETTINGS {
+            if let Some(value) = env(var).filter(|v| !v.is_empty()) {
+                config.set(flag, &value).map_err(|e| format!("${var}: {e}"))?;
+            }
+        }
+        for (name, value) in flags {
             config.set(&name, &value).map_err(|e| format!("--{name}: {e}"))?;
         }
-        Ok(Command::Serve(Box::new(config)))
+        Ok(if check { Command::Check(Box::new(config)) } else { Command::Serve(Box::new(config)) })
+    }
+
+    /// Applies a TOML file of settings: top-level keys named as the flags.
+    fn read_file(&mut self, path: &Path) -> Result<(), String> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read the configuration {shown}: {e}"))?;
+        let table: toml::Table =
+            text.parse().map_err(|e: toml::de::Error| format!("{shown}: {}", e.to_string().trim()))?;
+        for (key, value) in &table {
+            let text = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(format!("{shown}: `{key}`: {} is not a string, number or boolean", other.type_str()));
+                }
+            };
+            self.set_named(key, &text).map_err(|e| format!("{shown}: `{key}`: {e}"))?;
+        }
+        self.file = Some(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Sets a setting named as in a file or JSON (`max_running` or `max-running`).
+    fn set_named(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let name = key.replace('_', "-");
+        if !SETTINGS.iter().any(|s| s.0 == name) {
+            let known: Vec<String> = SETTINGS.iter().map(|s| s.0.replace('-', "_")).collect();
+            return Err(format!("unknown setting; the settings are {}", known.join(", ")));
+        }
+        self.set(&name, value)
     }
 
     /// Reads a JSON object of settings (the C ABI's `config_json`): the flags' names with `_`
@@ -137,18 +231,13 @@ impl Config {
         };
         let mut config = Config::default();
         for (key, value) in &settings {
-            let name = key.replace('_', "-");
-            if !SETTINGS.iter().any(|s| s.0 == name) {
-                let known: Vec<String> = SETTINGS.iter().map(|s| s.0.replace('-', "_")).collect();
-                return Err(format!("unknown setting {key:?}; known settings: {}", known.join(", ")));
-            }
             let text = match value {
                 serde_json::Value::String(s) => s.clone(),
                 serde_json::Value::Number(n) => n.to_string(),
                 serde_json::Value::Bool(b) => b.to_string(),
                 other => return Err(format!("{key:?}: {other} is not a string, number or boolean")),
             };
-            config.set(&name, &text).map_err(|e| format!("{key:?}: {e}"))?;
+            config.set_named(key, &text).map_err(|e| format!("{key:?}: {e}"))?;
         }
         Ok(config)
     }
@@ -161,10 +250,17 @@ impl Config {
             }
             Ok(n)
         }
-        fn seconds(value: &str) -> Result<std::time::Duration, String> {
+        fn seconds(value: &str) -> Result<Duration, String> {
             match value.trim().parse::<f64>() {
-                Ok(s) if s > 0.0 && s <= 1e6 => Ok(std::time::Duration::from_secs_f64(s)),
+                Ok(s) if s > 0.0 && s <= 1e6 => Ok(Duration::from_secs_f64(s)),
                 _ => Err(format!("{value:?} is not a number of seconds above 0")),
+            }
+        }
+        fn boolean(value: &str) -> Result<bool, String> {
+            match value.trim() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(format!("{value:?} is not true or false")),
             }
         }
         match name {
@@ -203,6 +299,20 @@ impl Config {
                     _ => return Err(format!("{value:?} is not a factor between 1.1 and 1000")),
                 }
             }
+            "log-prompts" => self.server.log_prompts = boolean(value)?,
+            "max-connections" => self.server.max_connections = count(value, 1)?,
+            "idle-timeout-s" => self.server.idle_timeout = seconds(value)?,
+            "max-header-bytes" => self.server.max_header_bytes = count(value, 1024)?,
+            "max-messages" => self.limits.max_messages = count(value, 1)?,
+            "max-prompt-tokens" => self.limits.max_prompt_tokens = count(value, 0)?,
+            "max-completion-tokens" => self.limits.max_completion_tokens = count(value, 0)?,
+            "max-n" => self.limits.max_n = count(value, 1)?,
+            "max-stop-strings" => self.limits.max_stop_strings = count(value, 0)?,
+            "max-stop-length" => self.limits.max_stop_len = count(value, 1)?,
+            "shutdown-timeout-s" => self.server.shutdown_timeout = seconds(value)?,
+            "api-keys-file" => self.server.api_keys_file = Some(PathBuf::from(value)),
+            "auth-health" => self.server.auth_health = boolean(value)?,
+            "auth-metrics" => self.server.auth_metrics = boolean(value)?,
             _ => return Err("unknown setting".into()),
         }
         Ok(())
@@ -218,9 +328,44 @@ mod tests {
         match Config::parse(args.iter().map(|s| s.to_string()), |k| {
             env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         })? {
-            Command::Serve(c) => Ok(*c),
+            Command::Serve(c) | Command::Check(c) => Ok(*c),
             _ => Err("not serve".into()),
         }
+    }
+
+    fn file(name: &str, text: &str) -> String {
+        let path = std::env::temp_dir().join(format!("chatd-config-test-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+
+    #[test]
+    fn file_then_environment_then_flags() {
+        let path = file("layers", "threads = 3\nmax_running = 4\nlisten = \"127.0.0.1:9001\"\nauth_health = true\n");
+        let c = parse(&["--config", &path], &[]).unwrap();
+        assert_eq!((c.runtime.intra_threads, c.engine.max_running, c.server.auth_health), (3, 4, true));
+        assert_eq!(c.file.as_deref(), Some(std::path::Path::new(&path)));
+        let c = parse(&["--threads", "1"], &[("CHATD_CONFIG", &path), ("CHATD_MAX_RUNNING", "6")]).unwrap();
+        assert_eq!((c.runtime.intra_threads, c.engine.max_running), (1, 6));
+        assert_eq!(c.server.listen, "127.0.0.1:9001");
+    }
+
+    #[test]
+    fn bad_files_name_the_file_the_key_and_the_reason() {
+        let path = file("unknown", "max_runing = 4\n");
+        let e = parse(&["--config", &path], &[]).unwrap_err();
+        assert!(e.contains(&path) && e.contains("`max_runing`") && e.contains("unknown setting"), "{e}");
+        let path = file("value", "idle_timeout_s = -1\n");
+        let e = parse(&["--config", &path], &[]).unwrap_err();
+        assert!(e.contains(&path) && e.contains("`idle_timeout_s`") && e.contains("seconds"), "{e}");
+        let path = file("syntax", "threads = \n");
+        let e = parse(&["--config", &path], &[]).unwrap_err();
+        assert!(e.contains(&path) && e.contains("line 1"), "{e}");
+        let path = file("table", "[engine]\nthreads = 2\n");
+        assert!(parse(&["--config", &path], &[]).unwrap_err().contains("`engine`"));
+        let e = parse(&["--config", "/nonexistent/chatd.toml"], &[]).unwrap_err();
+        assert!(e.contains("/nonexistent/chatd.toml"), "{e}");
+        assert!(matches!(Config::parse(["--check-config".to_string()], |_| None), Ok(Command::Check(_))));
     }
 
     #[test]
@@ -250,7 +395,7 @@ mod tests {
         assert_eq!(c.engine.max_running, 4);
         assert_eq!(c.runtime.kv_cache_bytes, 64 << 20);
         assert!(Config::from_json(r#"{"max_running": 0}"#).unwrap_err().contains("\"max_running\""));
-        assert!(Config::from_json(r#"{"bogus": 1}"#).unwrap_err().contains("unknown setting \"bogus\""));
+        assert!(Config::from_json(r#"{"bogus": 1}"#).unwrap_err().contains("\"bogus\": unknown setting"));
         assert!(Config::from_json(r#"{"threads": [2]}"#).unwrap_err().contains("not a string"));
         assert!(Config::from_json("[]").unwrap_err().contains("JSON object"));
     }

@@ -1,14 +1,26 @@
-//! chatd: loads a model, starts the engine and serves the OpenAI API over HTTP.
+//! chatd: loads a model, starts the engine and serves the OpenAI API over HTTP, telling systemd
+//! the truth about its state, until SIGTERM drains it.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use chat::api::Endpoint;
 use chat::config::{Command, Config, usage};
+use chat::daemon::activation;
+use chat::daemon::notify::Notifier;
+use chat::daemon::signals::{self, Signal};
+use chat::engine::Heartbeat;
 use chat::server::Server;
 use chat::service::Service;
 
 fn main() -> ExitCode {
-    let command = match Config::parse(std::env::args().skip(1), |k| std::env::var(k).ok()) {
+    // Before any thread starts, so that every thread inherits the blocked mask.
+    signals::block();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = match Config::parse(args.clone(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("chatd: {e}");
@@ -24,14 +36,34 @@ fn main() -> ExitCode {
             println!("chatd {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Command::Check(config) => {
+            return match Service::check(&config) {
+                Ok(dir) => {
+                    let file = config.file.as_ref().map_or("no file".into(), |f| f.display().to_string());
+                    println!(
+                        "chatd: configuration OK ({file}); model {}, listening on {}",
+                        dir.display(),
+                        config.server.listen
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("chatd: {e}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Serve(config) => *config,
     };
+    // Everything passes env_logger's filter; the level in force is log's max level, which a
+    // reload can change.
     env_logger::Builder::new()
-        .parse_filters(&format!("{},ort=warn", config.log_level))
+        .parse_filters("trace,ort=warn,tiny_http=warn")
         .parse_env("RUST_LOG")
         .format_timestamp_millis()
         .init();
-    match serve(config) {
+    set_log_level(&config.log_level);
+    match serve(config, &args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatd: {e:#}");
@@ -40,15 +72,142 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: Config) -> Result<()> {
+fn set_log_level(level: &str) {
+    log::set_max_level(level.parse().unwrap_or(log::LevelFilter::Info));
+}
+
+fn serve(config: Config, args: &[String]) -> Result<()> {
+    let notifier = Arc::new(Notifier::from_env());
+    notifier.status("starting");
     // A missing runtime or model folder fails before the port is taken.
     Service::check(&config)?;
+    let listener = activation::inherited_listener().map_err(anyhow::Error::msg)?;
+    let inherited = listener.is_some();
     // Listen first: while the model loads, /health and the API answer 503 "loading".
-    let server = Server::start(config.server.clone())?;
-    log::info!("listening on http://{} (loading the model)", server.local_addr());
+    let server = Server::start(config.server.clone(), listener)?;
+    let how = if inherited { "on the socket from systemd " } else { "" };
+    log::info!("listening on http://{} {how}(loading the model)", server.local_addr());
+
+    // Signals arrive on their own thread; until the engine is ready, a stop request exits at once.
+    let ready = Arc::new(AtomicBool::new(false));
+    let (signal_tx, signal_rx) = crossbeam_channel::bounded(8);
+    {
+        let (ready, notifier) = (ready.clone(), notifier.clone());
+        std::thread::Builder::new().name("chatd-signals".into()).spawn(move || {
+            loop {
+                let signal = signals::wait();
+                if signal == Signal::Terminate && !ready.load(Ordering::SeqCst) {
+                    notifier.send("STOPPING=1\nSTATUS=stopped while loading");
+                    log::info!("stopped while loading");
+                    std::process::exit(0);
+                }
+                if signal_tx.send(signal).is_err() {
+                    return;
+                }
+            }
+        })?;
+    }
+
+    notifier.status("loading model");
+    let started = Instant::now();
+    let mut config = config;
+    // The engine loop itself pings the watchdog: a stuck engine stops the pings.
+    config.engine.heartbeat = notifier.watchdog().map(|every| {
+        let notifier = notifier.clone();
+        Heartbeat { every, beat: Arc::new(move || notifier.send("WATCHDOG=1")) }
+    });
     let service = Service::load(&config)?;
-    server.set_ready(service.engine.clone(), service.frontend.clone());
-    log::info!("serving {} on http://{}", service.frontend.served_name(), server.local_addr());
-    server.wait();
+    let load_time = started.elapsed();
+    notifier.status("warming up");
+    let warm = Instant::now();
+    service
+        .call(Endpoint::Completion, br#"{"prompt": "Hello", "max_tokens": 1, "temperature": 0}"#, None)
+        .map_err(|e| anyhow::anyhow!("the warm-up generation failed: {e}"))?;
+    log::info!("warm-up generation took {:.0} ms", warm.elapsed().as_secs_f64() * 1e3);
+    server.set_ready(service.engine.clone(), service.frontend.clone(), load_time);
+    ready.store(true, Ordering::SeqCst);
+    let name = service.frontend.served_name().to_owned();
+    notifier.send(&format!("READY=1\nSTATUS=ready: serving {name}, 0 active, 0 queued"));
+    log::info!("serving {name} on http://{}", server.local_addr());
+
+    let mut shown = String::new();
+    loop {
+        match signal_rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(Signal::Reload) => reload(args, &server, &service, &notifier),
+            Ok(Signal::Terminate) => break,
+            Err(_) => {
+                let stats = service.engine.stats();
+                let status = format!(
+                    "ready: serving {name}, {} active, {} queued",
+                    stats.running.load(Ordering::Relaxed),
+                    stats.queued.load(Ordering::Relaxed)
+                );
+                if status != shown {
+                    notifier.status(&status);
+                    shown = status;
+                }
+            }
+        }
+    }
+    shutdown(&server, &service, &notifier);
     Ok(())
+}
+
+/// SIGHUP: reads the configuration again and applies what can change while running.
+fn reload(args: &[String], server: &Server, service: &Service, notifier: &Notifier) {
+    let config = match Config::parse(args.to_vec(), |k| std::env::var(k).ok()) {
+        Ok(Command::Serve(config)) => config,
+        Ok(_) => return,
+        Err(e) => {
+            log::error!("reload refused, keeping the running configuration: {e}");
+            notifier.status(&format!("reload failed: {e}"));
+            return;
+        }
+    };
+    let mut changed = match server.reload(&config.server) {
+        Ok(changed) => changed,
+        Err(e) => {
+            log::error!("reload refused, keeping the running configuration: {e:#}");
+            notifier.status(&format!("reload failed: {e:#}"));
+            return;
+        }
+    };
+    if log::max_level().to_string().to_lowercase() != config.log_level {
+        changed.push(format!("log_level={}", config.log_level));
+    }
+    set_log_level(&config.log_level);
+    let limits = config.limits.clone();
+    let old = service.frontend.limits();
+    if format!("{old:?}") != format!("{limits:?}") {
+        changed.push("request limits".into());
+    }
+    service.frontend.set_limits(limits);
+    service.engine.set_request_timeout(config.engine.request_timeout);
+    let summary = if changed.is_empty() { "nothing changed".to_owned() } else { changed.join(", ") };
+    log::info!("reloaded the configuration: {summary}");
+    notifier.status(&format!("reloaded: {summary}"));
+}
+
+/// SIGTERM: refuse new work, give requests in flight `shutdown_timeout` to finish, then end
+/// the rest (their streams get `finish_reason: "cancelled"` and `[DONE]`).
+fn shutdown(server: &Server, service: &Service, notifier: &Notifier) {
+    let grace = server.config().shutdown_timeout;
+    let in_flight = server.in_flight();
+    notifier.send(&format!("STOPPING=1\nSTATUS=draining: {in_flight} requests in flight"));
+    log::info!("draining: {in_flight} requests in flight, up to {:.0} s", grace.as_secs_f64());
+    server.drain();
+    let deadline = Instant::now() + grace;
+    while server.in_flight() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let left = server.in_flight();
+    if left > 0 {
+        log::warn!("cancelling {left} requests still running after {:.0} s", grace.as_secs_f64());
+        service.engine.stop();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while server.in_flight() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    log::info!("stopped");
 }

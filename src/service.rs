@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::api::{ApiError, Collector, Endpoint, Frontend, Limits};
+use crate::api::{ApiError, Collector, Endpoint, Frontend};
 use crate::config::Config;
 use crate::engine::{Engine, Event};
 use crate::model::{Model, runtime};
@@ -96,7 +96,7 @@ impl Service {
         );
         let engine = Arc::new(Engine::start(model, tokenizer, config.engine.clone()).map_err(model_error)?);
         let frontend =
-            Frontend::new(&engine, config.served_model_name.clone(), Limits::default()).map_err(model_error)?;
+            Frontend::new(&engine, config.served_model_name.clone(), config.limits.clone()).map_err(model_error)?;
         Ok(Self { engine, frontend: Arc::new(frontend) })
     }
 

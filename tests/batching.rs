@@ -40,9 +40,18 @@ fn greedy(d: &Daemon, prompt: &str) -> (Vec<String>, String) {
     (tokens, v["choices"][0]["finish_reason"].as_str().unwrap().to_owned())
 }
 
-fn alone_equals_batched(daemon: &Daemon) {
+/// Decode steps and tokens so far.
+fn decode_counts(daemon: &Daemon) -> (f64, f64) {
+    let health: Value = daemon.get("/health").json();
+    (health["decode_steps"].as_f64().unwrap(), health["decode_tokens"].as_f64().unwrap())
+}
+
+/// Runs the prompts one at a time, then all at once, and checks the answers agree; returns
+/// the decode steps and tokens of the concurrent part.
+fn alone_equals_batched(daemon: &Daemon) -> (f64, f64) {
     let prompts = prompts();
     let alone: Vec<_> = prompts.iter().map(|p| greedy(daemon, p)).collect();
+    let before = decode_counts(daemon);
     let barrier = std::sync::Barrier::new(prompts.len());
     let batched: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = prompts
@@ -57,21 +66,22 @@ fn alone_equals_batched(daemon: &Daemon) {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let after = decode_counts(daemon);
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert_eq!(a, b, "prompt {i}: alone and batched differ");
         assert!(!a.0.is_empty());
     }
+    (after.0 - before.0, after.1 - before.1)
 }
 
 #[test]
 fn genai_layout_batched_greedy_equals_alone() {
     let daemon = Daemon::start_with_model(&genai_dir(), &[]);
-    alone_equals_batched(&daemon);
-    // The batch really ran: decode steps carried several sequences each on average.
-    let health: Value = daemon.get("/health").json();
-    assert_eq!(health["layout"], "genai");
-    let (steps, tokens) = (health["decode_steps"].as_f64().unwrap(), health["decode_tokens"].as_f64().unwrap());
-    assert!(tokens / steps > 1.5, "mean decode batch {:.2} ({tokens} tokens in {steps} steps)", tokens / steps);
+    let (steps, tokens) = alone_equals_batched(&daemon);
+    // The batch really ran: while the 8 ran together, decode steps carried several sequences
+    // each on average (prompts arrive staggered, so fewer than 8).
+    assert_eq!(daemon.get("/health").json()["layout"], "genai");
+    assert!(tokens / steps > 2.0, "mean decode batch {:.2} ({tokens} tokens in {steps} steps)", tokens / steps);
 }
 
 #[test]

@@ -59,6 +59,37 @@ impl ApiError {
         }
     }
 
+    /// 401: no key, or a wrong one.
+    pub fn unauthorized(had_key: bool) -> Self {
+        let message = if had_key {
+            "Incorrect API key provided. Send `Authorization: Bearer KEY` with a key this server accepts."
+        } else {
+            "You didn't provide an API key. Send `Authorization: Bearer KEY`."
+        };
+        Self { code: Some("invalid_api_key"), ..Self::new(401, "invalid_request_error", message) }
+    }
+
+    /// 408: the body did not arrive in time.
+    pub fn request_timeout() -> Self {
+        Self {
+            code: Some("request_timeout"),
+            ..Self::new(408, "invalid_request_error", "The request body did not arrive in time.")
+        }
+    }
+
+    /// The client closed its side of the connection before the answer; the request was
+    /// cancelled. Sent as 400 in case it still reads (a half-close), logged as 499.
+    pub fn client_closed() -> Self {
+        Self {
+            code: Some("client_closed_request"),
+            ..Self::new(
+                400,
+                "invalid_request_error",
+                "The connection was closed by the client before the answer; the request was cancelled.",
+            )
+        }
+    }
+
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self { code: Some("overloaded"), ..Self::new(429, "rate_limit_error", message) }
     }

@@ -20,6 +20,12 @@ pub enum Endpoint {
 /// Request limits that protect the box; each violation is a 400 naming the field.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    pub max_messages: usize,
+    /// Most prompt tokens (0: the model's context).
+    pub max_prompt_tokens: usize,
+    /// Largest `max_tokens` a request may ask for (0: the model's context).
+    pub max_completion_tokens: usize,
+    pub max_n: usize,
     pub max_stop_strings: usize,
     pub max_stop_len: usize,
     pub max_top_logprobs: usize,
@@ -27,7 +33,15 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_stop_strings: 16, max_stop_len: 256, max_top_logprobs: 20 }
+        Self {
+            max_messages: 256,
+            max_prompt_tokens: 0,
+            max_completion_tokens: 0,
+            max_n: 8,
+            max_stop_strings: 16,
+            max_stop_len: 256,
+            max_top_logprobs: 20,
+        }
     }
 }
 
@@ -51,7 +65,8 @@ pub struct Frontend {
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
-    limits: Limits,
+    /// Replaced on reload (SIGHUP); read once per request.
+    limits: std::sync::RwLock<Limits>,
 }
 
 impl Frontend {
@@ -64,7 +79,16 @@ impl Frontend {
             None => None,
         };
         let info = engine.info().clone();
-        Ok(Self { served_name: served_name.unwrap_or_else(|| info.name.clone()), info, tokenizer, template, limits })
+        let served_name = served_name.unwrap_or_else(|| info.name.clone());
+        Ok(Self { served_name, info, tokenizer, template, limits: std::sync::RwLock::new(limits) })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_limits(&self, limits: Limits) {
+        *self.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
     }
 
     pub fn served_name(&self) -> &str {
@@ -90,15 +114,24 @@ impl Frontend {
             return Err(ApiError::bad_json("The request body must be a JSON object."));
         };
         let f = Fields { obj: &obj };
+        let limits = self.limits();
         let model = match f.str("model")? {
             Some(name) if name != self.served_name => return Err(ApiError::model_not_found(name)),
             _ => self.served_name.clone(),
         };
         let (prompt, prompt_param) = match endpoint {
-            Endpoint::Chat => (self.chat_prompt(&f)?, "messages"),
+            Endpoint::Chat => (self.chat_prompt(&f, &limits)?, "messages"),
             Endpoint::Completion => (self.completion_prompt(&f)?, "prompt"),
         };
         let context = self.info.context_length;
+        if limits.max_prompt_tokens > 0 && prompt.len() > limits.max_prompt_tokens {
+            return Err(ApiError::context_length(format!(
+                "This server accepts at most {} prompt tokens. However, your {prompt_param} resulted in {} tokens. \
+                 Please reduce the length of the {prompt_param}.",
+                limits.max_prompt_tokens,
+                prompt.len()
+            )));
+        }
         if prompt.len() >= context {
             return Err(ApiError::context_length(format!(
                 "This model's maximum context length is {context} tokens. However, your {prompt_param} resulted in {} tokens. \
@@ -111,6 +144,15 @@ impl Frontend {
         let max_tokens = match f.int(max_tokens_key, 1, i64::MAX)? {
             Some(n) => {
                 let n = n as usize;
+                if limits.max_completion_tokens > 0 && n > limits.max_completion_tokens {
+                    return Err(ApiError::invalid(
+                        max_tokens_key,
+                        format!(
+                            "`{max_tokens_key}` must be at most {} on this server, got {n}",
+                            limits.max_completion_tokens
+                        ),
+                    ));
+                }
                 if prompt.len().saturating_add(n) > context {
                     return Err(ApiError::context_length(format!(
                         "This model's maximum context length is {context} tokens. However, you requested {} tokens \
@@ -121,6 +163,7 @@ impl Frontend {
                 }
                 n
             }
+            None if limits.max_completion_tokens > 0 => (context - prompt.len()).min(limits.max_completion_tokens),
             None => context - prompt.len(),
         };
         let stream = f.bool("stream")?.unwrap_or(false);
@@ -143,7 +186,7 @@ impl Frontend {
             }
             Some(other) => return Err(wrong_type("stream_options", "an object", other)),
         };
-        let (logprobs, top_logprobs) = self.logprobs(endpoint, &f)?;
+        let (logprobs, top_logprobs) = self.logprobs(endpoint, &f, &limits)?;
         let sampling = self.sampling(&f)?;
         let min_tokens = f.int("min_tokens", 0, i64::MAX)?.unwrap_or(0) as usize;
         if min_tokens > max_tokens {
@@ -172,11 +215,11 @@ impl Frontend {
         }
         let generate = GenerateRequest {
             prompt,
-            n: f.int("n", 1, 128)?.unwrap_or(1) as usize,
+            n: f.int("n", 1, limits.max_n as i64)?.unwrap_or(1) as usize,
             max_tokens,
             min_tokens,
             ignore_eos: f.bool("ignore_eos")?.unwrap_or(false),
-            stop: f.strings("stop", self.limits.max_stop_strings, self.limits.max_stop_len)?,
+            stop: f.strings("stop", limits.max_stop_strings, limits.max_stop_len)?,
             stop_token_ids,
             sampling,
             logprobs: logprobs.then_some(top_logprobs),
@@ -202,14 +245,25 @@ impl Frontend {
             ErrorKind::Timeout => ApiError::timeout(error.message.clone()),
             ErrorKind::TooLarge => ApiError::context_length(error.message.clone()),
             ErrorKind::Internal => ApiError::internal(error.message.clone()),
+            ErrorKind::Unavailable => ApiError::unavailable(error.message.clone()),
         }
     }
 
-    fn chat_prompt(&self, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
+    fn chat_prompt(&self, f: &Fields<'_>, limits: &Limits) -> Result<Vec<u32>, ApiError> {
         let messages = match f.get("messages") {
             None => return Err(ApiError::invalid("messages", "`messages` is required")),
             Some(Value::Array(list)) if list.is_empty() => {
                 return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
+            }
+            Some(Value::Array(list)) if list.len() > limits.max_messages => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "`messages` may hold at most {} messages on this server, got {}",
+                        limits.max_messages,
+                        list.len()
+                    ),
+                ));
             }
             Some(Value::Array(list)) => list,
             Some(other) => return Err(wrong_type("messages", "an array", other)),
@@ -218,7 +272,18 @@ impl Frontend {
             messages.iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect::<Result<Vec<_>, _>>()?;
         let tools = match f.get("tools") {
             None => None,
-            Some(v @ Value::Array(_)) => Some(v),
+            Some(v @ Value::Array(items)) => {
+                for (i, tool) in items.iter().enumerate() {
+                    let name = tool.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+                    if tool.get("type").and_then(Value::as_str) != Some("function") || name.is_none() {
+                        return Err(ApiError::invalid(
+                            format!("tools[{i}]"),
+                            format!("`tools[{i}]` must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"),
+                        ));
+                    }
+                }
+                Some(v)
+            }
             Some(other) => return Err(wrong_type("tools", "an array", other)),
         };
         match f.get("tool_choice") {
@@ -282,8 +347,8 @@ impl Frontend {
         }
     }
 
-    fn logprobs(&self, endpoint: Endpoint, f: &Fields<'_>) -> Result<(bool, usize), ApiError> {
-        let max = self.limits.max_top_logprobs as i64;
+    fn logprobs(&self, endpoint: Endpoint, f: &Fields<'_>, limits: &Limits) -> Result<(bool, usize), ApiError> {
+        let max = limits.max_top_logprobs as i64;
         match endpoint {
             Endpoint::Chat => {
                 let wanted = f.bool("logprobs")?.unwrap_or(false);

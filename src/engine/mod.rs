@@ -44,6 +44,22 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Memory for keys and values kept for reuse by later requests (0 turns reuse off).
     pub prefix_cache_bytes: usize,
+    /// Called from the scheduler loop itself at least this often, idle or busy: a stuck
+    /// engine stops calling it (systemd's watchdog).
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// A function the scheduler calls to say it is alive, and how often.
+#[derive(Clone)]
+pub struct Heartbeat {
+    pub every: Duration,
+    pub beat: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Heartbeat every {:?}", self.every)
+    }
 }
 
 impl Default for EngineConfig {
@@ -57,6 +73,7 @@ impl Default for EngineConfig {
             stream_slowdown: 2.0,
             workers: 2,
             prefix_cache_bytes: 256 << 20,
+            heartbeat: None,
         }
     }
 }
@@ -78,7 +95,7 @@ impl std::fmt::Display for SubmitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             SubmitError::Overloaded => f.write_str("the server is busy: too many requests are queued, retry later"),
-            SubmitError::Stopped => f.write_str("the engine has stopped"),
+            SubmitError::Stopped => f.write_str("the server is shutting down"),
             SubmitError::TooManyChoices(m) | SubmitError::ContextLength(m) => f.write_str(m),
         }
     }
@@ -100,6 +117,8 @@ pub struct EngineStats {
     /// Decode steps run, and tokens they produced: tokens / steps is the mean batch size.
     pub decode_steps: AtomicUsize,
     pub decode_tokens: AtomicUsize,
+    /// Set by `Engine::stop`: running requests end now, queued and new ones are refused.
+    pub stopping: AtomicBool,
 }
 
 pub struct Engine {
@@ -110,6 +129,8 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
+    /// Deadline of requests without their own, in ms; changeable at run time (reload).
+    request_timeout_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -126,7 +147,8 @@ impl Engine {
             .name("chatd-engine".into())
             .spawn(move || scheduler.run())
             .context("starting the engine thread")?;
-        Ok(Self { jobs: Some(tx), thread: Some(thread), info, layout, tokenizer, config, stats })
+        let request_timeout_ms = std::sync::atomic::AtomicU64::new(config.request_timeout.as_millis() as u64);
+        Ok(Self { jobs: Some(tx), thread: Some(thread), info, layout, tokenizer, config, stats, request_timeout_ms })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -150,8 +172,24 @@ impl Engine {
         &self.stats
     }
 
+    /// Ends every running request at its next step (finish reason `cancelled`, with the text so
+    /// far), refuses queued ones as unavailable, and refuses new ones: the last step of a
+    /// graceful shutdown, once requests have had their time to finish.
+    pub fn stop(&self) {
+        self.stats.stopping.store(true, Ordering::SeqCst);
+    }
+
+    /// Sets the deadline of requests submitted from now on without their own.
+    pub fn set_request_timeout(&self, timeout: Duration) {
+        self.request_timeout_ms.store(timeout.as_millis() as u64, Ordering::Relaxed);
+    }
+
     /// Queues a request. Never blocks: a full queue is `Overloaded`.
-    pub fn submit(&self, request: GenerateRequest) -> Result<RequestHandle, SubmitError> {
+    pub fn submit(&self, mut request: GenerateRequest) -> Result<RequestHandle, SubmitError> {
+        request.deadline.get_or_insert(Duration::from_millis(self.request_timeout_ms.load(Ordering::Relaxed)));
+        if self.stats.stopping.load(Ordering::SeqCst) {
+            return Err(SubmitError::Stopped);
+        }
         if request.n == 0 || request.n > self.config.max_running {
             return Err(SubmitError::TooManyChoices(format!(
                 "n must be between 1 and {} (the server's max running sequences)",

@@ -99,6 +99,8 @@ pub enum ErrorKind {
     TooLarge,
     /// The model run or text processing failed.
     Internal,
+    /// The engine is stopping (shutdown) and will not run it.
+    Unavailable,
 }
 
 #[derive(Clone, Debug)]

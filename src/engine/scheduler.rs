@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::prefix_cache::PrefixCache;
 use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Timings, Usage};
@@ -140,6 +140,7 @@ pub(crate) struct Scheduler {
     prefill_logits: Vec<f32>,
     /// Threads for per-sequence CPU work; `None` runs it on the scheduler thread.
     workers: Option<rayon::ThreadPool>,
+    last_beat: Option<Instant>,
 }
 
 impl Scheduler {
@@ -175,15 +176,18 @@ impl Scheduler {
             pacer,
             prefill_logits: Vec::new(),
             workers,
+            last_beat: None,
         }
     }
 
     /// Runs until the engine is dropped and every admitted request has finished.
     pub fn run(mut self) {
         while self.admit() {
+            self.beat();
             let now = Instant::now();
+            let stopping = self.stats.stopping.load(Ordering::Relaxed);
             for group in &mut self.groups {
-                if group.job.cancel.load(Ordering::Relaxed) {
+                if group.job.cancel.load(Ordering::Relaxed) || stopping {
                     end(group, FinishReason::Cancelled);
                 } else if now >= group.deadline {
                     end(group, FinishReason::Deadline);
@@ -213,14 +217,26 @@ impl Scheduler {
         }
     }
 
+    /// Tells the watchdog the loop is alive, at most once per `heartbeat.every / 2`.
+    fn beat(&mut self) {
+        if let Some(heartbeat) = &self.config.heartbeat
+            && self.last_beat.is_none_or(|t| t.elapsed() >= heartbeat.every / 2)
+        {
+            (heartbeat.beat)();
+            self.last_beat = Some(Instant::now());
+        }
+    }
+
     /// Takes new jobs off the channel, drops queued jobs that were cancelled or waited too
     /// long, and admits the oldest while there is room. Blocks only when there is nothing to
     /// do. Returns false when the engine is closed and everything has finished.
     fn admit(&mut self) -> bool {
-        if self.groups.is_empty() && self.queue.is_empty() {
-            match self.jobs.recv() {
+        while self.groups.is_empty() && self.queue.is_empty() {
+            let every = self.config.heartbeat.as_ref().map_or(Duration::from_secs(3600), |h| h.every);
+            match self.jobs.recv_timeout(every) {
                 Ok(job) => self.queue.push_back(job),
-                Err(_) => return false,
+                Err(RecvTimeoutError::Timeout) => self.beat(),
+                Err(RecvTimeoutError::Disconnected) => return false,
             }
         }
         while let Ok(job) = self.jobs.try_recv() {
@@ -232,6 +248,8 @@ impl Scheduler {
             let waited = job.queued_at.elapsed();
             let refusal = if job.cancel.load(Ordering::Relaxed) {
                 None
+            } else if stats.stopping.load(Ordering::Relaxed) {
+                Some(EngineError::new(ErrorKind::Unavailable, "the server is shutting down"))
             } else if waited >= job.request.deadline.unwrap_or(config.request_timeout) {
                 Some(EngineError::new(ErrorKind::Timeout, "the request's deadline passed while it waited in the queue"))
             } else if waited >= config.max_queue_wait {

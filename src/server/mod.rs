@@ -1,16 +1,23 @@
 //! Faces HTTP: a fixed pool of threads takes requests from tiny_http, routes them, reads
 //! bounded bodies, and answers with OpenAI JSON or a hand-written server-sent-event stream.
 
+mod auth;
+mod metrics;
 mod routes;
 mod sse;
 
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use crate::api::Frontend;
 use crate::engine::Engine;
+use auth::ApiKeys;
+use metrics::Metrics;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -20,11 +27,39 @@ pub struct ServerConfig {
     pub http_threads: usize,
     /// Largest request body accepted; larger ones get 413 without being read.
     pub max_body_bytes: usize,
+    /// Largest request line plus headers; larger ones get 431.
+    pub max_header_bytes: usize,
+    /// Connections served at once (each holds a reading thread); more get 503 and are closed.
+    pub max_connections: usize,
+    /// A connection that sends nothing for this long, or takes longer for a request's head or
+    /// body, is closed; a client that reads nothing for this long is treated as gone.
+    pub idle_timeout: Duration,
+    /// On SIGTERM, requests in flight get this long to finish before they are cancelled.
+    pub shutdown_timeout: Duration,
+    /// A file of accepted API keys; `None`: no key is needed.
+    pub api_keys_file: Option<PathBuf>,
+    /// Whether `/health` and `/metrics` need a key too (when keys are configured).
+    pub auth_health: bool,
+    pub auth_metrics: bool,
+    /// Log prompt text (debug level); off by default, prompts are private.
+    pub log_prompts: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".into(), http_threads: 32, max_body_bytes: 4 << 20 }
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            http_threads: 32,
+            max_body_bytes: 4 << 20,
+            max_header_bytes: 8 << 10,
+            max_connections: 128,
+            idle_timeout: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+            api_keys_file: None,
+            auth_health: false,
+            auth_metrics: false,
+            log_prompts: false,
+        }
     }
 }
 
@@ -32,8 +67,26 @@ impl Default for ServerConfig {
 pub(crate) struct Shared {
     /// Set once the model is loaded; until then every route answers 503.
     pub ready: OnceLock<Ready>,
-    pub config: ServerConfig,
+    /// Replaced on reload.
+    config: RwLock<ServerConfig>,
+    keys: RwLock<ApiKeys>,
+    pub connections: Arc<tiny_http::ConnectionLimits>,
+    pub metrics: Metrics,
     pub started: Instant,
+    /// Set on SIGTERM: new work is refused, `/health` says "draining".
+    pub draining: AtomicBool,
+    /// Generation requests being answered.
+    pub in_flight: AtomicUsize,
+}
+
+impl Shared {
+    pub fn config(&self) -> ServerConfig {
+        self.config.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn keys(&self) -> std::sync::RwLockReadGuard<'_, ApiKeys> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 pub(crate) struct Ready {
@@ -47,18 +100,37 @@ pub struct Server {
     http: Arc<tiny_http::Server>,
     shared: Arc<Shared>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    local_addr: String,
 }
 
 impl Server {
-    /// Binds `config.listen` and starts the HTTP threads.
-    pub fn start(config: ServerConfig) -> Result<Self> {
-        let http = tiny_http::Server::http(&config.listen)
+    /// Serves on `listener` (an inherited socket, e.g. from systemd), else binds
+    /// `config.listen`, and starts the HTTP threads.
+    pub fn start(config: ServerConfig, listener: Option<TcpListener>) -> Result<Self> {
+        let keys = ApiKeys::load(config.api_keys_file.as_deref())?;
+        let listener = match listener {
+            Some(l) => l,
+            None => TcpListener::bind(&config.listen).with_context(|| format!("cannot listen on {}", config.listen))?,
+        };
+        let local_addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen.clone());
+        let connections =
+            tiny_http::ConnectionLimits::new(config.max_connections, config.idle_timeout, config.max_header_bytes);
+        let http = tiny_http::Server::from_listener_with_limits(listener, None, connections.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+            .with_context(|| format!("cannot serve on {local_addr}"))?;
         let http = Arc::new(http);
-        let shared = Arc::new(Shared { ready: OnceLock::new(), config, started: Instant::now() });
+        let shared = Arc::new(Shared {
+            ready: OnceLock::new(),
+            config: RwLock::new(config),
+            keys: RwLock::new(keys),
+            connections,
+            metrics: Metrics::new(),
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+        });
         let mut threads = Vec::new();
-        for i in 0..shared.config.http_threads.max(1) {
+        for i in 0..shared.config().http_threads.max(1) {
             let http = http.clone();
             let shared = shared.clone();
             let thread = std::thread::Builder::new()
@@ -74,17 +146,71 @@ impl Server {
                 .context("starting an HTTP thread")?;
             threads.push(thread);
         }
-        Ok(Self { http, shared, threads })
+        Ok(Self { http, shared, threads, local_addr })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> String {
-        self.http.server_addr().to_string()
+        self.local_addr.clone()
     }
 
-    /// Starts serving the API with this engine.
-    pub fn set_ready(&self, engine: Arc<Engine>, frontend: Arc<Frontend>) {
+    /// Starts serving the API with this engine; `load_time` is reported in /metrics.
+    pub fn set_ready(&self, engine: Arc<Engine>, frontend: Arc<Frontend>, load_time: Duration) {
+        self.shared.metrics.model_load_ms.store(load_time.as_millis() as u64, Ordering::Relaxed);
         let _ = self.shared.ready.set(Ready { engine, frontend });
+    }
+
+    /// The settings in force (they change on reload).
+    pub fn config(&self) -> ServerConfig {
+        self.shared.config()
+    }
+
+    /// Generation requests being answered now.
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Stops taking new work: API requests get 503 and `/health` says "draining".
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Applies what can change without a restart (limits, timeouts, API keys) from a freshly
+    /// read configuration, and says what changed. Nothing changes if the new keys cannot be read.
+    pub fn reload(&self, new: &ServerConfig) -> Result<Vec<String>> {
+        let keys = ApiKeys::load(new.api_keys_file.as_deref())?;
+        let mut changed = Vec::new();
+        {
+            let mut config = self.shared.config.write().unwrap_or_else(|e| e.into_inner());
+            let mut note = |name: &str, differs: bool| {
+                if differs {
+                    changed.push(name.to_owned());
+                }
+            };
+            note("max_body_bytes", config.max_body_bytes != new.max_body_bytes);
+            note("max_header_bytes", config.max_header_bytes != new.max_header_bytes);
+            note("max_connections", config.max_connections != new.max_connections);
+            note("idle_timeout_s", config.idle_timeout != new.idle_timeout);
+            note("shutdown_timeout_s", config.shutdown_timeout != new.shutdown_timeout);
+            note("auth_health", config.auth_health != new.auth_health);
+            note("auth_metrics", config.auth_metrics != new.auth_metrics);
+            note("log_prompts", config.log_prompts != new.log_prompts);
+            let (listen, threads) = (config.listen.clone(), config.http_threads);
+            *config = new.clone();
+            // Fixed at start.
+            config.listen = listen;
+            config.http_threads = threads;
+        }
+        let c = &self.shared.connections;
+        c.max_connections.store(new.max_connections, Ordering::Relaxed);
+        c.idle_timeout_ms.store(new.idle_timeout.as_millis() as u64, Ordering::Relaxed);
+        c.max_head_bytes.store(new.max_header_bytes, Ordering::Relaxed);
+        let mut current = self.shared.keys.write().unwrap_or_else(|e| e.into_inner());
+        if *current != keys {
+            changed.push(format!("api keys ({})", keys.len()));
+        }
+        *current = keys;
+        Ok(changed)
     }
 
     /// Blocks while the HTTP threads serve.
@@ -92,5 +218,6 @@ impl Server {
         for thread in self.threads {
             let _ = thread.join();
         }
+        drop(self.http);
     }
 }

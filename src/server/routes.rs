@@ -4,14 +4,18 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response};
 
+use super::metrics::{Gauges, endpoint_label};
 use super::sse::SseWriter;
-use super::{Ready, Shared};
+use super::{Ready, ServerConfig, Shared};
 use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
 
 use crate::api::{ApiError, Collector, Endpoint, Frontend, StreamEncoder};
 use crate::engine::{Event, RequestHandle, Timings, Usage};
+
+/// Numbers requests in the log.
+static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// What one request did, for its log line.
 #[derive(Default)]
@@ -32,8 +36,12 @@ pub(super) fn handle(shared: &Shared, request: Request) {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_owned();
+    let id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let outcome = route(shared, request, &method, &path);
-    let mut line = format!("{method} {path} {} {:.1}ms", outcome.status, started.elapsed().as_secs_f64() * 1e3);
+    let elapsed = started.elapsed();
+    shared.metrics.record(endpoint_label(&path), outcome.status, elapsed, outcome.usage, outcome.timings);
+    let shown_path: String = path.chars().take(64).collect();
+    let mut line = format!("#{id} {method} {shown_path:?} {} {:.1}ms", outcome.status, elapsed.as_secs_f64() * 1e3);
     if let Some(u) = outcome.usage {
         line += &format!(" prompt={} completion={} cached={}", u.prompt_tokens, u.completion_tokens, u.cached_tokens);
     }
@@ -54,9 +62,26 @@ pub(super) fn handle(shared: &Shared, request: Request) {
 }
 
 fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outcome {
+    let config = shared.config();
+    let open = match path {
+        "/health" => !config.auth_health,
+        "/metrics" => !config.auth_metrics,
+        _ => false,
+    };
+    let keys = shared.keys();
+    if !open && !keys.is_empty() {
+        let authorization = request.headers().iter().find(|h| h.field.equiv("Authorization")).map(|h| h.value.as_str());
+        if !keys.accepts(authorization) {
+            let error = ApiError::unauthorized(authorization.is_some());
+            let mut outcome = respond_with(request, error.status, &error.to_json(), &[("WWW-Authenticate", "Bearer")]);
+            outcome.note = Some(error.message);
+            return outcome;
+        }
+    }
+    drop(keys);
     let allowed = match path {
         "/v1/chat/completions" | "/v1/completions" => "POST",
-        "/v1/models" | "/health" => "GET",
+        "/v1/models" | "/health" | "/metrics" => "GET",
         p if p.starts_with("/v1/models/") => "GET",
         _ => return respond_error(request, &ApiError::not_found(path)),
     };
@@ -66,6 +91,9 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
         outcome.note = Some(err.message);
         return outcome;
     }
+    if path == "/metrics" {
+        return respond_metrics(shared, request);
+    }
     let Some(ready) = shared.ready.get() else {
         if path == "/health" {
             let body = json!({"status": "loading", "reason": "the model is loading"});
@@ -73,9 +101,26 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
         }
         return respond_error(request, &ApiError::unavailable("the model is loading; retry shortly"));
     };
+    if shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        if path == "/health" {
+            let body = json!({"status": "draining", "reason": "the server is shutting down"});
+            return respond_json(request, 503, &body);
+        }
+        return respond_with(
+            request,
+            503,
+            &ApiError::unavailable("the server is shutting down; retry on another instance or shortly").to_json(),
+            &[("Connection", "close"), ("Retry-After", "5")],
+        );
+    }
     match path {
-        "/v1/chat/completions" => generate(shared, ready, request, Endpoint::Chat),
-        "/v1/completions" => generate(shared, ready, request, Endpoint::Completion),
+        "/v1/chat/completions" | "/v1/completions" => {
+            let endpoint = if path == "/v1/chat/completions" { Endpoint::Chat } else { Endpoint::Completion };
+            shared.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let outcome = generate(&config, ready, request, endpoint);
+            shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            outcome
+        }
         "/v1/models" => respond_json(request, 200, &json!({"object": "list", "data": [model_json(ready)]})),
         "/health" => respond_json(request, 200, &health_json(shared, ready)),
         _ => {
@@ -123,25 +168,46 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
     })
 }
 
-/// Reads the body, refusing anything over the limit without reading it.
-fn read_body(request: &mut Request, limit: usize) -> Result<Vec<u8>, ApiError> {
-    if request.body_length().is_some_and(|len| len > limit) {
+/// Reads the body, refusing anything over the limit without reading it, a body shorter than
+/// its declared length, and one that takes longer than `timeout` to arrive.
+fn read_body(request: &mut Request, limit: usize, timeout: Duration) -> Result<Vec<u8>, ApiError> {
+    let declared = request.body_length();
+    if declared.is_some_and(|len| len > limit) {
         return Err(ApiError::too_large(limit));
     }
+    let deadline = Instant::now() + timeout;
     let mut body = Vec::new();
-    request
-        .as_reader()
-        .take(limit as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| ApiError::bad_json(format!("could not read the request body: {e}")))?;
-    if body.len() > limit {
-        return Err(ApiError::too_large(limit));
+    let mut reader = request.as_reader().take(limit as u64 + 1);
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return Err(ApiError::request_timeout());
+            }
+            Err(e) => return Err(ApiError::bad_json(format!("could not read the request body: {e}"))),
+        }
+        if body.len() > limit {
+            return Err(ApiError::too_large(limit));
+        }
+        if Instant::now() > deadline {
+            return Err(ApiError::request_timeout());
+        }
+    }
+    if let Some(len) = declared
+        && body.len() < len
+    {
+        return Err(ApiError::bad_json(format!(
+            "the request body ended after {} of its {len} bytes (Content-Length)",
+            body.len()
+        )));
     }
     Ok(body)
 }
 
-fn generate(shared: &Shared, ready: &Ready, mut request: Request, endpoint: Endpoint) -> Outcome {
-    let body = match read_body(&mut request, shared.config.max_body_bytes) {
+fn generate(config: &ServerConfig, ready: &Ready, mut request: Request, endpoint: Endpoint) -> Outcome {
+    let body = match read_body(&mut request, config.max_body_bytes, config.idle_timeout) {
         Ok(body) => body,
         Err(e) => return respond_error(request, &e),
     };
@@ -150,6 +216,9 @@ fn generate(shared: &Shared, ready: &Ready, mut request: Request, endpoint: Endp
         Ok(p) => p,
         Err(e) => return respond_error(request, &e),
     };
+    if config.log_prompts {
+        log::debug!("prompt: {}", frontend.tokenizer().decode(&parsed.generate.prompt).unwrap_or_default());
+    }
     let handle = match frontend.submit(&ready.engine, &parsed) {
         Ok(h) => h,
         Err(e) => return respond_error(request, &e),
@@ -158,12 +227,19 @@ fn generate(shared: &Shared, ready: &Ready, mut request: Request, endpoint: Endp
     let tokenizer = frontend.tokenizer();
     let gone =
         |usage: Option<Usage>| Outcome { status: 499, usage, timings: None, note: Some("client disconnected".into()) };
+    // The client closed its side before any answer (it may only have half-closed and still
+    // read): the request is cancelled, and it is told so.
+    let gone_early = |request: Request| {
+        let error = ApiError::client_closed();
+        respond_error(request, &error);
+        gone(None)
+    };
     // Nothing is sent before the first event, so a request refused while queued still gets its
     // own status (429, 504) rather than an error inside a 200 stream.
     let first = match next_event(&handle, &client) {
         Next::Event(Event::Error(e)) => return respond_error(request, &Frontend::engine_error(&e)),
         Next::Event(e) => e,
-        Next::Gone => return gone(None),
+        Next::Gone => return gone_early(request),
         Next::Dropped => return respond_error(request, &ApiError::internal("the engine dropped the request")),
     };
     if !parsed.stream {
@@ -183,7 +259,7 @@ fn generate(shared: &Shared, ready: &Ready, mut request: Request, endpoint: Endp
             }
             event = match next_event(&handle, &client) {
                 Next::Event(e) => e,
-                Next::Gone => return gone(None),
+                Next::Gone => return gone_early(request),
                 Next::Dropped => return respond_error(request, &ApiError::internal("the engine dropped the request")),
             };
         }
@@ -296,6 +372,39 @@ impl Client {
         // TCP_CLOSE_WAIT = 8, TCP_CLOSE = 7 (linux/tcp.h): the peer has closed.
         rc == 0 && matches!(info.tcpi_state, 7 | 8)
     }
+}
+
+fn respond_metrics(shared: &Shared, request: Request) -> Outcome {
+    let read = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
+    let ready = shared.ready.get();
+    let stats = ready.map(|r| r.engine.stats());
+    let stat = |f: fn(&crate::engine::EngineStats) -> &std::sync::atomic::AtomicUsize| stats.map_or(0, |s| read(f(s)));
+    let gauges = Gauges {
+        running: stat(|s| &s.running),
+        queued: stat(|s| &s.queued),
+        kv_bytes: stat(|s| &s.kv_pool_bytes),
+        kv_used_bytes: stat(|s| &s.kv_pool_used_bytes),
+        prefix_hits: stat(|s| &s.prefix_hits),
+        prefix_cached_tokens: stat(|s| &s.prefix_cached_tokens),
+        prefix_bytes: stat(|s| &s.prefix_cache_bytes),
+        decode_steps: stat(|s| &s.decode_steps),
+        decode_tokens: stat(|s| &s.decode_tokens),
+        connections_open: shared.connections.open_connections(),
+        connections_refused: shared.connections.refused_connections(),
+        protocol_errors: shared.connections.rejected_heads(),
+        in_flight: read(&shared.in_flight),
+        uptime: shared.started.elapsed(),
+    };
+    let model = ready.map_or(String::new(), |r| r.frontend.served_name().to_owned());
+    let layout = ready.map_or("", |r| r.engine.layout());
+    let info = [("version", env!("CARGO_PKG_VERSION")), ("model", model.as_str()), ("layout", layout)];
+    let text = shared.metrics.render(&info, &gauges);
+    let response = Response::from_string(text).with_header(
+        Header::from_bytes(&b"Content-Type"[..], &b"text/plain; version=0.0.4; charset=utf-8"[..])
+            .expect("static header"),
+    );
+    let _ = request.respond(response);
+    Outcome::status(200)
 }
 
 fn respond_error(request: Request, error: &ApiError) -> Outcome {

@@ -43,6 +43,12 @@ impl Daemon {
     fn spawn(model: &std::path::Path, extra_args: &[&str], wait_until_serving: bool) -> Daemon {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatd"));
         cmd.arg("--model").arg(model).args(["--listen", "127.0.0.1:0", "--threads", "2"]).args(extra_args);
+        Self::launch(cmd, wait_until_serving)
+    }
+
+    /// Runs `cmd` (chatd, or a wrapper that execs it) and waits until it serves, or only
+    /// listens when `wait_until_serving` is false.
+    pub fn launch(mut cmd: Command, wait_until_serving: bool) -> Daemon {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
         // the thread that spawned it exits.
@@ -90,6 +96,29 @@ impl Daemon {
 
     pub fn is_running(&self) -> bool {
         matches!(self.child.lock().unwrap().try_wait(), Ok(None))
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.child.lock().unwrap().id() as libc::pid_t;
+        // SAFETY: signals our own child process.
+        unsafe { libc::kill(pid, signal) };
+    }
+
+    /// The exit status, once the daemon has exited within `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.lock().unwrap().try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Waits until a log line contains `text`.
+    pub fn wait_for_log(&self, text: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().iter().any(|l| l.contains(text)))
     }
 
     pub fn post(&self, path: &str, body: &Value) -> Reply {

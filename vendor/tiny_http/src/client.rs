@@ -8,6 +8,10 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use crate::common::{HTTPVersion, Method};
+use crate::limits::{error_bytes, ConnectionLimits};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Instant;
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
@@ -38,6 +42,9 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    // chatd patch: head size and time limits.
+    limits: Arc<ConnectionLimits>,
 }
 
 /// Error that can happen when reading a request.
@@ -48,6 +55,19 @@ enum ReadError {
     /// the client sent an unrecognized `Expect` header
     ExpectationFailed(HTTPVersion),
     ReadIoError(IoError),
+    /// chatd patch: the request line and headers are over the size limit.
+    HeadTooLarge,
+    /// chatd patch: the head was started but not finished in time (or the socket timed out).
+    HeadTimeout { started: bool },
+    /// chatd patch: the head is not ASCII, or the connection ended in its middle.
+    BadHead(&'static str),
+}
+
+/// chatd patch: why a head line could not be read.
+enum LineError {
+    Io(IoError),
+    TooLarge,
+    TimedOut,
 }
 
 impl ClientConnection {
@@ -75,7 +95,14 @@ impl ClientConnection {
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            limits: ConnectionLimits::unlimited(),
         }
+    }
+
+    /// chatd patch: applies head size and time limits to this connection's requests.
+    pub fn with_limits(mut self, limits: Arc<ConnectionLimits>) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// true if the connection is HTTPS
@@ -87,7 +114,13 @@ impl ClientConnection {
     ///
     /// Reads until `CRLF` is reached. The next read will start
     ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
+    /// chatd patch: at most `budget` bytes (shared by the whole head), and until `deadline`,
+    /// which is set when the head's first byte arrives.
+    fn read_next_line(
+        &mut self,
+        budget: &mut usize,
+        deadline: &mut Option<Instant>,
+    ) -> Result<AsciiString, LineError> {
         let mut buf = Vec::new();
         let mut prev_byte_was_cr = false;
 
@@ -95,14 +128,33 @@ impl ClientConnection {
             let byte = self.next_header_source.by_ref().bytes().next();
 
             let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
+                Some(Ok(b)) => b,
+                Some(Err(e)) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Err(LineError::TimedOut)
+                }
+                Some(Err(e)) => return Err(LineError::Io(e)),
+                None => {
+                    return Err(LineError::Io(IoError::new(
+                        ErrorKind::ConnectionAborted,
+                        "Unexpected EOF",
+                    )))
+                }
             };
+            match deadline {
+                Some(d) if Instant::now() > *d => return Err(LineError::TimedOut),
+                Some(_) => {}
+                None => *deadline = self.limits.idle_timeout().map(|t| Instant::now() + t),
+            }
+            if *budget == 0 {
+                return Err(LineError::TooLarge);
+            }
+            *budget -= 1;
 
             if byte == b'\n' && prev_byte_was_cr {
                 buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
+                return AsciiString::from_ascii(buf).map_err(|_| {
+                    LineError::Io(IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"))
+                });
             }
 
             prev_byte_was_cr = byte == b'\r';
@@ -111,13 +163,45 @@ impl ClientConnection {
         }
     }
 
+    /// chatd patch: `read_next_line` with its errors as `ReadError`s.
+    fn read_line(
+        &mut self,
+        budget: &mut usize,
+        deadline: &mut Option<Instant>,
+    ) -> Result<AsciiString, ReadError> {
+        self.read_next_line(budget, deadline).map_err(|e| match e {
+            LineError::Io(e) if e.kind() == ErrorKind::InvalidInput => {
+                ReadError::BadHead("The request line and headers must be ASCII.")
+            }
+            LineError::Io(_) if deadline.is_some() => {
+                ReadError::BadHead("The connection ended inside the request's headers (lines end with CRLF).")
+            }
+            LineError::Io(e) => ReadError::ReadIoError(e),
+            LineError::TooLarge => ReadError::HeadTooLarge,
+            LineError::TimedOut => ReadError::HeadTimeout {
+                started: deadline.is_some(),
+            },
+        })
+    }
+
+    /// chatd patch: answers an error tiny_http detects itself with a JSON body, and closes.
+    fn reject(&mut self, status: u16, reason: &str, code: &str, message: &str) -> Option<Request> {
+        self.limits.count_rejected_head();
+        let mut writer = self.sink.next().unwrap();
+        let _ = writer.write_all(&error_bytes(status, reason, code, message));
+        let _ = writer.flush();
+        None
+    }
+
     /// Reads a request from the stream.
     /// Blocks until the header has been read.
     fn read(&mut self) -> Result<Request, ReadError> {
+        let mut budget = self.limits.max_head_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let mut deadline = None;
         let (method, path, version, headers) = {
             // reading the request line
             let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                let line = self.read_line(&mut budget, &mut deadline)?;
 
                 parse_request_line(
                     line.as_str().trim(), // TODO: remove this conversion
@@ -128,7 +212,7 @@ impl ClientConnection {
             let headers = {
                 let mut headers = Vec::new();
                 loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
+                    let line = self.read_line(&mut budget, &mut deadline)?;
 
                     if line.is_empty() {
                         break;
@@ -167,7 +251,15 @@ impl ClientConnection {
         .map_err(|e| {
             use crate::request;
             match e {
+                request::RequestCreationError::CreationIoError(e)
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    ReadError::HeadTimeout { started: true }
+                }
                 request::RequestCreationError::CreationIoError(e) => ReadError::ReadIoError(e),
+                request::RequestCreationError::BodyTruncated => ReadError::BadHead(
+                    "The request body ended before its declared Content-Length.",
+                ),
                 request::RequestCreationError::ExpectationFailed => {
                     ReadError::ExpectationFailed(version)
                 }
@@ -197,39 +289,42 @@ impl Iterator for ClientConnection {
 
         loop {
             let rq = match self.read() {
+                // chatd patch: JSON error bodies, and the head limits. After any of these we
+                // don't know where the next request would start, so the connection closes.
                 Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
+                    return self.reject(400, "Bad Request", "bad_request_line", "The request line is not valid HTTP.")
                 }
-
-                Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
+                Err(ReadError::WrongHeader(_)) => {
+                    return self.reject(400, "Bad Request", "bad_header", "A request header is not valid HTTP.")
                 }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
-                    // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // closing the connection
+                Err(ReadError::BadHead(message)) => {
+                    return self.reject(400, "Bad Request", "bad_request", message)
                 }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
+                Err(ReadError::HeadTooLarge) => {
+                    return self.reject(
+                        431,
+                        "Request Header Fields Too Large",
+                        "headers_too_large",
+                        "The request line and headers are larger than this server accepts.",
+                    )
+                }
+                Err(ReadError::HeadTimeout { started: true }) => {
+                    return self.reject(
+                        408,
+                        "Request Timeout",
+                        "request_timeout",
+                        "The request's headers did not arrive in time.",
+                    )
+                }
+                // An idle keep-alive connection: close it quietly.
+                Err(ReadError::HeadTimeout { started: false }) => return None,
+                Err(ReadError::ExpectationFailed(_)) => {
+                    return self.reject(
+                        417,
+                        "Expectation Failed",
+                        "expectation_failed",
+                        "Only `Expect: 100-continue` is supported.",
+                    )
                 }
 
                 Err(ReadError::ReadIoError(_)) => return None,
@@ -239,15 +334,12 @@ impl Iterator for ClientConnection {
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+                return self.reject(
+                    505,
+                    "HTTP Version Not Supported",
+                    "http_version_not_supported",
+                    "This server only supports HTTP versions 1.0 and 1.1.",
+                );
             }
 
             // updating the status of the connection

@@ -112,6 +112,8 @@ pub enum RequestCreationError {
 
     /// Error while reading data from the socket during the creation of the `Request`.
     CreationIoError(IoError),
+    /// chatd patch: the connection ended before the declared Content-Length.
+    BodyTruncated,
 }
 
 impl From<IoError> for RequestCreationError {
@@ -206,9 +208,8 @@ where
                 if read == 0 {
                     // the socket returned EOF, but we were before the expected content-length
                     // aborting
-                    let info = "Connection has been closed before we received enough data";
-                    let err = IoError::new(ErrorKind::ConnectionAborted, info);
-                    return Err(RequestCreationError::CreationIoError(err));
+                    // chatd patch: reported, so the client gets a 400 rather than a closed socket.
+                    return Err(RequestCreationError::BodyTruncated);
                 }
 
                 offset += read;

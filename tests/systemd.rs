@@ -1,0 +1,144 @@
+//! chatd under systemd's protocols, driven by systemd's own `systemd-socket-activate`: the
+//! listening socket is inherited (LISTEN_FDS, fd 3), and READY/STATUS/WATCHDOG/STOPPING
+//! messages arrive on a notify socket this test listens on.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, model_dir};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Messages received on the notify socket until `until` matches one (or the timeout).
+fn receive_until(socket: &UnixDatagram, timeout: Duration, until: impl Fn(&str) -> bool) -> Vec<String> {
+    let end = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let message = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let done = until(&message);
+            got.push(message);
+            if done {
+                break;
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn socket_activation_and_the_notify_protocol() {
+    let Ok(activate) = which("systemd-socket-activate") else {
+        panic!("systemd-socket-activate is needed (Debian package systemd)");
+    };
+    let dir = std::env::temp_dir().join(format!("chatd-systemd-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let notify_path = dir.join("notify");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+
+    let port = free_port();
+    let mut cmd = Command::new(activate);
+    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+        .arg("--setenv=WATCHDOG_USEC=400000")
+        .arg(env!("CARGO_BIN_EXE_chatd"))
+        .arg("--model")
+        .arg(model_dir())
+        // Ignored: the inherited socket wins.
+        .args(["--listen", "127.0.0.1:1", "--threads", "2", "--shutdown-timeout-s", "1"]);
+    // systemd-socket-activate waits for the first connection before it starts chatd.
+    let poke = std::thread::spawn(move || {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < end {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let d = Daemon::launch(cmd, true);
+    poke.join().unwrap();
+    assert_eq!(d.addr, format!("127.0.0.1:{port}"), "serves the inherited socket");
+    assert!(d.log().iter().any(|l| l.contains("on the socket from systemd")), "{:?}", d.log());
+
+    let messages = receive_until(&notify, Duration::from_secs(30), |m| m.contains("READY=1"));
+    let ready = messages.iter().position(|m| m.contains("READY=1")).expect("READY=1");
+    let statuses: Vec<&String> = messages.iter().filter(|m| m.contains("STATUS=")).collect();
+    assert!(statuses.iter().any(|m| m.contains("STATUS=loading model")), "{messages:?}");
+    assert!(statuses.iter().any(|m| m.contains("STATUS=warming up")), "{messages:?}");
+    assert!(messages[ready].contains("STATUS=ready: serving"), "{messages:?}");
+
+    // The engine loop pings the watchdog at least every WATCHDOG_USEC / 2 while idle.
+    let pings = receive_until(&notify, Duration::from_millis(1500), |_| false);
+    let watchdog = pings.iter().filter(|m| m.contains("WATCHDOG=1")).count();
+    assert!(watchdog >= 3, "{pings:?}");
+
+    let reply = d.post(
+        "/v1/chat/completions",
+        &serde_json::json!({"messages": common::user("What is the capital of France?"), "max_tokens": 8}),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    d.signal(libc::SIGTERM);
+    let messages = receive_until(&notify, Duration::from_secs(10), |m| m.contains("STOPPING=1"));
+    assert!(messages.iter().any(|m| m.contains("STOPPING=1") && m.contains("STATUS=draining")), "{messages:?}");
+    let status = d.wait_exit(Duration::from_secs(10)).expect("chatd exits");
+    assert!(status.success(), "{status}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(program))
+        .find(|p| p.exists())
+        .ok_or(())
+}
+
+#[test]
+fn units_verify_and_score_safe_and_the_example_config_loads() {
+    let analyze = which("systemd-analyze").expect("systemd-analyze is needed (Debian package systemd)");
+    let dir = std::env::temp_dir().join(format!("chatd-units-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // As scripts/install.sh does, with the binary where this build put it.
+    for unit in ["chatd.service", "chatd.socket"] {
+        let text = std::fs::read_to_string(format!("{}/systemd/{unit}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        std::fs::write(dir.join(unit), text.replace("/usr/local/bin/chatd", env!("CARGO_BIN_EXE_chatd"))).unwrap();
+    }
+    let service = dir.join("chatd.service");
+    let verify = Command::new(&analyze)
+        .args(["verify", "--man=no"])
+        .arg(&service)
+        .arg(dir.join("chatd.socket"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&verify.stderr).into_owned() + &String::from_utf8_lossy(&verify.stdout);
+    assert!(verify.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+    let security = Command::new(&analyze).args(["security", "--offline=true"]).arg(&service).output().unwrap();
+    let report = String::from_utf8_lossy(&security.stdout);
+    let score: f64 = report
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for chatd.service: ").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in:\n{report}"));
+    assert!(score < 3.0, "exposure {score}:\n{report}");
+
+    let example = format!("{}/systemd/chatd.toml", env!("CARGO_MANIFEST_DIR"));
+    let check = Command::new(env!("CARGO_BIN_EXE_chatd"))
+        .args(["--config", &example, "--check-config", "--model"])
+        .arg(model_dir())
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
