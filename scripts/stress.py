@@ -8,7 +8,7 @@ Usage (through scripts/stress.sh, which picks the genai model and the repository
 
     scripts/stress.sh --requests 256                      # what CI runs
     scripts/stress.sh --requests 256 --rss-slack-mb 128 \\
-        --chatd-arg=--kv-cache-mb=256 --chatd-arg=--prefix-cache-mb=64   # a tighter memory bound
+        --chatd-arg=--kv-cache-mb=256 --chatd-arg=--prefix-cache-mb=64   # a tighter RSS bound
 
 It starts `chatd --model DIR --listen 127.0.0.1:<free port> --threads 2 --max-queued 256
 --max-queue-wait-s 120` (plus every --chatd-arg; the queue flags make 64 clients wait rather than
@@ -34,13 +34,14 @@ failure that names the request and what it was waiting for. The run fails (exit 
     `chat.completion.chunk` events with one id, exactly one finish_reason per choice, a consistent
     usage chunk and `data: [DONE]` last; a reset or timeout on a client not meant to disconnect;
   - RSS growth: VmRSS is sampled after a warm-up (the first 64 finished requests) and every second
-    after; the peak may exceed the warm-up value by at most --rss-slack-mb (256). Why that much:
-    after warm-up memory may still grow by the KV pool (rows of `--max-running` sequences, each
-    256 positions x 46,080 bytes for SmolLM2-135M, capacity growing in 256-position blocks, up to
-    --kv-cache-mb) and by the prefix cache (up to --prefix-cache-mb, 256 MB by default), plus
-    allocator slack. With these prompts the pool stays at 8 rows x 256 positions (~90 MB) and is
-    usually full by warm-up, so the prefix cache is the bulk of it; with
-    `--kv-cache-mb=256 --prefix-cache-mb=64` a slack of 128 MB holds;
+    after; the peak may exceed the warm-up value by at most --rss-slack-mb (256 MiB). Why that
+    much: past the warm-up, memory may still rightly grow by the KV pool (a row per running
+    sequence, --max-running 8, of 256-position blocks at 46,080 bytes a position for
+    SmolLM2-135M, up to --kv-cache-mb) and by the prefix cache (up to --prefix-cache-mb, 256 MiB
+    by default), plus allocator slack. With these short prompts the pool tops out at 8 rows x 256
+    positions (90 MiB); measured growth past warm-up was 87-100 MiB with the defaults, and 4-6 MiB
+    with `--chatd-arg=--kv-cache-mb=256 --chatd-arg=--prefix-cache-mb=64`, where a slack of
+    128 MiB holds with room. The RSS after the load and 2 s idle is reported, not checked;
   - metrics that do not account for every request: /metrics is scraped before the load and after
     it (once chatd_requests_in_flight is 0); the increase of chatd_requests_total for
     /v1/chat/completions must equal the requests issued, per status as the clients saw them (499
@@ -478,7 +479,8 @@ def requests_by_status(samples: dict) -> Counter:
     return out
 
 
-def gauge(samples: dict, name: str) -> float:
+def unlabelled(samples: dict, name: str) -> float:
+    """The value of a metric without labels (0 when absent)."""
     return samples.get((name, ()), 0.0)
 
 
@@ -531,7 +533,7 @@ class Chatd:
             return None, time.monotonic() - sent
 
     def rss_mb(self, field_name: str = "VmRSS") -> float | None:
-        """From /proc/<pid>/status (kB); None once the process is gone."""
+        """In MiB, from /proc/<pid>/status; None once the process is gone."""
         try:
             for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
                 if line.startswith(field_name + ":"):
@@ -579,7 +581,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64, help="concurrent client threads [64]")
     ap.add_argument("--seed", type=int, default=1, help="seed of the request plan [1]")
     ap.add_argument("--warmup", type=int, default=64, help="finished requests before the RSS baseline [64]")
-    ap.add_argument("--rss-slack-mb", type=float, default=256, help="allowed RSS growth over warm-up [256]")
+    ap.add_argument("--rss-slack-mb", type=float, default=256, help="allowed RSS growth over warm-up, MiB [256]")
     ap.add_argument("--client-timeout-s", type=float, default=150,
                     help="longest a client waits for any byte; beyond the 120 s queue wait [150]")
     ap.add_argument("--chatd-arg", action="append", default=[], metavar="ARG",
@@ -600,6 +602,7 @@ def main() -> None:
     violations = []  # (what, detail)
     try:
         before = chatd.metrics()
+        rss_idle = chatd.rss_mb()
         load = Load(plan(args.requests, args.seed), args.warmup)
         threads = [threading.Thread(target=load.client, args=(chatd.port, args.client_timeout_s), daemon=True)
                    for _ in range(args.clients)]
@@ -625,13 +628,13 @@ def main() -> None:
             while True:
                 after = chatd.metrics()
                 counted = sum((requests_by_status(after) - requests_by_status(before)).values())
-                idle = gauge(after, "chatd_requests_in_flight") == 0
+                idle = unlabelled(after, "chatd_requests_in_flight") == 0
                 if (idle and counted >= args.requests) or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
             if not idle:
                 violations.append(("metrics", f"chatd_requests_in_flight still "
-                                   f"{gauge(after, 'chatd_requests_in_flight'):.0f} 30 s after the load"))
+                                   f"{unlabelled(after, 'chatd_requests_in_flight'):.0f} 30 s after the load"))
             time.sleep(2)
             rss_final, hwm = chatd.rss_mb(), chatd.rss_mb("VmHWM")
     finally:
@@ -653,6 +656,11 @@ def main() -> None:
         rs = [r for r in results if kind in (r.planned.kind, "total")]
         count = Counter(r.outcome for r in rs)
         print(f"{kind:<12}{len(rs):>8}{count['ok']:>8}{count['refused']:>9}{count['violation']:>12}")
+
+    refused = sum(1 for r in results if r.outcome == "refused")
+    if refused:
+        print(f"note: {refused} request(s) refused with 429/503; none are expected with --max-queued 256 "
+              f"--max-queue-wait-s 120 unless --chatd-arg overrides them")
 
     # ---- metrics reconciliation
     clients_by_status = Counter(r.server_status for r in results if r.server_status is not None)
@@ -678,16 +686,16 @@ def main() -> None:
     prompt_tokens = sum(u["prompt_tokens"] for u in answered)
     cached_tokens = sum((u.get("prompt_tokens_details") or {}).get("cached_tokens", 0) for u in answered)
     for name, seen in (("chatd_completion_tokens_total", completion_tokens), ("chatd_prompt_tokens_total", prompt_tokens)):
-        delta = gauge(after, name) - gauge(before, name)
+        delta = unlabelled(after, name) - unlabelled(before, name)
         print(f"{name}: +{delta:.0f}; answers reported {seen}")
         if delta != seen:
             violations.append(("metrics", f"{name} rose by {delta:.0f}, the answers reported {seen}"))
-    end_gauges = {name: gauge(after, name) for name in
+    end_gauges = {name: unlabelled(after, name) for name in
                   ("chatd_requests_running", "chatd_requests_queued", "chatd_requests_in_flight",
                    "chatd_kv_cache_used_bytes")}
     print("at the end: " + ", ".join(f"{k} {v:.0f}" for k, v in end_gauges.items())
-          + f"; chatd_kv_cache_bytes {gauge(after, 'chatd_kv_cache_bytes'):.0f}"
-          + f", chatd_prefix_cache_bytes {gauge(after, 'chatd_prefix_cache_bytes') / 2**20:.1f} MiB")
+          + f"; chatd_kv_cache_bytes {unlabelled(after, 'chatd_kv_cache_bytes'):.0f}"
+          + f", chatd_prefix_cache_bytes {unlabelled(after, 'chatd_prefix_cache_bytes') / 2**20:.1f} MiB")
     for name, value in end_gauges.items():
         if value != 0:
             violations.append(("metrics", f"{name} is {value:.0f} after the load, not 0"))
@@ -698,16 +706,18 @@ def main() -> None:
           f"(prompt {prompt_tokens}, of them cached {cached_tokens}); "
           f"load wall time {wall:.1f} s, {completion_tokens / wall:.1f} tok/s aggregate")
     if ttfts:
-        print(f"TTFT, streams (n={len(ttfts)}): p50 {percentile(ttfts, 50) * 1e3:.0f} ms, "
+        print(f"TTFT, all streaming kinds (n={len(ttfts)}): p50 {percentile(ttfts, 50) * 1e3:.0f} ms, "
               f"p95 {percentile(ttfts, 95) * 1e3:.0f} ms, max {max(ttfts) * 1e3:.0f} ms")
     known = [s for s in rss_samples if s is not None]
     if rss_warm is not None and known:
         peak = max(known)
-        print(f"RSS: warm-up {rss_warm:.0f} MB (after {args.warmup} requests), peak {peak:.0f} MB "
-              f"(+{peak - rss_warm:.0f}, allowed +{args.rss_slack_mb:.0f}; {len(known)} samples), "
-              f"final {rss_final or float('nan'):.0f} MB after 2 s idle; VmHWM {hwm or float('nan'):.0f} MB")
+        print(f"RSS (MiB): idle before the load {rss_idle:.0f}, warm-up {rss_warm:.0f} (after {args.warmup} "
+              f"requests), peak {peak:.0f} (+{peak - rss_warm:.0f}, allowed +{args.rss_slack_mb:.0f}; "
+              f"{len(known)} samples), final {rss_final or float('nan'):.0f} after 2 s idle, "
+              f"VmHWM {hwm or float('nan'):.0f}")
         if peak > rss_warm + args.rss_slack_mb:
-            violations.append(("rss", f"peak {peak:.0f} MB exceeds warm-up {rss_warm:.0f} MB + {args.rss_slack_mb:.0f} MB"))
+            violations.append(("rss", f"peak RSS {peak:.0f} MiB exceeds warm-up {rss_warm:.0f} MiB "
+                               f"+ {args.rss_slack_mb:.0f} MiB"))
     if alive:
         shown = "no exit within 10 s" if exit_status is None else f"exit status {exit_status}"
         print(f"daemon: alive after the load; SIGTERM -> {shown} in {term_took:.2f} s")

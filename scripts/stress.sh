@@ -2,7 +2,7 @@
 # Stress test of a fresh chatd: 64 concurrent clients (streaming, non-streaming, disconnecting,
 # slow), with checks on answers, RSS, /metrics and shutdown; see scripts/stress.py.
 # Usage: scripts/stress.sh [--requests N] [--rss-slack-mb MB] [--chatd-arg=--FLAG=VALUE ...] [--model DIR]
-# CI runs `scripts/stress.sh --requests 256` after scripts/test.sh (which sets up .venv and
+# CI runs it (scripts/test-slow.sh: 256 requests, tight memory caps) after scripts/test.sh (which sets up .venv and
 # ONNX Runtime); the daemon's stderr is kept in target/stress/.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod config;
+pub mod constraint;
 pub mod daemon;
 pub mod engine;
 pub mod ffi;

@@ -258,7 +258,10 @@ fn build_cases() -> Cases {
                 r#"{"":1}"#,
             ],
         ),
-        ("response_format", &["\"text\"", "5", "[]", "true", "{}", r#"{"type":"json_object"}"#, r#"{"type":5}"#]),
+        (
+            "response_format",
+            &["\"text\"", "5", "[]", "true", "{}", r#"{"type":"xml"}"#, r#"{"type":5}"#, r#"{"type":"json_schema"}"#],
+        ),
         ("tools", &["\"x\"", "5", "{}", "true", "[5]", "[\"x\"]", "[[]]"]),
         ("tool_choice", &["5", "{}", "[]", "true", "\"required\""]),
         ("stream_options", &["5", "\"x\"", "[]", "true", "{}"]),

@@ -4,6 +4,8 @@ use serde_json::{Map, Value};
 
 use super::ApiError;
 use super::params::{Fields, wrong_type};
+use super::tools::{self, ToolMode};
+use crate::constraint::{Compiler, Prepared, Spec};
 use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError};
 use crate::model::ModelInfo;
 use crate::sampling::SamplingParams;
@@ -55,6 +57,8 @@ pub struct ParsedRequest {
     pub include_usage: bool,
     /// Logprobs requested in the endpoint's own shape.
     pub logprobs: bool,
+    /// Whether the answer may be, or must be, a tool call.
+    pub tools: ToolMode,
     pub generate: GenerateRequest,
 }
 
@@ -65,6 +69,10 @@ pub struct Frontend {
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
     template: Option<ChatTemplate>,
+    /// Whether the chat template renders `tools` itself (else chatd adds a tool prompt).
+    template_has_tools: bool,
+    /// Compiles constraints; the error says why this tokenizer cannot have any.
+    constraints: Result<Compiler, String>,
     /// Replaced on reload (SIGHUP); read once per request.
     limits: std::sync::RwLock<Limits>,
 }
@@ -80,7 +88,20 @@ impl Frontend {
         };
         let info = engine.info().clone();
         let served_name = served_name.unwrap_or_else(|| info.name.clone());
-        Ok(Self { served_name, info, tokenizer, template, limits: std::sync::RwLock::new(limits) })
+        let template_has_tools = tokenizer.chat_template.as_deref().is_some_and(|t| t.contains("tools"));
+        let constraints = Compiler::new(&tokenizer, &info.eos_token_ids, info.vocab_size).map_err(|e| {
+            log::warn!("constrained decoding is unavailable: {e:#}");
+            format!("{e:#}")
+        });
+        Ok(Self {
+            served_name,
+            info,
+            tokenizer,
+            template,
+            template_has_tools,
+            constraints,
+            limits: std::sync::RwLock::new(limits),
+        })
     }
 
     pub fn limits(&self) -> Limits {
@@ -119,8 +140,12 @@ impl Frontend {
             Some(name) if name != self.served_name => return Err(ApiError::model_not_found(name)),
             _ => self.served_name.clone(),
         };
+        let (tool_mode, tools_value) = match endpoint {
+            Endpoint::Chat => self.tools(&f)?,
+            Endpoint::Completion => (ToolMode::None, None),
+        };
         let (prompt, prompt_param) = match endpoint {
-            Endpoint::Chat => (self.chat_prompt(&f, &limits)?, "messages"),
+            Endpoint::Chat => (self.chat_prompt(&f, &limits, tools_value, &tool_mode)?, "messages"),
             Endpoint::Completion => (self.completion_prompt(&f)?, "prompt"),
         };
         let context = self.info.context_length;
@@ -204,15 +229,7 @@ impl Frontend {
                 return Err(wrong_type("stop_token_ids", "an array of token ids", other));
             }
         };
-        if let Some(format) = f.get("response_format") {
-            let kind = format.get("type").and_then(Value::as_str);
-            if kind != Some("text") {
-                return Err(ApiError::invalid(
-                    "response_format",
-                    "only `{\"type\": \"text\"}` is supported by this server for now",
-                ));
-            }
-        }
+        let constraint = self.constraint(&f, &tool_mode)?;
         let generate = GenerateRequest {
             prompt,
             n: f.int("n", 1, limits.max_n as i64)?.unwrap_or(1) as usize,
@@ -224,8 +241,9 @@ impl Frontend {
             sampling,
             logprobs: logprobs.then_some(top_logprobs),
             deadline: f.number("timeout", 0.001, 86_400.0)?.map(std::time::Duration::from_secs_f32),
+            constraint,
         };
-        Ok(ParsedRequest { endpoint, model, stream, include_usage, logprobs, generate })
+        Ok(ParsedRequest { endpoint, model, stream, include_usage, logprobs, tools: tool_mode, generate })
     }
 
     /// Hands a parsed request to the engine, mapping refusals to API errors.
@@ -249,7 +267,71 @@ impl Frontend {
         }
     }
 
-    fn chat_prompt(&self, f: &Fields<'_>, limits: &Limits) -> Result<Vec<u32>, ApiError> {
+    /// `tools` (each a function with a name) and `tool_choice`.
+    fn tools<'a>(&self, f: &Fields<'a>) -> Result<(ToolMode, Option<&'a Value>), ApiError> {
+        let tools = match f.get("tools") {
+            None => None,
+            Some(v @ Value::Array(items)) => {
+                for (i, tool) in items.iter().enumerate() {
+                    let name = tool.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+                    if tool.get("type").and_then(Value::as_str) != Some("function") || name.is_none() {
+                        return Err(ApiError::invalid(
+                            format!("tools[{i}]"),
+                            format!("`tools[{i}]` must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"),
+                        ));
+                    }
+                }
+                Some(v)
+            }
+            Some(other) => return Err(wrong_type("tools", "an array", other)),
+        };
+        Ok((tools::tool_mode(tools, f.get("tool_choice"))?, tools))
+    }
+
+    /// The one constraint a request may carry, compiled.
+    fn constraint(&self, f: &Fields<'_>, tools: &ToolMode) -> Result<Option<Prepared>, ApiError> {
+        let mut given: Vec<(&str, Spec)> = Vec::new();
+        if let Some(rx) = f.str("regex")? {
+            given.push(("regex", Spec::Regex(rx.to_owned())));
+        }
+        if let Some(format) = f.get("response_format")
+            && let Some(spec) = response_format(format)?
+        {
+            given.push(("response_format", spec));
+        }
+        if let Some(text) = f.str("ebnf")? {
+            given.push(("ebnf", Spec::Gbnf(text.to_owned())));
+        }
+        if let Some(text) = f.str("grammar")? {
+            given.push(("grammar", Spec::Lark(text.to_owned())));
+        }
+        if let ToolMode::Forced(tools) = tools {
+            given.push(("tool_choice", Spec::JsonSchema(tools::call_schema(tools))));
+        }
+        let (field, spec) = match given.len() {
+            0 => return Ok(None),
+            1 => given.pop().expect("one"),
+            _ => {
+                let names: Vec<String> = given.iter().map(|(n, _)| format!("`{n}`")).collect();
+                return Err(ApiError::invalid(
+                    given[1].0,
+                    format!("only one constraint per request, but {} were given", names.join(" and ")),
+                ));
+            }
+        };
+        let compiler = self.constraints.as_ref().map_err(|e| {
+            ApiError::invalid(field, format!("constrained decoding is unavailable for this model's tokenizer: {e}"))
+        })?;
+        compiler.compile(&spec).map(Some).map_err(|e| ApiError::invalid(field, format!("invalid `{field}`: {e}")))
+    }
+
+    fn chat_prompt(
+        &self,
+        f: &Fields<'_>,
+        limits: &Limits,
+        tools: Option<&Value>,
+        mode: &ToolMode,
+    ) -> Result<Vec<u32>, ApiError> {
         let messages = match f.get("messages") {
             None => return Err(ApiError::invalid("messages", "`messages` is required")),
             Some(Value::Array(list)) if list.is_empty() => {
@@ -268,33 +350,13 @@ impl Frontend {
             Some(Value::Array(list)) => list,
             Some(other) => return Err(wrong_type("messages", "an array", other)),
         };
-        let normalized =
+        let mut normalized =
             messages.iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect::<Result<Vec<_>, _>>()?;
-        let tools = match f.get("tools") {
-            None => None,
-            Some(v @ Value::Array(items)) => {
-                for (i, tool) in items.iter().enumerate() {
-                    let name = tool.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
-                    if tool.get("type").and_then(Value::as_str) != Some("function") || name.is_none() {
-                        return Err(ApiError::invalid(
-                            format!("tools[{i}]"),
-                            format!("`tools[{i}]` must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}"),
-                        ));
-                    }
-                }
-                Some(v)
-            }
-            Some(other) => return Err(wrong_type("tools", "an array", other)),
-        };
-        match f.get("tool_choice") {
-            None => {}
-            Some(Value::String(s)) if s == "none" || s == "auto" => {}
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "tool_choice",
-                    "only `none` and `auto` are supported by this server for now",
-                ));
-            }
+        if let Some(tools) = tools
+            && *mode != ToolMode::None
+            && !self.template_has_tools
+        {
+            add_system_text(&mut normalized, &tools::system_prompt(tools));
         }
         let template = self.template.as_ref().ok_or_else(|| {
             ApiError::invalid(
@@ -414,6 +476,38 @@ impl Frontend {
             logit_bias,
             seed: f.int("seed", i64::MIN, i64::MAX)?.map(|s| s as u64),
         })
+    }
+}
+
+/// `response_format` as a constraint (`None` for plain text).
+fn response_format(format: &Value) -> Result<Option<Spec>, ApiError> {
+    let kind = format.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Spec::JsonObject)),
+        Some("json_schema") => match format.get("json_schema").and_then(|s| s.get("schema")) {
+            Some(schema @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(Spec::JsonSchema(schema.clone()))),
+            _ => Err(ApiError::invalid(
+                "response_format",
+                "`response_format` of type json_schema needs `json_schema.schema`, a JSON schema object",
+            )),
+        },
+        _ => Err(ApiError::invalid(
+            "response_format",
+            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
+}
+
+/// Puts `text` at the start of the system message, adding one if there is none.
+fn add_system_text(messages: &mut Vec<Value>, text: &str) {
+    match messages.first_mut() {
+        Some(Value::Object(first)) if first.get("role").and_then(Value::as_str) == Some("system") => {
+            let content = first.get("content").and_then(Value::as_str).unwrap_or_default();
+            let merged = if content.is_empty() { text.to_owned() } else { format!("{text}\n\n{content}") };
+            first.insert("content".into(), Value::String(merged));
+        }
+        _ => messages.insert(0, serde_json::json!({"role": "system", "content": text})),
     }
 }
 

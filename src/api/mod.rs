@@ -6,6 +6,7 @@ mod error;
 mod frontend;
 mod params;
 mod response;
+pub mod tools;
 
 pub use error::ApiError;
 pub use frontend::{Endpoint, Frontend, Limits, ParsedRequest};

@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 
+use super::tools::{self, ToolCall, ToolMode};
 use super::{Endpoint, ParsedRequest};
 use crate::engine::{Event, FinishReason, Usage};
 use crate::sampling::TokenLogprobs;
@@ -15,6 +16,7 @@ struct Meta {
     model: String,
     endpoint: Endpoint,
     logprobs: bool,
+    tools: ToolMode,
 }
 
 impl Meta {
@@ -27,7 +29,24 @@ impl Meta {
         let id = format!("{prefix}-{:016x}{:08x}", rng.next_u64(), rng.next_u64() as u32);
         let created =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        Self { id, created, model: request.model.clone(), endpoint: request.endpoint, logprobs: request.logprobs }
+        Self {
+            id,
+            created,
+            model: request.model.clone(),
+            endpoint: request.endpoint,
+            logprobs: request.logprobs,
+            tools: request.tools.clone(),
+        }
+    }
+
+    /// The tool call in a choice's whole text, with the content before it, per the request's
+    /// tool mode.
+    fn tool_call(&self, text: &str) -> Option<(String, ToolCall)> {
+        match &self.tools {
+            ToolMode::None => None,
+            ToolMode::Auto => tools::detect(text),
+            ToolMode::Forced(_) => tools::parse_forced(text).map(|call| (String::new(), call)),
+        }
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -96,6 +115,11 @@ fn finish_json(reason: Option<FinishReason>) -> Value {
     reason.map_or(Value::Null, |r| Value::String(r.as_str().into()))
 }
 
+fn call_id() -> String {
+    let mut rng = crate::sampling::Rng::from_entropy();
+    format!("call_{:016x}", rng.next_u64())
+}
+
 #[derive(Default)]
 struct Choice {
     text: String,
@@ -145,14 +169,26 @@ impl Collector {
             .enumerate()
             .map(|(index, c)| {
                 let logprobs = meta.logprobs_json(&c.logprobs, tokenizer, 0);
-                match meta.endpoint {
-                    Endpoint::Chat => json!({
+                let call = if c.finish == Some(FinishReason::Stop) { meta.tool_call(&c.text) } else { None };
+                match (meta.endpoint, call) {
+                    (Endpoint::Chat, Some((content, call))) => json!({
+                        "index": index,
+                        "message": {
+                            "role": "assistant",
+                            "content": if content.is_empty() { Value::Null } else { Value::String(content) },
+                            "refusal": null,
+                            "tool_calls": [tools::call_json(&call, &call_id())],
+                        },
+                        "logprobs": logprobs,
+                        "finish_reason": "tool_calls",
+                    }),
+                    (Endpoint::Chat, None) => json!({
                         "index": index,
                         "message": {"role": "assistant", "content": c.text, "refusal": null},
                         "logprobs": logprobs,
                         "finish_reason": finish_json(c.finish),
                     }),
-                    Endpoint::Completion => json!({
+                    (Endpoint::Completion, _) => json!({
                         "index": index,
                         "text": c.text,
                         "logprobs": logprobs,
@@ -175,17 +211,28 @@ impl Collector {
 
 /// Turns a request's events into the JSON payloads of server-sent events, in OpenAI's order:
 /// a first chunk with the role (chat), content chunks, a chunk with `finish_reason` per
-/// choice, and a usage chunk when asked for.
+/// choice, and a usage chunk when asked for. A choice that is (or may be) a tool call holds
+/// its text back until it is known; a call is then sent as `delta.tool_calls` (name and id,
+/// then the arguments) with `finish_reason: "tool_calls"`.
 pub struct StreamEncoder {
     meta: Meta,
     include_usage: bool,
     /// Bytes of text sent per choice (the legacy endpoint's `text_offset`).
     offsets: Vec<usize>,
+    /// Text held back per choice while it may be a tool call; `None` once streaming freely.
+    held: Vec<Option<(String, Vec<TokenLogprobs>)>>,
 }
 
 impl StreamEncoder {
     pub fn new(request: &ParsedRequest) -> Self {
-        Self { meta: Meta::new(request), include_usage: request.include_usage, offsets: vec![0; request.generate.n] }
+        let n = request.generate.n;
+        let hold = request.endpoint == Endpoint::Chat && request.tools != ToolMode::None;
+        Self {
+            meta: Meta::new(request),
+            include_usage: request.include_usage,
+            offsets: vec![0; n],
+            held: (0..n).map(|_| hold.then(|| (String::new(), Vec::new()))).collect(),
+        }
     }
 
     fn chunk(&self, choices: Value, usage: Option<Value>) -> String {
@@ -218,33 +265,77 @@ impl StreamEncoder {
         }
     }
 
-    /// The chunk for a text or finish event; `None` for events that have no chunk of their own.
-    pub fn encode(&mut self, event: &Event, tokenizer: &Tokenizer) -> Option<String> {
-        let (index, delta_text, logprobs, finish) = match event {
+    /// The chunks for a text or finish event (none for events without chunks of their own, or
+    /// for text held back).
+    pub fn encode(&mut self, event: &Event, tokenizer: &Tokenizer) -> Vec<String> {
+        match event {
             Event::Text { choice, text, logprobs } => {
-                let offset = self.offsets.get(*choice).copied().unwrap_or(0);
-                let lp = self.meta.logprobs_json(logprobs, tokenizer, offset);
-                if let Some(o) = self.offsets.get_mut(*choice) {
-                    *o += text.len();
+                if let Some(Some((held, held_logprobs))) = self.held.get_mut(*choice) {
+                    held.push_str(text);
+                    held_logprobs.extend(logprobs.iter().cloned());
+                    let forced = matches!(self.meta.tools, ToolMode::Forced(_));
+                    if forced || tools::could_be_call(held) {
+                        return Vec::new();
+                    }
+                    // Not a call after all: send what was held, and stream from now on.
+                    let (text, logprobs) = self.held[*choice].take().expect("held");
+                    return vec![self.content_chunk(*choice, &text, &logprobs, tokenizer)];
                 }
-                (*choice, Some(text.as_str()), lp, None)
+                vec![self.content_chunk(*choice, text, logprobs, tokenizer)]
             }
-            Event::Finished { choice, reason } => (*choice, None, Value::Null, Some(*reason)),
-            Event::Done { .. } | Event::Error(_) => return None,
-        };
+            Event::Finished { choice, reason } => {
+                let mut chunks = Vec::new();
+                let mut reason = json!(reason.as_str());
+                if let Some(Some((text, logprobs))) = self.held.get_mut(*choice).map(Option::take) {
+                    let call = if reason == "stop" { self.meta.tool_call(&text) } else { None };
+                    match call {
+                        Some((content, call)) => {
+                            if !content.is_empty() {
+                                chunks.push(self.content_chunk(*choice, &content, &[], tokenizer));
+                            }
+                            let id = call_id();
+                            let head = json!({"index": 0, "id": id, "type": "function", "function": {"name": call.name, "arguments": ""}});
+                            let args = json!({"index": 0, "function": {"arguments": call.arguments}});
+                            for delta in [head, args] {
+                                chunks.push(self.chunk(
+                                    json!([{"index": choice, "delta": {"tool_calls": [delta]}, "logprobs": null, "finish_reason": null}]),
+                                    None,
+                                ));
+                            }
+                            reason = json!("tool_calls");
+                        }
+                        None if !text.is_empty() => {
+                            chunks.push(self.content_chunk(*choice, &text, &logprobs, tokenizer))
+                        }
+                        None => {}
+                    }
+                }
+                let choice = match self.meta.endpoint {
+                    Endpoint::Chat => json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": reason}),
+                    Endpoint::Completion => {
+                        json!({"index": choice, "text": "", "logprobs": null, "finish_reason": reason})
+                    }
+                };
+                chunks.push(self.chunk(json!([choice]), None));
+                chunks
+            }
+            Event::Done { .. } | Event::Error(_) => Vec::new(),
+        }
+    }
+
+    fn content_chunk(&mut self, index: usize, text: &str, logprobs: &[TokenLogprobs], tokenizer: &Tokenizer) -> String {
+        let offset = self.offsets.get(index).copied().unwrap_or(0);
+        let logprobs = self.meta.logprobs_json(logprobs, tokenizer, offset);
+        if let Some(o) = self.offsets.get_mut(index) {
+            *o += text.len();
+        }
         let choice = match self.meta.endpoint {
             Endpoint::Chat => {
-                let delta = match delta_text {
-                    Some(t) => json!({"content": t}),
-                    None => json!({}),
-                };
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_json(finish)})
+                json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
             }
-            Endpoint::Completion => {
-                json!({"index": index, "text": delta_text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish_json(finish)})
-            }
+            Endpoint::Completion => json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": null}),
         };
-        Some(self.chunk(json!([choice]), None))
+        self.chunk(json!([choice]), None)
     }
 
     /// The last chunk, with no choices and the usage, when `stream_options.include_usage` asked for it.

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 
+use crate::constraint::Prepared;
 use crate::sampling::{SamplingParams, TokenLogprobs};
 
 /// A tokenized, validated request: everything the engine needs and nothing about HTTP or JSON.
@@ -27,6 +28,8 @@ pub struct GenerateRequest {
     /// Ends the request this long after submission, with the text so far (finish reason
     /// `Deadline`); `None` uses the engine's default.
     pub deadline: Option<Duration>,
+    /// A compiled constraint every choice's output must follow.
+    pub constraint: Option<Prepared>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

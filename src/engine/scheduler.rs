@@ -517,7 +517,7 @@ fn prefill_chunk(
             None => Rng::from_entropy(),
         };
         let sampler = Sampler::new(request.sampling.clone(), prompt, rng);
-        seqs.push(Sequence::new(choice, cache, logits.clone(), sampler, request.stop.clone()));
+        seqs.push(Sequence::new(choice, cache, logits.clone(), sampler, request));
     }
     let rules = rules(model.info(), tokenizer, request);
     for seq in &mut seqs {

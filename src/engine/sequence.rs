@@ -4,6 +4,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::request::{Event, FinishReason, GenerateRequest, Timings};
+use crate::constraint::{Constraint, Next};
 use crate::model::KvCache;
 use crate::sampling::{self, Sampler, TokenLogprobs};
 use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
@@ -28,6 +29,8 @@ pub(super) struct Sequence {
     scratch: Vec<(f32, u32)>,
     /// The raw logits, kept for logprobs while sampling modifies `logits` (reused every step).
     raw: Vec<f32>,
+    /// The request's constraint, followed by this sequence.
+    constraint: Option<Constraint>,
 }
 
 /// What ends a sequence, shared by all choices of a request.
@@ -39,7 +42,7 @@ pub(super) struct Rules<'a> {
 }
 
 impl Sequence {
-    pub fn new(choice: usize, cache: KvCache, logits: Vec<f32>, sampler: Sampler, stop: Vec<String>) -> Self {
+    pub fn new(choice: usize, cache: KvCache, logits: Vec<f32>, sampler: Sampler, request: &GenerateRequest) -> Self {
         Self {
             choice,
             cache,
@@ -50,10 +53,11 @@ impl Sequence {
             tokens: Vec::new(),
             sampler,
             decoder: IncrementalDecoder::default(),
-            stop: StopMatcher::new(stop),
+            stop: StopMatcher::new(request.stop.clone()),
             pending_logprobs: Vec::new(),
             scratch: Vec::new(),
             raw: Vec::new(),
+            constraint: request.constraint.as_ref().map(|c| c.start()),
         }
     }
 
@@ -62,13 +66,24 @@ impl Sequence {
     pub fn advance(&mut self, rules: &Rules<'_>, timings: &mut Timings, events: &mut Vec<Event>) -> Result<()> {
         let request = rules.request;
         let started = Instant::now();
-        let may_end = !request.ignore_eos && self.generated >= request.min_tokens;
-        let banned: &[u32] = if may_end { &[] } else { rules.eos };
+        let mut may_end = !request.ignore_eos && self.generated >= request.min_tokens;
         let logprob_request = request.logprobs;
         if logprob_request.is_some() {
             self.raw.clear();
             self.raw.extend_from_slice(&self.logits);
         }
+        if let Some(constraint) = &mut self.constraint {
+            // The constraint alone decides where the output may end: its mask allows an
+            // end-of-sequence token exactly where the output is complete.
+            may_end = true;
+            if let Next::Complete = constraint.mask(&mut self.logits)? {
+                timings.sampling += started.elapsed();
+                let rest = self.stop.finish();
+                self.finish(FinishReason::Stop, rest, events);
+                return Ok(());
+            }
+        }
+        let banned: &[u32] = if may_end { &[] } else { rules.eos };
         let token = self.sampler.sample(&mut self.logits, banned);
         if let Some(top) = logprob_request {
             self.pending_logprobs.push(sampling::logprobs(&self.raw, token, top, &mut self.scratch));
@@ -80,6 +95,9 @@ impl Sequence {
 
         let is_eos = rules.eos.contains(&token) && may_end;
         let is_stop_token = request.stop_token_ids.contains(&token) && self.generated > request.min_tokens;
+        if !is_eos && let Some(constraint) = &mut self.constraint {
+            constraint.consume(token)?;
+        }
         if is_eos || is_stop_token {
             // The end token itself has no text; what the stop matcher held back is real text.
             self.pending_logprobs.retain(|lp| lp.token != token);
@@ -98,6 +116,11 @@ impl Sequence {
                     return Ok(());
                 }
             }
+        }
+        if self.constraint.as_ref().is_some_and(Constraint::is_complete) {
+            let rest = self.stop.finish();
+            self.finish(FinishReason::Stop, rest, events);
+            return Ok(());
         }
         // The next step would feed `token` into the cache.
         if self.generated >= request.max_tokens || self.cache.len() + 1 >= rules.context_length {

@@ -199,6 +199,8 @@ impl KvPool {
         self.allocated = 0;
         self.capacity = 0;
         self.generation += 1;
+        drop(rows);
+        give_back_freed_memory();
     }
 
     /// Makes every row hold at least `positions` positions.
@@ -327,6 +329,17 @@ impl KvPool {
 
 fn round_up(positions: usize) -> usize {
     positions.div_ceil(BLOCK).max(1) * BLOCK
+}
+
+/// Returns freed heap memory to the system. glibc keeps large freed blocks once its mmap
+/// threshold has grown past them (it adapts after the first big free), so without this an idle
+/// daemon's RSS stays at the peak of its last burst (measured: 292 MiB after, 195 before).
+fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 #[cfg(test)]

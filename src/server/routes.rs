@@ -24,6 +24,8 @@ struct Outcome {
     usage: Option<Usage>,
     timings: Option<Timings>,
     note: Option<String>,
+    /// Counted in `in_flight` until it is recorded in the metrics.
+    in_flight: bool,
 }
 
 impl Outcome {
@@ -40,6 +42,10 @@ pub(super) fn handle(shared: &Shared, request: Request) {
     let outcome = route(shared, request, &method, &path);
     let elapsed = started.elapsed();
     shared.metrics.record(endpoint_label(&path), outcome.status, elapsed, outcome.usage, outcome.timings);
+    // Only once counted: a scrape that sees nothing in flight sees every request.
+    if outcome.in_flight {
+        shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
     let shown_path: String = path.chars().take(64).collect();
     let mut line = format!("#{id} {method} {shown_path:?} {} {:.1}ms", outcome.status, elapsed.as_secs_f64() * 1e3);
     if let Some(u) = outcome.usage {
@@ -117,9 +123,7 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
         "/v1/chat/completions" | "/v1/completions" => {
             let endpoint = if path == "/v1/chat/completions" { Endpoint::Chat } else { Endpoint::Completion };
             shared.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let outcome = generate(&config, ready, request, endpoint);
-            shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            outcome
+            Outcome { in_flight: true, ..generate(&config, ready, request, endpoint) }
         }
         "/v1/models" => respond_json(request, 200, &json!({"object": "list", "data": [model_json(ready)]})),
         "/health" => respond_json(request, 200, &health_json(shared, ready)),
@@ -225,8 +229,13 @@ fn generate(config: &ServerConfig, ready: &Ready, mut request: Request, endpoint
     };
     let client = Client::new(request.connection_fd());
     let tokenizer = frontend.tokenizer();
-    let gone =
-        |usage: Option<Usage>| Outcome { status: 499, usage, timings: None, note: Some("client disconnected".into()) };
+    let gone = |usage: Option<Usage>| Outcome {
+        status: 499,
+        usage,
+        timings: None,
+        note: Some("client disconnected".into()),
+        in_flight: false,
+    };
     // The client closed its side before any answer (it may only have half-closed and still
     // read): the request is cancelled, and it is told so.
     let gone_early = |request: Request| {
@@ -281,7 +290,7 @@ fn generate(config: &ServerConfig, ready: &Ready, mut request: Request, endpoint
                     }
                 }
                 let _ = sse.finish();
-                return Outcome { status: 200, usage: Some(*usage), timings: Some(*timings), note: None };
+                return Outcome { status: 200, usage: Some(*usage), timings: Some(*timings), ..Outcome::default() };
             }
             Event::Error(e) => {
                 let error = Frontend::engine_error(e);
@@ -290,7 +299,7 @@ fn generate(config: &ServerConfig, ready: &Ready, mut request: Request, endpoint
                 return Outcome { status: error.status, note: Some(error.message), ..Outcome::default() };
             }
             _ => {
-                if let Some(chunk) = encoder.encode(&event, tokenizer) {
+                for chunk in encoder.encode(&event, tokenizer) {
                     // Checking first catches a closed connection one token earlier than the
                     // write error would.
                     if client.gone() || sse.event(&chunk).is_err() {

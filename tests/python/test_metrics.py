@@ -2,6 +2,7 @@
 and counting the requests that were made."""
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -12,6 +13,17 @@ def scrape(base):
     with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+
+
+def scrape_settled(base):
+    """A scrape once no generation request is between its answer and its count (a request is
+    counted just after its last byte is sent, and is in flight until then)."""
+    for _ in range(100):
+        families = scrape(base)
+        if value(families, "chatd_requests_in_flight") == 0:
+            return families
+        time.sleep(0.02)
+    raise AssertionError("requests stayed in flight")
 
 
 def post(base, body):
@@ -34,12 +46,12 @@ def value(families, name, family=None, **labels):
 
 
 def test_metrics_parse_and_count_requests(chatd):
-    before = scrape(chatd)
+    before = scrape_settled(chatd)
     ok = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 6, "temperature": 0}
     assert post(chatd, ok) == 200
     assert post(chatd, ok) == 200
     assert post(chatd, {"messages": "not a list"}) == 400
-    after = scrape(chatd)
+    after = scrape_settled(chatd)
 
     endpoint = "/v1/chat/completions"
     # The parser strips _total from counter family names.

@@ -1,0 +1,198 @@
+//! Tool calls: what `tools` and `tool_choice` ask for, the schema a forced call must follow,
+//! and finding a call in a model's output.
+//!
+//! A forced call (`tool_choice: "required"` or a named function) is generated as the JSON object
+//! `{"name": ..., "arguments": {...}}` under a schema built from the tools' `parameters`, so it is
+//! always well formed. With `"auto"` the model decides; a call is recognised in two formats:
+//! Hermes-style `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Qwen2.5, SmolLM3,
+//! Hermes, and the tool prompt chatd adds for templates without tools), or an output that is
+//! just such a JSON object (Llama 3.x style; `parameters` is accepted for `arguments`).
+
+use serde_json::{Map, Value, json};
+
+use super::ApiError;
+
+/// A function the request offers.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tool {
+    pub name: String,
+    /// JSON schema of its arguments (`{"type": "object"}` when the request gives none).
+    pub parameters: Value,
+}
+
+/// How the answer relates to tools.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToolMode {
+    /// Plain content.
+    None,
+    /// The model may call a tool; its output is checked for a call.
+    Auto,
+    /// The output is a call to one of these tools, by construction.
+    Forced(Vec<Tool>),
+}
+
+/// A call found in (or forced on) the output.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments as a JSON string, as OpenAI returns them.
+    pub arguments: String,
+}
+
+/// Reads `tools` (already checked to be function tools) and `tool_choice`.
+pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolMode, ApiError> {
+    let tools: Vec<Tool> = tools
+        .and_then(Value::as_array)
+        .map(|items| {
+            items
+                .iter()
+                .map(|t| Tool {
+                    name: t["function"]["name"].as_str().unwrap_or_default().to_owned(),
+                    parameters: match &t["function"]["parameters"] {
+                        Value::Null => json!({"type": "object"}),
+                        p => p.clone(),
+                    },
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let names = || tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
+    match choice {
+        None if tools.is_empty() => Ok(ToolMode::None),
+        None => Ok(ToolMode::Auto),
+        Some(Value::String(s)) if s == "none" => Ok(ToolMode::None),
+        Some(Value::String(s)) if s == "auto" => Ok(if tools.is_empty() { ToolMode::None } else { ToolMode::Auto }),
+        Some(Value::String(s)) if s == "required" => {
+            if tools.is_empty() {
+                return Err(ApiError::invalid("tool_choice", "`tool_choice` \"required\" needs `tools`"));
+            }
+            Ok(ToolMode::Forced(tools))
+        }
+        Some(Value::Object(obj)) => {
+            let name = obj.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
+            match (obj.get("type").and_then(Value::as_str), name) {
+                (Some("function"), Some(name)) => match tools.iter().find(|t| t.name == name) {
+                    Some(tool) => Ok(ToolMode::Forced(vec![tool.clone()])),
+                    None => Err(ApiError::invalid(
+                        "tool_choice",
+                        format!("`tool_choice` names the function {name:?}, which is not in `tools` ({})", names()),
+                    )),
+                },
+                _ => Err(ApiError::invalid(
+                    "tool_choice",
+                    "`tool_choice` must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                )),
+            }
+        }
+        Some(_) => Err(ApiError::invalid(
+            "tool_choice",
+            "`tool_choice` must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", \"function\": {\"name\": ...}}",
+        )),
+    }
+}
+
+/// The schema of a call to one of `tools`: `{"name": <its name>, "arguments": <its parameters>}`.
+pub fn call_schema(tools: &[Tool]) -> Value {
+    let one = |t: &Tool| {
+        json!({
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            "required": ["name", "arguments"],
+            "additionalProperties": false,
+        })
+    };
+    match tools {
+        [tool] => one(tool),
+        _ => json!({"anyOf": tools.iter().map(one).collect::<Vec<_>>()}),
+    }
+}
+
+/// Instructions for templates that ignore `tools` (Hermes-style, as Hugging Face's tool-use
+/// templates write them), put in front of the system message.
+pub fn system_prompt(tools: &Value) -> String {
+    format!(
+        "You are a function calling AI model. You are provided with function signatures within <tools></tools> \
+         XML tags. You may call one of these functions to answer the user. Here are the available tools: \
+         <tools>{tools}</tools>\nFor a function call, return a JSON object with the function name and arguments \
+         within <tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n</tool_call>"
+    )
+}
+
+/// The call in a forced output (the whole output is the call's JSON object).
+pub fn parse_forced(text: &str) -> Option<ToolCall> {
+    call_from_json(&serde_json::from_str(text.trim()).ok()?)
+}
+
+/// A call in a free output, with the content before it.
+pub fn detect(text: &str) -> Option<(String, ToolCall)> {
+    if let Some(start) = text.find("<tool_call>") {
+        let rest = &text[start + "<tool_call>".len()..];
+        let body = rest.split("</tool_call>").next().unwrap_or(rest);
+        let call = call_from_json(&serde_json::from_str(body.trim()).ok()?)?;
+        return Some((text[..start].trim().to_owned(), call));
+    }
+    let trimmed = text.trim();
+    if trimmed.starts_with('{') {
+        return Some((String::new(), call_from_json(&serde_json::from_str(trimmed).ok()?)?));
+    }
+    None
+}
+
+/// Whether a streamed output that starts with `text` may still turn out to be a call, so its
+/// content must be held back for now.
+pub fn could_be_call(text: &str) -> bool {
+    let t = text.trim_start();
+    t.is_empty() || t.starts_with('{') || t.starts_with("<tool_call>") || "<tool_call>".starts_with(t)
+}
+
+fn call_from_json(value: &Value) -> Option<ToolCall> {
+    let obj = value.as_object()?;
+    let name = obj.get("name")?.as_str()?.to_owned();
+    let arguments = match obj.get("arguments").or_else(|| obj.get("parameters")) {
+        Some(Value::String(s)) => s.clone(),
+        Some(v @ Value::Object(_)) => v.to_string(),
+        None => Value::Object(Map::new()).to_string(),
+        Some(_) => return None,
+    };
+    Some(ToolCall { name, arguments })
+}
+
+/// A call as OpenAI returns it in `message.tool_calls`.
+pub fn call_json(call: &ToolCall, id: &str) -> Value {
+    json!({"id": id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_are_found_in_both_formats() {
+        let hermes = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>";
+        let (content, call) = detect(hermes).unwrap();
+        assert_eq!(content, "Let me check.");
+        assert_eq!(call, ToolCall { name: "get_weather".into(), arguments: "{\"city\":\"Paris\"}".into() });
+        let llama = " {\"name\": \"f\", \"parameters\": {\"x\": 1}}";
+        assert_eq!(detect(llama).unwrap().1.arguments, "{\"x\":1}");
+        assert!(detect("Paris is the capital.").is_none());
+        assert!(detect("{\"not\": \"a call\"}").is_none());
+        assert!(could_be_call("  <tool") && could_be_call("{") && !could_be_call("Hello"));
+    }
+
+    #[test]
+    fn tool_choice_is_checked_against_tools() {
+        let tools = json!([{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]);
+        assert_eq!(tool_mode(Some(&tools), None).unwrap(), ToolMode::Auto);
+        assert_eq!(tool_mode(None, None).unwrap(), ToolMode::None);
+        let ToolMode::Forced(forced) =
+            tool_mode(Some(&tools), Some(&json!({"type": "function", "function": {"name": "b"}}))).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(forced[0].name, "b");
+        let e = tool_mode(Some(&tools), Some(&json!({"type": "function", "function": {"name": "c"}}))).unwrap_err();
+        assert!(e.message.contains("\"c\"") && e.message.contains("a, b"), "{}", e.message);
+        assert!(tool_mode(None, Some(&json!("required"))).is_err());
+        assert!(call_schema(&forced)["properties"]["arguments"]["properties"]["x"].is_object());
+    }
+}
