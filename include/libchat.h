@@ -117,6 +117,8 @@ extern "C" {
  *   "onnxruntime"      path of libonnxruntime.so; else ORT_DYLIB_PATH, a copy next to
  *                      libchat.so (or in ../lib/chatd), then the system library path
  *   "threads"          ONNX Runtime intra-op threads (default 2)
+ *   "provider"         "cpu" (default), "cuda", "cuda:N", "tensorrt", "tensorrt:N": needs a GPU
+ *                      build of ONNX Runtime and the Optimum layout; else CHAT_MODEL_LOAD_FAILED
  *   "max_running"      sequences generating at once (8); "max_queued" requests waiting (64)
  *   "max_queue_wait_s" longest wait for a place, else CHAT_OVERLOADED (30)
  *   "request_timeout_s" deadline of requests without "timeout" (600)

@@ -57,6 +57,7 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
     ("model", "CHATD_MODEL", "DIR", "model folder (onnxruntime-genai or Hugging Face Optimum ONNX layout); required"),
     ("listen", "CHATD_LISTEN", "ADDR", "address to serve on [127.0.0.1:8080]"),
     ("threads", "CHATD_THREADS", "N", "ONNX Runtime intra-op threads [2]"),
+    ("provider", "CHATD_PROVIDER", "EP", "execution provider: cpu, cuda[:N], tensorrt[:N] (GPU ONNX Runtime) [cpu]"),
     (
         "onnxruntime",
         "CHATD_ONNXRUNTIME",
@@ -276,6 +277,7 @@ impl Config {
                 self.runtime.intra_threads_set = true;
             }
             "kv-cache-mb" => self.runtime.kv_cache_bytes = count(value, 1)? << 20,
+            "provider" => self.runtime.provider = value.parse()?,
             "prefix-cache-mb" => self.engine.prefix_cache_bytes = count(value, 0)? << 20,
             "onnxruntime" => self.runtime.library = Some(PathBuf::from(value)),
             "served-model-name" => self.served_model_name = Some(value.to_owned()),

@@ -50,3 +50,23 @@ fn bad_flags_exit_2_naming_the_flag() {
     assert_eq!(code, 0);
     assert!(out.contains("--max-running"));
 }
+
+/// This machine's ONNX Runtime is the CPU build: asking for a GPU provider must fail at startup
+/// with a line that says what is missing, not fall back silently to the CPU.
+#[test]
+fn a_gpu_provider_without_a_gpu_runtime_is_refused_clearly() {
+    let (code, err) = chatd(&["--model", &model(), "--provider", "cuda", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 1, "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("cuda:0 execution provider could not be registered") && last.contains("onnxruntime-gpu"),
+        "{err}"
+    );
+    let genai = format!("{}/../shared/models/smollm2-135m-instruct-genai", env!("CARGO_MANIFEST_DIR"));
+    let (code, err) = chatd(&["--model", &genai, "--provider", "tensorrt:1", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("CPU provider only"), "{err}");
+    let (code, err) = chatd(&["--provider", "gpu"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--provider") && err.contains("cuda:N"), "{err}");
+}

@@ -126,6 +126,7 @@ pub struct Engine {
     thread: Option<JoinHandle<()>>,
     info: ModelInfo,
     layout: &'static str,
+    provider: crate::model::Provider,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
@@ -138,6 +139,7 @@ impl Engine {
     pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
         let info = model.info().clone();
         let layout = model.layout_name();
+        let provider = model.provider();
         let stats = Arc::new(EngineStats::default());
         // The scheduler drains this channel every round into its own queue, where `max_queued`
         // is enforced (by `stats.queued`) and waits and deadlines are watched.
@@ -148,7 +150,17 @@ impl Engine {
             .spawn(move || scheduler.run())
             .context("starting the engine thread")?;
         let request_timeout_ms = std::sync::atomic::AtomicU64::new(config.request_timeout.as_millis() as u64);
-        Ok(Self { jobs: Some(tx), thread: Some(thread), info, layout, tokenizer, config, stats, request_timeout_ms })
+        Ok(Self {
+            jobs: Some(tx),
+            thread: Some(thread),
+            info,
+            layout,
+            provider,
+            tokenizer,
+            config,
+            stats,
+            request_timeout_ms,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -158,6 +170,11 @@ impl Engine {
     /// The model's layout: "optimum" or "genai".
     pub fn layout(&self) -> &'static str {
         self.layout
+    }
+
+    /// The execution provider the model runs on.
+    pub fn provider(&self) -> crate::model::Provider {
+        self.provider
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {

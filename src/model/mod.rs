@@ -13,13 +13,14 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 pub use config::{GenerationDefaults, ModelInfo};
-pub use runtime::{RuntimeError, RuntimeOptions};
+pub use runtime::{Provider, RuntimeError, RuntimeOptions};
 
 /// A loaded decoder model. `forward` takes `&mut self` because an ONNX Runtime session runs one
 /// call at a time; the engine's scheduler thread owns the model.
 pub struct Model {
     info: ModelInfo,
     layout: Layout,
+    provider: Provider,
 }
 
 /// The on-disk layouts chatd understands, each with its own KV handling.
@@ -92,6 +93,13 @@ impl Model {
     /// the Hugging Face Optimum layout (see the README's "Model folders").
     pub fn load(dir: &Path, options: &RuntimeOptions) -> Result<Self> {
         if dir.join("genai_config.json").exists() {
+            if options.provider != Provider::Cpu {
+                anyhow::bail!(
+                    "the onnxruntime-genai layout runs on the CPU provider only (its shared KV pool lives in host \
+                     memory); use a Hugging Face Optimum layout folder with --provider {}",
+                    options.provider
+                );
+            }
             let config = genai::GenaiConfig::read(dir)?;
             let mut options = options.clone();
             if let (false, Some(threads)) = (options.intra_threads_set, config.intra_op_threads) {
@@ -101,14 +109,14 @@ impl Model {
                 .with_context(|| format!("loading {}", config.file.display()))?;
             let model = genai::GenaiModel::new(session, &config, options.kv_cache_bytes)
                 .with_context(|| format!("reading the inputs and outputs of {}", config.file.display()))?;
-            return Ok(Self { info: config.info, layout: Layout::Genai(model) });
+            return Ok(Self { info: config.info, layout: Layout::Genai(model), provider: options.provider });
         }
         let info = ModelInfo::read(dir)?;
         let file = config::find_model_file(dir)?;
         let session = runtime::open_session(&file, options).with_context(|| format!("loading {}", file.display()))?;
         let optimum = optimum::OptimumModel::new(session, &info)
             .with_context(|| format!("reading the inputs and outputs of {}", file.display()))?;
-        Ok(Self { info, layout: Layout::Optimum(optimum) })
+        Ok(Self { info, layout: Layout::Optimum(optimum), provider: options.provider })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -116,6 +124,11 @@ impl Model {
     }
 
     /// "optimum" or "genai".
+    /// The execution provider the model runs on.
+    pub fn provider(&self) -> Provider {
+        self.provider
+    }
+
     pub fn layout_name(&self) -> &'static str {
         match self.layout {
             Layout::Optimum(_) => "optimum",

@@ -20,11 +20,60 @@ pub struct RuntimeOptions {
     pub spin: bool,
     /// Most bytes the shared KV pool of the genai layout may hold.
     pub kv_cache_bytes: usize,
+    /// Where the model runs.
+    pub provider: Provider,
 }
 
 impl Default for RuntimeOptions {
     fn default() -> Self {
-        Self { library: None, intra_threads: 2, intra_threads_set: false, spin: true, kv_cache_bytes: 1 << 30 }
+        Self {
+            library: None,
+            intra_threads: 2,
+            intra_threads_set: false,
+            spin: true,
+            kv_cache_bytes: 1 << 30,
+            provider: Provider::Cpu,
+        }
+    }
+}
+
+/// ONNX Runtime's execution provider for the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    Cpu,
+    /// NVIDIA CUDA, on this device.
+    Cuda(i32),
+    /// NVIDIA TensorRT (falling back to CUDA for what it cannot run), on this device.
+    TensorRt(i32),
+}
+
+impl std::str::FromStr for Provider {
+    type Err = String;
+
+    /// `cpu`, `cuda`, `cuda:N`, `tensorrt`, `tensorrt:N`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, device) = match s.trim().split_once(':') {
+            Some((name, device)) => {
+                (name, device.parse::<i32>().map_err(|_| format!("{device:?} is not a device number"))?)
+            }
+            None => (s.trim(), 0),
+        };
+        match name {
+            "cpu" => Ok(Provider::Cpu),
+            "cuda" => Ok(Provider::Cuda(device)),
+            "tensorrt" => Ok(Provider::TensorRt(device)),
+            _ => Err(format!("{s:?} is not one of cpu, cuda, cuda:N, tensorrt, tensorrt:N")),
+        }
+    }
+}
+
+impl fmt::Display for Provider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Provider::Cpu => f.write_str("cpu"),
+            Provider::Cuda(d) => write!(f, "cuda:{d}"),
+            Provider::TensorRt(d) => write!(f, "tensorrt:{d}"),
+        }
     }
 }
 
@@ -171,7 +220,22 @@ pub(crate) fn open_session(file: &Path, options: &RuntimeOptions) -> Result<Sess
         .with_intra_op_spinning(options.spin)
         .map_err(ort::Error::<()>::from)?
         .with_log_level(ort::logging::LogLevel::Warning)
-        .map_err(ort::Error::<()>::from)?
-        .commit_from_file(file)?;
-    Ok(session)
+        .map_err(ort::Error::<()>::from)?;
+    let gpu = match options.provider {
+        Provider::Cpu => None,
+        Provider::Cuda(device) => Some(ort::ep::CUDA::default().with_device_id(device).build()),
+        Provider::TensorRt(device) => Some(ort::ep::TensorRT::default().with_device_id(device).build()),
+    };
+    let mut session = match gpu {
+        None => session,
+        Some(ep) => session.with_execution_providers([ep.error_on_failure()]).map_err(|e| {
+            anyhow::anyhow!(
+                "the {} execution provider could not be registered ({e}); it needs a GPU build of ONNX Runtime \
+                 (e.g. the onnxruntime-gpu wheel's libonnxruntime.so, via --onnxruntime) with its CUDA/cuDNN \
+                 (and TensorRT) libraries installed",
+                options.provider
+            )
+        })?,
+    };
+    Ok(session.commit_from_file(file)?)
 }

@@ -156,7 +156,7 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
         "status": "ok",
         "model": ready.frontend.served_name(),
         "layout": ready.engine.layout(),
-        "provider": "cpu",
+        "provider": ready.engine.provider().to_string(),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "running": read(&stats.running),
         "queued": read(&stats.queued),
@@ -406,7 +406,13 @@ fn respond_metrics(shared: &Shared, request: Request) -> Outcome {
     };
     let model = ready.map_or(String::new(), |r| r.frontend.served_name().to_owned());
     let layout = ready.map_or("", |r| r.engine.layout());
-    let info = [("version", env!("CARGO_PKG_VERSION")), ("model", model.as_str()), ("layout", layout)];
+    let provider = ready.map_or(String::new(), |r| r.engine.provider().to_string());
+    let info = [
+        ("version", env!("CARGO_PKG_VERSION")),
+        ("model", model.as_str()),
+        ("layout", layout),
+        ("provider", provider.as_str()),
+    ];
     let text = shared.metrics.render(&info, &gauges);
     let response = Response::from_string(text).with_header(
         Header::from_bytes(&b"Content-Type"[..], &b"text/plain; version=0.0.4; charset=utf-8"[..])
