@@ -168,10 +168,24 @@ pub unsafe extern "C" fn chat_engine_chat(
     request_json: *const c_char,
     response_json_out: *mut *mut c_char,
 ) -> chat_status {
+    // SAFETY: per this function's contract.
+    unsafe { blocking(Endpoint::Chat, engine, request_json, response_json_out) }
+}
+
+/// The body of the blocking calls.
+///
+/// # Safety
+/// As `chat_engine_chat`.
+unsafe fn blocking(
+    endpoint: Endpoint,
+    engine: *const chat_engine,
+    request_json: *const c_char,
+    response_json_out: *mut *mut c_char,
+) -> chat_status {
     guard(|| {
         // SAFETY: per this function's contract.
         let (engine, request) = unsafe { (arg(engine, "engine")?, arg_str(request_json, "request_json")?) };
-        engine.call(Endpoint::Chat, request, None, out(response_json_out, "response_json_out")?)
+        engine.call(endpoint, request, None, out(response_json_out, "response_json_out")?)
     })
 }
 
@@ -224,11 +238,8 @@ pub unsafe extern "C" fn chat_engine_complete(
     request_json: *const c_char,
     response_json_out: *mut *mut c_char,
 ) -> chat_status {
-    guard(|| {
-        // SAFETY: per this function's contract.
-        let (engine, request) = unsafe { (arg(engine, "engine")?, arg_str(request_json, "request_json")?) };
-        engine.call(Endpoint::Completion, request, None, out(response_json_out, "response_json_out")?)
-    })
+    // SAFETY: per this function's contract.
+    unsafe { blocking(Endpoint::Completion, engine, request_json, response_json_out) }
 }
 
 /// Releases a string returned by libchat. NULL is a no-op. Never pass it to `free()`.
