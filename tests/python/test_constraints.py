@@ -140,6 +140,21 @@ def test_json_schema_completions_validate(client):
     assert stopped >= len(results) * 3 // 4, f"only {stopped} of {len(results)} finished within max_tokens"
 
 
+@pytest.mark.parametrize("field, grammar", [
+    ("grammar", 'start: answer "."\nanswer: "yes" | "no" | "maybe"'),
+    ("ebnf", 'root ::= answer "."\nanswer ::= "yes" | "no" | "maybe"  # GBNF'),
+])
+def test_grammar_completions_follow_the_grammar(client, field, grammar):
+    def job(subject, temperature, seed):
+        return lambda: ask(client, f"Do you like {subject}?", temperature, seed, extra_body={field: grammar},
+                           max_tokens=8)
+
+    results = run_all([job(*c) for c in cases()[:16]])
+    for r in results:
+        c = r.choices[0]
+        assert c.finish_reason == "stop" and c.message.content in ("yes.", "no.", "maybe."), c
+
+
 def test_forced_tool_calls_are_valid(client):
     def job(subject, temperature, seed):
         choice = "required" if seed % 2 else {"type": "function", "function": {"name": "get_weather"}}
