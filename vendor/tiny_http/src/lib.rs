@@ -343,19 +343,23 @@ impl Server {
                         let messages = inside_messages.clone();
                         let mut client = Some((client, place));
                         tasks_pool.spawn(Box::new(move || {
-                            if let Some((client, _place)) = client.take() {
+                            if let Some((mut client, place)) = client.take() {
                                 // Synchronization is needed for HTTPS requests to avoid a deadlock
                                 if client.secure() {
                                     let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
+                                    for rq in &mut client {
                                         messages.push(rq.with_notify_sender(sender.clone()).into());
                                         receiver.recv().unwrap();
                                     }
                                 } else {
-                                    for rq in client {
+                                    for rq in &mut client {
                                         messages.push(rq.into());
                                     }
                                 }
+                                // chatd patch: the place is free before the client can see the
+                                // connection close, so it may connect again at once.
+                                drop(place);
+                                drop(client);
                             }
                         }));
                     }
