@@ -92,11 +92,19 @@ pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolMo
 }
 
 /// The schema of a call to one of `tools`: `{"name": <its name>, "arguments": <its parameters>}`.
+/// Arguments get no properties beyond those declared unless the schema says otherwise (as
+/// OpenAI's strict function calling does): left open, a small model keeps inventing keys.
 pub fn call_schema(tools: &[Tool]) -> Value {
     let one = |t: &Tool| {
+        let mut arguments = t.parameters.clone();
+        if let Value::Object(schema) = &mut arguments
+            && schema.contains_key("properties")
+        {
+            schema.entry("additionalProperties").or_insert(Value::Bool(false));
+        }
         json!({
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+            "properties": {"name": {"const": t.name}, "arguments": arguments},
             "required": ["name", "arguments"],
             "additionalProperties": false,
         })
@@ -193,6 +201,7 @@ mod tests {
         let e = tool_mode(Some(&tools), Some(&json!({"type": "function", "function": {"name": "c"}}))).unwrap_err();
         assert!(e.message.contains("\"c\"") && e.message.contains("a, b"), "{}", e.message);
         assert!(tool_mode(None, Some(&json!("required"))).is_err());
-        assert!(call_schema(&forced)["properties"]["arguments"]["properties"]["x"].is_object());
+        let arguments = &call_schema(&forced)["properties"]["arguments"];
+        assert!(arguments["properties"]["x"].is_object() && arguments["additionalProperties"] == false);
     }
 }

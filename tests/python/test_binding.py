@@ -7,6 +7,7 @@ the installed `libchat` package when there is one, else the source in bindings/p
 """
 
 import importlib.util
+import json
 import os
 import sys
 import threading
@@ -156,3 +157,21 @@ def test_complete(engine):
     assert response["object"] == "text_completion"
     assert response["choices"][0]["text"]
     assert response["usage"]["completion_tokens"] > 0
+
+
+def test_constraints_and_tool_calls_work_through_the_binding(engine):
+    """The request JSON is the HTTP API's, constraints included."""
+    import re
+
+    response = engine.chat(ask("When were you born? Answer with a year.", regex="(19|20)[0-9]{2}", max_tokens=8))
+    assert re.fullmatch("(19|20)[0-9]{2}", content(response)), content(response)
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}}}
+    response = engine.chat(ask("Weather in Paris?", tools=[tool], tool_choice="required", max_tokens=48))
+    choice = response["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", choice
+    call = choice["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and isinstance(json.loads(call["arguments"])["city"], str)
+    with pytest.raises(libchat.ChatError) as refused:
+        engine.chat(ask("hi", regex="(unclosed"))
+    assert refused.value.status_name == "CHAT_INVALID_REQUEST" and "regex" in refused.value.message
