@@ -69,44 +69,24 @@ fn tokenize(text: &str) -> Result<Vec<Token>, String> {
                 }
             }
             '"' => {
-                let start = i;
-                i += 1;
-                while i < chars.len() && chars[i] != '"' {
-                    i += if chars[i] == '\\' { 2 } else { 1 };
-                }
-                if i >= chars.len() {
-                    return Err("a string literal is not closed".into());
-                }
-                i += 1;
-                tokens.push(Token::Other(chars[start..i].iter().collect()));
+                let end = closing(&chars, i, '"', "a string literal")?;
+                tokens.push(Token::Other(chars[i..end].iter().collect()));
+                i = end;
             }
             '[' => {
-                let start = i;
-                i += 1;
-                while i < chars.len() && chars[i] != ']' {
-                    i += if chars[i] == '\\' { 2 } else { 1 };
-                }
-                if i >= chars.len() {
-                    return Err("a character class `[...]` is not closed".into());
-                }
-                i += 1;
-                let class: String = chars[start..i].iter().collect();
+                let end = closing(&chars, i, ']', "a character class `[...]`")?;
+                let class: String = chars[i..end].iter().collect();
                 tokens.push(Token::Other(format!("/{}/", class.replace('/', "\\/"))));
+                i = end;
             }
             ':' if chars.get(i + 1) == Some(&':') && chars.get(i + 2) == Some(&'=') => {
                 tokens.push(Token::Defines);
                 i += 3;
             }
             '{' => {
-                let start = i;
-                while i < chars.len() && chars[i] != '}' {
-                    i += 1;
-                }
-                if i >= chars.len() {
-                    return Err("a repetition `{m,n}` is not closed".into());
-                }
-                i += 1;
-                tokens.push(Token::Other(chars[start..i].iter().collect()));
+                let end = closing(&chars, i, '}', "a repetition `{m,n}`")?;
+                tokens.push(Token::Other(chars[i..end].iter().collect()));
+                i = end;
             }
             '|' | '(' | ')' | '*' | '+' | '?' => {
                 tokens.push(Token::Other(c.to_string()));
@@ -123,6 +103,19 @@ fn tokenize(text: &str) -> Result<Vec<Token>, String> {
         }
     }
     Ok(tokens)
+}
+
+/// The index just past the `close` that ends the literal opened at `open` (backslash escapes
+/// skipped).
+fn closing(chars: &[char], open: usize, close: char, what: &str) -> Result<usize, String> {
+    let mut i = open + 1;
+    while i < chars.len() && chars[i] != close {
+        i += if chars[i] == '\\' { 2 } else { 1 };
+    }
+    if i >= chars.len() {
+        return Err(format!("{what} is not closed"));
+    }
+    Ok(i + 1)
 }
 
 #[cfg(test)]
