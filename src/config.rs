@@ -85,6 +85,12 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
         "X",
         "most slowdown of running streams while a new prompt is fed [2.0]",
     ),
+    (
+        "speculative-tokens",
+        "CHATD_SPECULATIVE_TOKENS",
+        "N",
+        "draft tokens checked per run while one stream generates alone (genai layout); 0 = off [0]",
+    ),
     ("kv-cache-mb", "CHATD_KV_CACHE_MB", "N", "most memory for the genai layout's shared KV cache [1024]"),
     (
         "prefix-cache-mb",
@@ -295,6 +301,7 @@ impl Config {
             "max-queue-wait-s" => self.engine.max_queue_wait = seconds(value)?,
             "request-timeout-s" => self.engine.request_timeout = seconds(value)?,
             "prefill-chunk" => self.engine.prefill_chunk = count(value, 1)?,
+            "speculative-tokens" => self.engine.speculative_tokens = count(value, 0)?.min(64),
             "stream-slowdown" => {
                 self.engine.stream_slowdown = match value.trim().parse::<f64>() {
                     Ok(x) if (1.1..=1000.0).contains(&x) => x,

@@ -9,6 +9,7 @@ mod prefix_cache;
 mod request;
 mod scheduler;
 mod sequence;
+mod speculation;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -44,6 +45,9 @@ pub struct EngineConfig {
     pub workers: usize,
     /// Memory for keys and values kept for reuse by later requests (0 turns reuse off).
     pub prefix_cache_bytes: usize,
+    /// Draft tokens checked per model run when one sequence generates alone (prompt-lookup
+    /// speculation, see `speculation`); 0 turns it off.
+    pub speculative_tokens: usize,
     /// Called from the scheduler loop itself at least this often, idle or busy: a stuck
     /// engine stops calling it (systemd's watchdog).
     pub heartbeat: Option<Heartbeat>,
@@ -73,6 +77,7 @@ impl Default for EngineConfig {
             stream_slowdown: 2.0,
             workers: 2,
             prefix_cache_bytes: 256 << 20,
+            speculative_tokens: 0,
             heartbeat: None,
         }
     }
@@ -117,6 +122,9 @@ pub struct EngineStats {
     /// Decode steps run, and tokens they produced: tokens / steps is the mean batch size.
     pub decode_steps: AtomicUsize,
     pub decode_tokens: AtomicUsize,
+    /// Draft tokens checked by speculative runs, and of them those accepted.
+    pub draft_tokens: AtomicUsize,
+    pub draft_accepted: AtomicUsize,
     /// Set by `Engine::stop`: running requests end now, queued and new ones are refused.
     pub stopping: AtomicBool,
 }

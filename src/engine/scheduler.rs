@@ -9,6 +9,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use super::prefix_cache::PrefixCache;
 use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Timings, Usage};
 use super::sequence::{Rules, Sequence};
+use super::speculation::Drafter;
 use super::{EngineConfig, EngineStats};
 use rayon::prelude::*;
 
@@ -138,6 +139,8 @@ pub(crate) struct Scheduler {
     pacer: Pacer,
     /// Logits of the last prompt chunk run, reused from chunk to chunk.
     prefill_logits: Vec<f32>,
+    /// Logits of every position of a speculative run.
+    verify_logits: Vec<f32>,
     /// Threads for per-sequence CPU work; `None` runs it on the scheduler thread.
     workers: Option<rayon::ThreadPool>,
     last_beat: Option<Instant>,
@@ -175,6 +178,7 @@ impl Scheduler {
             prefix,
             pacer,
             prefill_logits: Vec::new(),
+            verify_logits: Vec::new(),
             workers,
             last_beat: None,
         }
@@ -346,6 +350,9 @@ impl Scheduler {
                 }
             }
         }
+        if let Some(elapsed) = self.speculative_round() {
+            return elapsed;
+        }
         let mut items = Vec::new();
         for group in &mut self.groups {
             if let State::Decode { seqs } = &mut group.state {
@@ -383,6 +390,84 @@ impl Scheduler {
             _ => self.groups.iter_mut().for_each(work),
         }
         elapsed
+    }
+
+    /// When one sequence generates alone and its last tokens occurred before, runs its token
+    /// and the tokens that followed then in one model run and keeps those the sampler agrees
+    /// with (see `speculation`). `None`: not the case, or no draft; a plain step follows.
+    fn speculative_round(&mut self) -> Option<Duration> {
+        if self.config.speculative_tokens == 0 || !self.model.can_verify() {
+            return None;
+        }
+        // Alone: no prompt being read and exactly one sequence generating.
+        if self.groups.iter().any(|g| matches!(g.state, State::Prefill { .. })) {
+            return None;
+        }
+        let mut alone = None;
+        for (g, group) in self.groups.iter().enumerate() {
+            if let State::Decode { seqs } = &group.state {
+                for (i, _) in seqs.iter().enumerate().filter(|(_, s)| s.finished.is_none()) {
+                    if alone.replace((g, i)).is_some() {
+                        return None;
+                    }
+                }
+            }
+        }
+        let (g, i) = alone?;
+        let group = &mut self.groups[g];
+        let State::Decode { seqs } = &mut group.state else { return None };
+        let seq = &mut seqs[i];
+        if !seq.can_speculate() {
+            return None;
+        }
+        let request = &group.job.request;
+        let old_len = seq.cache.len();
+        // Room for the token and its draft: tokens still allowed, context and KV budget.
+        let room = (request.max_tokens - seq.generated)
+            .min(self.model.info().context_length.saturating_sub(old_len + 1))
+            .min(self.model.kv_position_limit().saturating_sub(old_len + 1));
+        let drafter = seq.drafter.get_or_insert_with(|| Drafter::new(self.config.speculative_tokens));
+        let draft = drafter.draft(&request.prompt, &seq.tokens, room.saturating_sub(1));
+        if draft.is_empty() {
+            return None;
+        }
+        let mut tokens = Vec::with_capacity(draft.len() + 1);
+        tokens.push(seq.last_token);
+        tokens.extend_from_slice(&draft);
+        let started = Instant::now();
+        let result = self.model.verify(&tokens, &mut seq.cache, &mut self.verify_logits);
+        let elapsed = started.elapsed();
+        log::trace!("speculative step, {} draft tokens: {:.1} ms", draft.len(), elapsed.as_secs_f64() * 1e3);
+        if let Err(e) = result {
+            fail(group, e);
+            return Some(elapsed);
+        }
+        group.timings.model += elapsed;
+        let vocab = self.model.info().vocab_size;
+        let rules = rules(self.model.info(), &self.tokenizer, request);
+        // Row `used` holds the logits after the token and draft[..used]; valid while every
+        // earlier draw agreed with the draft.
+        let mut used = 0;
+        let outcome = loop {
+            seq.logits.copy_from_slice(&self.verify_logits[used * vocab..(used + 1) * vocab]);
+            if let Err(e) = seq.advance(&rules, &mut group.timings, &mut group.events) {
+                break Err(e);
+            }
+            if seq.finished.is_some() || used == draft.len() || seq.last_token != draft[used] {
+                break Ok(());
+            }
+            used += 1;
+        };
+        seq.drafter.as_mut().expect("speculating").update(draft.len(), used);
+        let outcome = outcome.and_then(|()| self.model.truncate(&mut seq.cache, old_len + 1 + used));
+        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.stats.decode_tokens.fetch_add(used + 1, Ordering::Relaxed);
+        self.stats.draft_tokens.fetch_add(draft.len(), Ordering::Relaxed);
+        self.stats.draft_accepted.fetch_add(used, Ordering::Relaxed);
+        if let Err(e) = outcome {
+            fail(group, e);
+        }
+        Some(elapsed)
     }
 
     /// Sends each request the events of this round; a request whose caller is gone is dropped

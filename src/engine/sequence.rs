@@ -4,6 +4,7 @@ use std::time::Instant;
 use anyhow::Result;
 
 use super::request::{Event, FinishReason, GenerateRequest, Timings};
+use super::speculation::Drafter;
 use crate::constraint::{Constraint, Next};
 use crate::model::KvCache;
 use crate::sampling::{self, Sampler, TokenLogprobs};
@@ -31,6 +32,8 @@ pub(super) struct Sequence {
     raw: Vec<f32>,
     /// The request's constraint, followed by this sequence.
     constraint: Option<Constraint>,
+    /// Guesses its next tokens; made on its first speculative round.
+    pub drafter: Option<Drafter>,
 }
 
 /// What ends a sequence, shared by all choices of a request.
@@ -58,7 +61,14 @@ impl Sequence {
             scratch: Vec::new(),
             raw: Vec::new(),
             constraint: request.constraint.as_ref().map(|c| c.start()),
+            drafter: None,
         }
+    }
+
+    /// Whether draft tokens may be checked for this sequence. A constraint's state advances
+    /// token by token and would have to be rolled back on a rejected guess, so not with one.
+    pub fn can_speculate(&self) -> bool {
+        self.constraint.is_none() && self.finished.is_none()
     }
 
     /// Samples the next token from `self.logits` and turns it into events: new text, and a
@@ -122,8 +132,10 @@ impl Sequence {
             self.finish(FinishReason::Stop, rest, events);
             return Ok(());
         }
-        // The next step would feed `token` into the cache.
-        if self.generated >= request.max_tokens || self.cache.len() + 1 >= rules.context_length {
+        // The next step would feed `token` into the cache, after the prompt and every earlier
+        // token (counted from the tokens: during a speculative run the cache already holds
+        // the draft).
+        if self.generated >= request.max_tokens || request.prompt.len() + self.generated >= rules.context_length {
             let rest = self.stop.finish();
             self.finish(FinishReason::Length, rest, events);
         }

@@ -224,8 +224,9 @@ impl GenaiModel {
         Ok(copy)
     }
 
-    /// Feeds `tokens` (a prompt chunk) to one sequence at batch size 1.
-    pub fn prefill(&mut self, lease: &RowLease, len: usize, tokens: &[u32], logits: &mut [f32]) -> Result<()> {
+    /// Feeds `tokens` (a prompt chunk, or a token and its draft continuation) to one sequence
+    /// at batch size 1; returns the logits after each of them, `tokens.len()` rows.
+    pub fn prefill(&mut self, lease: &RowLease, len: usize, tokens: &[u32]) -> Result<&[f32]> {
         let n = tokens.len();
         self.pool.ensure_capacity(len + n)?;
         self.ids.clear();
@@ -236,9 +237,13 @@ impl GenaiModel {
         self.positions.extend((len..len + n).map(|p| p as i64));
         self.logits.resize(n * self.vocab);
         self.run(lease.row(), 1, n, len + n)?;
-        logits.copy_from_slice(&self.logits[(n - 1) * self.vocab..n * self.vocab]);
         self.pool.set_row_len(lease.row(), len + n);
-        Ok(())
+        Ok(&self.logits[..n * self.vocab])
+    }
+
+    /// Forgets every position of the row from `len` on; they are overwritten by later runs.
+    pub fn truncate(&mut self, lease: &RowLease, len: usize) {
+        self.pool.set_row_len(lease.row(), len);
     }
 
     /// One token for each of `rows` in a single run. Leased rows that are not in the step ride

@@ -231,10 +231,43 @@ impl Model {
         anyhow::ensure!(!tokens.is_empty(), "forward needs at least one token");
         match (&mut self.layout, &mut cache.inner) {
             (Layout::Optimum(m), KvInner::Optimum(kv)) => m.forward(tokens, cache.len, kv, logits)?,
-            (Layout::Genai(m), KvInner::Genai(lease)) => m.prefill(lease, cache.len, tokens, logits)?,
+            (Layout::Genai(m), KvInner::Genai(lease)) => {
+                let rows = m.prefill(lease, cache.len, tokens)?;
+                logits.copy_from_slice(&rows[rows.len() - logits.len()..]);
+            }
             _ => anyhow::bail!("a cache of another layout"),
         }
         cache.len += tokens.len();
+        Ok(())
+    }
+
+    /// Whether `verify` and `truncate` work: a layout whose KV cache can be cut back cheaply.
+    pub fn can_verify(&self) -> bool {
+        matches!(self.layout, Layout::Genai(_))
+    }
+
+    /// Like `forward`, but writes the logits after every one of `tokens` into `logits`
+    /// (`tokens.len()` vocabulary-sized rows): checking draft tokens takes one run.
+    pub fn verify(&mut self, tokens: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
+        anyhow::ensure!(!tokens.is_empty(), "verify needs at least one token");
+        let (Layout::Genai(m), KvInner::Genai(lease)) = (&mut self.layout, &mut cache.inner) else {
+            anyhow::bail!("only the onnxruntime-genai layout can verify drafts");
+        };
+        let rows = m.prefill(lease, cache.len, tokens)?;
+        logits.clear();
+        logits.extend_from_slice(rows);
+        cache.len += tokens.len();
+        Ok(())
+    }
+
+    /// Cuts `cache` back to its first `len` positions (rejected draft tokens).
+    pub fn truncate(&mut self, cache: &mut KvCache, len: usize) -> Result<()> {
+        anyhow::ensure!(len <= cache.len, "cannot truncate a cache of {} positions to {len}", cache.len);
+        match (&mut self.layout, &cache.inner) {
+            (Layout::Genai(m), KvInner::Genai(lease)) => m.truncate(lease, len),
+            _ => anyhow::bail!("only the onnxruntime-genai layout can truncate a cache"),
+        }
+        cache.len = len;
         Ok(())
     }
 

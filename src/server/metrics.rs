@@ -75,6 +75,8 @@ pub(crate) struct Gauges {
     pub prefix_bytes: usize,
     pub decode_steps: usize,
     pub decode_tokens: usize,
+    pub draft_tokens: usize,
+    pub draft_accepted: usize,
     pub connections_open: usize,
     pub connections_refused: usize,
     pub protocol_errors: usize,
@@ -204,6 +206,18 @@ impl Metrics {
         gauge(&mut out, "chatd_prefix_cache_bytes", "Bytes held by the prefix cache.", gauges.prefix_bytes as f64);
         counter(&mut out, "chatd_decode_steps_total", "Batched decode steps run.", gauges.decode_steps as f64);
         counter(&mut out, "chatd_decode_tokens_total", "Tokens produced by decode steps.", gauges.decode_tokens as f64);
+        counter(
+            &mut out,
+            "chatd_speculative_draft_tokens_total",
+            "Draft tokens checked by speculative decode steps.",
+            gauges.draft_tokens as f64,
+        );
+        counter(
+            &mut out,
+            "chatd_speculative_accepted_tokens_total",
+            "Draft tokens accepted by speculative decode steps.",
+            gauges.draft_accepted as f64,
+        );
         gauge(&mut out, "chatd_connections_open", "HTTP connections being read.", gauges.connections_open as f64);
         counter(
             &mut out,
@@ -265,6 +279,8 @@ mod tests {
             prefix_bytes: 0,
             decode_steps: 0,
             decode_tokens: 0,
+            draft_tokens: 0,
+            draft_accepted: 0,
             connections_open: 0,
             connections_refused: 0,
             protocol_errors: 0,

@@ -169,6 +169,10 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
         },
         "decode_steps": read(&stats.decode_steps),
         "decode_tokens": read(&stats.decode_tokens),
+        "speculative": {
+            "draft_tokens": read(&stats.draft_tokens),
+            "accepted_tokens": read(&stats.draft_accepted),
+        },
     })
 }
 
@@ -398,6 +402,8 @@ fn respond_metrics(shared: &Shared, request: Request) -> Outcome {
         prefix_bytes: stat(|s| &s.prefix_cache_bytes),
         decode_steps: stat(|s| &s.decode_steps),
         decode_tokens: stat(|s| &s.decode_tokens),
+        draft_tokens: stat(|s| &s.draft_tokens),
+        draft_accepted: stat(|s| &s.draft_accepted),
         connections_open: shared.connections.open_connections(),
         connections_refused: shared.connections.refused_connections(),
         protocol_errors: shared.connections.rejected_heads(),
