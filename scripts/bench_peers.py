@@ -12,7 +12,8 @@ Runs per server (the "phases"):
   turns2   --turns 10 --concurrency 2                (not with --quick)
   c4       --concurrency 4 --requests 16             aggregate completion tok/s, failures
   c8       --concurrency 8 --requests 24             aggregate completion tok/s, failures
-plus chatd on the Optimum folder (single only, for reference) and a chatd overload run
+plus chatd with --speculative-tokens N (prompt-lookup speculation; single only), chatd on the
+Optimum folder (single only, for reference) and a chatd overload run
 (--max-queued 16 --max-running 8; --concurrency 64 --requests 128 --max-tokens 32): 429s, other
 failures, and whether anything hung.
 
@@ -334,6 +335,9 @@ class Bench:
         a = self.args
         phases = PHASES_QUICK if a.quick else PHASES_FULL
         self.run_server("chatd", self.chatd("chatd", a.genai_model), phases, check=True)
+        if a.speculative_tokens > 0:
+            self.run_server("chatd_spec", self.chatd("chatd-spec", a.genai_model,
+                                                     ("--speculative-tokens", str(a.speculative_tokens))), phases[:1])
         self.run_server("chatd_optimum", self.chatd("chatd-optimum", a.optimum_model), phases[:1])
         if not a.skip_oga:
             self.run_server("oga", self.oga(), phases, check=True)
@@ -413,6 +417,11 @@ def report(bench, args, started, versions):
     rows = []  # (metric, {col: value}, nd)
     rows.append(("single-stream decode tok/s (median per request)",
                  {c: m(c, "single", "decode_tps_per_request", "median") for c in cols}, 1))
+    spec_single = m("chatd_spec", "single", "decode_tps_per_request", "median")
+    if args.speculative_tokens > 0:
+        rows.append((f"single-stream decode tok/s, chatd --speculative-tokens {args.speculative_tokens}",
+                     {"chatd": spec_single, "oga": m("oga", "single", "decode_tps_per_request", "median"),
+                      "llama": m("llama", "single", "decode_tps_per_request", "median")}, 1))
     rows.append(("single-stream TTFT s (median; lower is better)",
                  {c: m(c, "single", "ttft_s", "median") for c in cols}, 3))
     rows.append(("aggregate completion tok/s, c=4",
@@ -500,6 +509,12 @@ def report(bench, args, started, versions):
         target(f"single-stream decode >= {T_SINGLE_OVER_PEERS}x {label}",
                None if skipped or r is None else r >= T_SINGLE_OVER_PEERS,
                "skipped" if skipped else f"{fmt(r)}x ({fmt(single, 1)} vs {fmt(peer_single, 1)} tok/s)")
+        if args.speculative_tokens > 0:
+            r = ratio(spec_single, peer_single)
+            target(f"single-stream decode with --speculative-tokens {args.speculative_tokens} >= "
+                   f"{T_SINGLE_OVER_PEERS}x {label}",
+                   None if skipped or r is None else r >= T_SINGLE_OVER_PEERS,
+                   "skipped" if skipped else f"{fmt(r)}x ({fmt(spec_single, 1)} vs {fmt(peer_single, 1)} tok/s)")
     llama_c8 = m("llama", "c8", "aggregate_completion_tps")
     r = ratio(c8, llama_c8)
     target(f"aggregate tok/s at c=8 >= {T_C8_OVER_LLAMA}x llama-server's",
@@ -586,6 +601,8 @@ def main():
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds for a server to become ready")
     p.add_argument("--run-timeout", type=float, default=1800.0, help="wall limit of one chatbench run")
     p.add_argument("--overload-timeout", type=float, default=120.0, help="chatbench --timeout of the overload run")
+    p.add_argument("--speculative-tokens", type=int, default=8,
+                   help="also run chatd's single stream with this many draft tokens (0: not)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--skip-oga", action="store_true")

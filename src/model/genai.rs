@@ -17,9 +17,10 @@ use ort::session::Session;
 use ort::value::{Shape, TensorRef, TensorRefMut, ValueType};
 use serde_json::Value;
 
-use super::ModelInfo;
 use super::config::{GenerationDefaults, ids_of, read_json};
 use super::kv_pool::{AlignedBuf, KvPool, RowLease};
+use super::runtime::{self, RuntimeOptions};
+use super::{ModelInfo, logit_positions};
 
 /// What `genai_config.json` says about the decoder.
 pub struct GenaiConfig {
@@ -95,6 +96,8 @@ enum Input {
     Ids,
     Mask,
     Positions,
+    /// Which positions' logits a run returns (the input `logit_positions` adds at load).
+    LogitPositions,
     /// Buffer index in the pool: layer * 2 (+1 for values).
     Kv(usize),
 }
@@ -110,6 +113,10 @@ pub struct GenaiModel {
     ids: Vec<i64>,
     mask: Vec<i64>,
     positions: Vec<i64>,
+    /// Fed to `Input::LogitPositions`, when the model has it.
+    logit_positions: Vec<i64>,
+    /// Whether runs can return some positions' logits only (else every position's).
+    picks_positions: bool,
     logits: AlignedBuf,
     /// The KV tensors of the last run and what they were made for (first row, rows,
     /// capacity, pool generation).
@@ -145,6 +152,10 @@ impl GenaiModel {
         want(&config.attention_mask, Input::Mask)?;
         if let Some(p) = &config.position_ids {
             want(p, Input::Positions)?;
+        }
+        let picks_positions = model_inputs.iter().any(|n| n == logit_positions::INPUT);
+        if picks_positions {
+            want(logit_positions::INPUT, Input::LogitPositions)?;
         }
         for layer in 0..layers {
             want(&config.past_key.replace("%d", &layer.to_string()), Input::Kv(layer * 2))?;
@@ -199,6 +210,8 @@ impl GenaiModel {
             ids: Vec::new(),
             mask: Vec::new(),
             positions: Vec::new(),
+            logit_positions: Vec::new(),
+            picks_positions,
             logits: AlignedBuf::default(),
             kv_views: Vec::new(),
             kv_views_key: None,
@@ -225,8 +238,9 @@ impl GenaiModel {
     }
 
     /// Feeds `tokens` (a prompt chunk, or a token and its draft continuation) to one sequence
-    /// at batch size 1; returns the logits after each of them, `tokens.len()` rows.
-    pub fn prefill(&mut self, lease: &RowLease, len: usize, tokens: &[u32]) -> Result<&[f32]> {
+    /// at batch size 1; returns the logits after each of them (`all`, `tokens.len()` rows) or
+    /// at least after the last (the last row).
+    pub fn prefill(&mut self, lease: &RowLease, len: usize, tokens: &[u32], all: bool) -> Result<&[f32]> {
         let n = tokens.len();
         self.pool.ensure_capacity(len + n)?;
         self.ids.clear();
@@ -235,10 +249,17 @@ impl GenaiModel {
         self.mask.resize(len + n, 1);
         self.positions.clear();
         self.positions.extend((len..len + n).map(|p| p as i64));
-        self.logits.resize(n * self.vocab);
+        self.logit_positions.clear();
+        if all || !self.picks_positions {
+            self.logit_positions.extend(0..n as i64);
+        } else {
+            self.logit_positions.push(n as i64 - 1);
+        }
+        let rows = self.logit_positions.len();
+        self.logits.resize(rows * self.vocab);
         self.run(lease.row(), 1, n, len + n)?;
         self.pool.set_row_len(lease.row(), len + n);
-        Ok(&self.logits[..n * self.vocab])
+        Ok(&self.logits[..rows * self.vocab])
     }
 
     /// Forgets every position of the row from `len` on; they are overwritten by later runs.
@@ -271,6 +292,8 @@ impl GenaiModel {
             self.mask.extend((0..width).map(|p| i64::from(p <= len)));
             self.positions.push(len as i64);
         }
+        self.logit_positions.clear();
+        self.logit_positions.push(0);
         self.logits.resize(span * self.vocab);
         self.run(0, span, 1, width)?;
         for row in rows.iter_mut() {
@@ -289,6 +312,9 @@ impl GenaiModel {
         let ids = TensorRef::from_array_view(([batch, seq], &self.ids[..]))?;
         let mask = TensorRef::from_array_view(([batch, width], &self.mask[..]))?;
         let positions = TensorRef::from_array_view(([batch, seq], &self.positions[..]))?;
+        let picked = self.logit_positions.len();
+        let logit_positions = TensorRef::from_array_view(([picked], &self.logit_positions[..]))?;
+        let rows = if self.picks_positions { picked } else { seq };
         let kv_count = self.output_names.len() - 1;
         let key = (first, batch, capacity, self.pool.generation());
         if self.kv_views_key != Some(key) {
@@ -314,11 +340,11 @@ impl GenaiModel {
                 TensorRefMut::<f32>::from_raw(
                     MemoryInfo::default(),
                     ptr.cast(),
-                    Shape::new([batch as i64, seq as i64, self.vocab as i64]),
+                    Shape::new([batch as i64, rows as i64, self.vocab as i64]),
                 )?
             }
         };
-        debug_assert!(self.logits.len() >= batch * seq * self.vocab);
+        debug_assert!(self.logits.len() >= batch * rows * self.vocab);
         let input_ptrs: Vec<*const ort::sys::OrtValue> = self
             .inputs
             .iter()
@@ -326,6 +352,7 @@ impl GenaiModel {
                 Input::Ids => ids.ptr(),
                 Input::Mask => mask.ptr(),
                 Input::Positions => positions.ptr(),
+                Input::LogitPositions => logit_positions.ptr(),
                 Input::Kv(i) => kv[i].ptr(),
             })
             .collect();
@@ -352,6 +379,26 @@ impl GenaiModel {
         };
         check(status).context("running the model")
     }
+}
+
+/// Opens the decoder with the `logit_positions` input added (see that module), or as it is
+/// when the edit does not apply: very large single-file models (the edit holds a copy of the
+/// file in memory while loading) and graphs without a node making the logits.
+pub fn open(config: &GenaiConfig, options: &RuntimeOptions) -> Result<Session> {
+    const EDIT_LIMIT: u64 = 256 << 20;
+    let size = std::fs::metadata(&config.file).with_context(|| format!("reading {}", config.file.display()))?.len();
+    if size <= EDIT_LIMIT {
+        let bytes = std::fs::read(&config.file).with_context(|| format!("reading {}", config.file.display()))?;
+        match logit_positions::add_input(&bytes, &config.logits) {
+            Ok(edited) => {
+                drop(bytes);
+                let dir = config.file.parent().unwrap_or(Path::new("."));
+                return runtime::open_session_from_memory(&edited, dir, options);
+            }
+            Err(e) => log::warn!("computing the logits of every prompt position: {e:#}"),
+        }
+    }
+    runtime::open_session(&config.file, options)
 }
 
 fn check(status: ort::sys::OrtStatusPtr) -> Result<()> {

@@ -5,6 +5,7 @@
 mod config;
 mod genai;
 mod kv_pool;
+mod logit_positions;
 mod optimum;
 pub mod runtime;
 
@@ -105,8 +106,8 @@ impl Model {
             if let (false, Some(threads)) = (options.intra_threads_set, config.intra_op_threads) {
                 options.intra_threads = threads;
             }
-            let session = runtime::open_session(&config.file, &options)
-                .with_context(|| format!("loading {}", config.file.display()))?;
+            let session =
+                genai::open(&config, &options).with_context(|| format!("loading {}", config.file.display()))?;
             let model = genai::GenaiModel::new(session, &config, options.kv_cache_bytes)
                 .with_context(|| format!("reading the inputs and outputs of {}", config.file.display()))?;
             return Ok(Self { info: config.info, layout: Layout::Genai(model), provider: options.provider });
@@ -232,7 +233,7 @@ impl Model {
         match (&mut self.layout, &mut cache.inner) {
             (Layout::Optimum(m), KvInner::Optimum(kv)) => m.forward(tokens, cache.len, kv, logits)?,
             (Layout::Genai(m), KvInner::Genai(lease)) => {
-                let rows = m.prefill(lease, cache.len, tokens)?;
+                let rows = m.prefill(lease, cache.len, tokens, false)?;
                 logits.copy_from_slice(&rows[rows.len() - logits.len()..]);
             }
             _ => anyhow::bail!("a cache of another layout"),
@@ -253,7 +254,7 @@ impl Model {
         let (Layout::Genai(m), KvInner::Genai(lease)) = (&mut self.layout, &mut cache.inner) else {
             anyhow::bail!("only the onnxruntime-genai layout can verify drafts");
         };
-        let rows = m.prefill(lease, cache.len, tokens)?;
+        let rows = m.prefill(lease, cache.len, tokens, true)?;
         logits.clear();
         logits.extend_from_slice(rows);
         cache.len += tokens.len();

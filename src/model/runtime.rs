@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use ort::session::{Session, builder::GraphOptimizationLevel};
 
 /// How to run models: which runtime library, how many threads.
@@ -208,6 +208,19 @@ fn library_version(path: &Path) -> Option<String> {
 
 /// Opens a session with the options that measured fastest for decoder models on small CPUs.
 pub(crate) fn open_session(file: &Path, options: &RuntimeOptions) -> Result<Session> {
+    Ok(builder(options)?.commit_from_file(file)?)
+}
+
+/// Like `open_session`, for a model already in memory whose external weights live in `dir`.
+pub(crate) fn open_session_from_memory(model: &[u8], dir: &Path, options: &RuntimeOptions) -> Result<Session> {
+    let dir = dir.to_str().context("the model folder's path is not UTF-8")?;
+    let mut builder = builder(options)?
+        .with_config_entry("session.model_external_initializers_file_folder_path", dir)
+        .map_err(ort::Error::<()>::from)?;
+    Ok(builder.commit_from_memory(model)?)
+}
+
+fn builder(options: &RuntimeOptions) -> Result<ort::session::builder::SessionBuilder> {
     let loaded =
         ENVIRONMENT.get().and_then(|r| r.as_ref().ok()).ok_or_else(|| anyhow::anyhow!("ONNX Runtime is not loaded"))?;
     let session = Session::builder(&loaded.1)?
@@ -226,7 +239,7 @@ pub(crate) fn open_session(file: &Path, options: &RuntimeOptions) -> Result<Sess
         Provider::Cuda(device) => Some(ort::ep::CUDA::default().with_device_id(device).build()),
         Provider::TensorRt(device) => Some(ort::ep::TensorRT::default().with_device_id(device).build()),
     };
-    let mut session = match gpu {
+    Ok(match gpu {
         None => session,
         Some(ep) => session.with_execution_providers([ep.error_on_failure()]).map_err(|e| {
             anyhow::anyhow!(
@@ -236,6 +249,5 @@ pub(crate) fn open_session(file: &Path, options: &RuntimeOptions) -> Result<Sess
                 options.provider
             )
         })?,
-    };
-    Ok(session.commit_from_file(file)?)
+    })
 }
