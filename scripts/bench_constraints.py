@@ -14,15 +14,11 @@ request to the first token. Reports medians and the ratios (targets: decode >= 0
 """
 
 import argparse
-import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
+
+from benchlib import start_chatd, stream
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,35 +44,6 @@ def schema(variant):
     }
 
 
-def stream(base, body):
-    """Sends a streaming request; returns (ttft, decode tok/s, completion tokens)."""
-    body = dict(body, stream=True, stream_options={"include_usage": True})
-    request = urllib.request.Request(base + "/v1/chat/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
-    sent = time.perf_counter()
-    arrivals, usage = [], None
-    with urllib.request.urlopen(request, timeout=300) as r:
-        for line in r:
-            line = line.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                arrivals.append(time.perf_counter())
-    tokens = usage["completion_tokens"]
-    ttft = arrivals[0] - sent
-    decode = (tokens - 1) / (arrivals[-1] - arrivals[0]) if len(arrivals) > 1 else float("nan")
-    return ttft, decode, tokens
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT.parent / "shared/models/smollm2-135m-instruct-genai"))
@@ -84,19 +51,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    port = free_port()
-    log = open(ROOT / "target/bench-constraints.log", "w")
-    daemon = subprocess.Popen([args.chatd, "--model", args.model, "--listen", f"127.0.0.1:{port}", "--threads", "2",
-                               "--prefix-cache-mb", "0"], stderr=log, env=dict(os.environ, CHATD_CONFIG="/dev/null"))
-    base = f"http://127.0.0.1:{port}"
+    daemon, base = start_chatd(args.chatd, args.model, ["--prefix-cache-mb", "0"],
+                               ROOT / "target/bench-constraints.log")
     try:
-        for _ in range(600):
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=1) as r:
-                    if json.load(r)["status"] == "ok":
-                        break
-            except OSError:
-                time.sleep(0.1)
         prompt = [{"role": "user", "content": "Invent a person and describe them."}]
         rows = {"constrained": [], "unconstrained": []}
         # One warm-up of each, unmeasured.

@@ -12,8 +12,9 @@ Runs per server (the "phases"):
   turns2   --turns 10 --concurrency 2                (not with --quick)
   c4       --concurrency 4 --requests 16             aggregate completion tok/s, failures
   c8       --concurrency 8 --requests 24             aggregate completion tok/s, failures
-plus chatd with --speculative-tokens N (prompt-lookup speculation; single only), chatd on the
-Optimum folder (single only, for reference) and a chatd overload run
+plus chatd with --speculative-tokens N (prompt-lookup speculation; single only), chatd with
+--stream-slowdown X (prompts may slow running streams more: throughput over inter-token latency;
+c8 only), chatd on the Optimum folder (single only, for reference) and a chatd overload run
 (--max-queued 16 --max-running 8; --concurrency 64 --requests 128 --max-tokens 32): 429s, other
 failures, and whether anything hung.
 
@@ -338,6 +339,11 @@ class Bench:
         if a.speculative_tokens > 0:
             self.run_server("chatd_spec", self.chatd("chatd-spec", a.genai_model,
                                                      ("--speculative-tokens", str(a.speculative_tokens))), phases[:1])
+        if a.throughput_slowdown > 0:
+            self.run_server("chatd_throughput",
+                            self.chatd("chatd-throughput", a.genai_model,
+                                       ("--stream-slowdown", str(a.throughput_slowdown))),
+                            [p for p in phases if p[0] == "c8"])
         self.run_server("chatd_optimum", self.chatd("chatd-optimum", a.optimum_model), phases[:1])
         if not a.skip_oga:
             self.run_server("oga", self.oga(), phases, check=True)
@@ -429,9 +435,17 @@ def report(bench, args, started, versions):
     rows.append(("failed requests, c=4", {c: failed(c, "c4") for c in cols}, 0))
     rows.append(("aggregate completion tok/s, c=8",
                  {c: m(c, "c8", "aggregate_completion_tps") for c in cols}, 1))
+    peers_c8 = {c: m(c, "c8", "aggregate_completion_tps") for c in ("oga", "llama")}
+    if args.throughput_slowdown > 0:
+        rows.append((f"aggregate completion tok/s, c=8, chatd --stream-slowdown {args.throughput_slowdown}",
+                     {"chatd": m("chatd_throughput", "c8", "aggregate_completion_tps"), **peers_c8}, 1))
     rows.append(("failed requests, c=8", {c: failed(c, "c8") for c in cols}, 0))
     rows.append(("TTFT s median at c=8 (lower is better)",
                  {c: m(c, "c8", "ttft_s", "median") for c in cols}, 3))
+    if args.throughput_slowdown > 0:
+        rows.append((f"TTFT s median at c=8, chatd --stream-slowdown {args.throughput_slowdown}",
+                     {"chatd": m("chatd_throughput", "c8", "ttft_s", "median"),
+                      **{c: m(c, "c8", "ttft_s", "median") for c in ("oga", "llama")}}, 3))
     for phase, conc in (("turns1", 1), ("turns2", 2)):
         if not any(m(c, phase) for c in cols):
             continue
@@ -603,6 +617,8 @@ def main():
     p.add_argument("--overload-timeout", type=float, default=120.0, help="chatbench --timeout of the overload run")
     p.add_argument("--speculative-tokens", type=int, default=8,
                    help="also run chatd's single stream with this many draft tokens (0: not)")
+    p.add_argument("--throughput-slowdown", type=float, default=6.0,
+                   help="also run chatd's c8 phase with this --stream-slowdown (0: not)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--skip-oga", action="store_true")
