@@ -71,7 +71,7 @@ def main():
         print("| metric | constrained (10-property JSON schema) | unconstrained | ratio / delta |")
         print("|---|---|---|---|")
         print(f"| decode tok/s | {c[1]:.1f} | {u[1]:.1f} | {c[1] / u[1]:.2f}x |")
-        print(f"| time to first token | {c[0] * 1e3:.1f} ms | {u[0] * 1e3:.1f} ms | +{(c[0] - u[0]) * 1e3:.1f} ms |")
+        print(f"| time to first token | {c[0] * 1e3:.1f} ms | {u[0] * 1e3:.1f} ms | {(c[0] - u[0]) * 1e3:+.1f} ms |")
         print(f"| completion tokens | {c[2]:.0f} | {u[2]:.0f} | |")
     finally:
         daemon.terminate()

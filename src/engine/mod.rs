@@ -149,6 +149,9 @@ impl Engine {
         let layout = model.layout_name();
         let provider = model.provider();
         let stats = Arc::new(EngineStats::default());
+        if config.speculative_tokens > 0 && !model.can_verify() {
+            log::warn!("speculative_tokens is ignored: the {layout} layout cannot cut back a KV cache");
+        }
         // The scheduler drains this channel every round into its own queue, where `max_queued`
         // is enforced (by `stats.queued`) and waits and deadlines are watched.
         let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1) * 2);

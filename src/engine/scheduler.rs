@@ -423,7 +423,7 @@ impl Scheduler {
         let request = &group.job.request;
         let old_len = seq.cache.len();
         // Room for the token and its draft: tokens still allowed, context and KV budget.
-        let room = (request.max_tokens - seq.generated)
+        let room = (request.max_tokens.saturating_sub(seq.generated))
             .min(self.model.info().context_length.saturating_sub(old_len + 1))
             .min(self.model.kv_position_limit().saturating_sub(old_len + 1));
         let drafter = seq.drafter.get_or_insert_with(|| Drafter::new(self.config.speculative_tokens));
