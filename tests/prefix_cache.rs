@@ -1,6 +1,8 @@
 //! Prefix reuse: a repeated prompt, a shared system prompt and a growing conversation start
 //! from cached keys and values and report them in `usage.prompt_tokens_details.cached_tokens`;
-//! reused prompt positions give exactly the answer of an uncached run; in both model layouts.
+//! reused prompt positions give exactly the answer of an uncached run; a chat's next turn
+//! continuing from the row its last turn left parked answers as one restored from a copy; in
+//! both model layouts.
 
 mod common;
 
@@ -57,6 +59,14 @@ fn prefix_reuse_is_exact_and_reported(model: &Path) {
     assert!(c4 > turn1_prompt, "turn 2 reused {c4} tokens; turn 1's prompt alone was {turn1_prompt}");
     let health = warm.get("/health").json();
     assert!(health["prefix_cache"]["hits"].as_u64().unwrap() >= 3, "{health}");
+
+    // Turn 2 straight after turn 1, as a chat app sends it: the genai layout continues from the
+    // row turn 1 left parked in the KV pool (no copy); above, another request came between and
+    // turn 1 was copied out and restored. Same reuse, same answer.
+    let chat = Daemon::start_with_model(model, &[]);
+    assert_eq!(ask(&chat, &first).0, a_cold);
+    let (t_chat, c5) = ask(&chat, &turn2);
+    assert_eq!((t_chat.as_str(), c5), (t_warm.as_str(), c4));
 }
 
 #[test]

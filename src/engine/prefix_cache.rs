@@ -41,14 +41,13 @@ impl PrefixCache {
     /// the scheduler's `prefill_step`), leaving at least one prompt token to run, since its
     /// logits start the completion.
     pub fn lookup(&mut self, prompt: &[u32], chunk: usize) -> Option<(&KvSnapshot, usize)> {
-        let limit = prompt.len().saturating_sub(1);
         let (index, len) = self
             .entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit) / chunk * chunk))
+            .map(|(i, e)| (i, reusable(&e.tokens, prompt, chunk)))
             .max_by_key(|&(_, len)| len)?;
-        if len < MIN_REUSE.max(chunk) {
+        if len == 0 {
             return None;
         }
         self.clock += 1;
@@ -81,6 +80,13 @@ impl PrefixCache {
         self.bytes += size;
         self.entries.push(Entry { tokens, snapshot, last_used: self.clock });
     }
+}
+
+/// How many positions of a cache holding `tokens` a request for `prompt` may reuse (see
+/// `lookup`); 0 when not worth it.
+pub(super) fn reusable(tokens: &[u32], prompt: &[u32], chunk: usize) -> usize {
+    let len = common_prefix(tokens, prompt).min(prompt.len().saturating_sub(1)) / chunk * chunk;
+    if len < MIN_REUSE.max(chunk) { 0 } else { len }
 }
 
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::prefix_cache::PrefixCache;
+use super::prefix_cache::{self, PrefixCache};
 use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Timings, Usage};
 use super::sequence::{Rules, Sequence};
 use super::speculation::Drafter;
@@ -19,6 +19,11 @@ use crate::text::Tokenizer;
 
 /// Prompt tokens fed in a round when nothing else is generating.
 const ALONE_ROUND_TOKENS: usize = 256;
+
+/// How long the engine stays idle before it gives its working memory (the KV pool) back to the
+/// system. A chat app sends its next turn as soon as an answer arrives: freeing the pool at once
+/// made every turn pay for allocating and faulting it in again (~0.2 s at 2000 positions).
+const IDLE_RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// Paces prompt feeding while other sequences generate. On a small CPU a prompt token costs
 /// about as much as a whole decode step, so feeding a long prompt flat out would stall every
@@ -95,6 +100,17 @@ impl Pacer {
     }
 }
 
+/// The KV cache of the last finished request, left in the pool as it is instead of copied into
+/// the prefix cache: a chat's next turn resends the conversation and adds to it, and continues
+/// from this row without any copy. (Copying 2000 positions out took ~0.2 s on the 2-core box,
+/// most of it faulting in fresh memory, and the next turn waited for it.) It goes to the prefix
+/// cache when the next request admitted does not continue it, when another request finishes
+/// first, or when the engine idles.
+struct Parked {
+    tokens: Vec<u32>,
+    cache: KvCache,
+}
+
 /// A request as it travels from `Engine::submit` to the scheduler.
 pub(crate) struct Job {
     pub request: GenerateRequest,
@@ -144,6 +160,9 @@ pub(crate) struct Scheduler {
     /// Threads for per-sequence CPU work; `None` runs it on the scheduler thread.
     workers: Option<rayon::ThreadPool>,
     last_beat: Option<Instant>,
+    /// Whether rounds ran since the working memory was last given back.
+    memory_held: bool,
+    parked: Option<Parked>,
 }
 
 impl Scheduler {
@@ -181,6 +200,8 @@ impl Scheduler {
             verify_logits: Vec::new(),
             workers,
             last_beat: None,
+            memory_held: false,
+            parked: None,
         }
     }
 
@@ -211,13 +232,14 @@ impl Scheduler {
             }
             self.deliver();
             self.groups.retain(|g| !matches!(g.state, State::Done));
-            if self.groups.is_empty() {
-                self.model.release_idle_memory();
-            }
+            self.memory_held = true;
             self.running = self.groups.iter().map(|g| g.job.request.n).sum();
             self.stats.running.store(self.running, Ordering::Relaxed);
             self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
-            self.stats.kv_pool_used_bytes.store(self.model.kv_pool_used_bytes(), Ordering::Relaxed);
+            let parked_bytes = if self.parked.is_some() { self.model.kv_row_bytes() } else { 0 };
+            let used = self.model.kv_pool_used_bytes().saturating_sub(parked_bytes);
+            self.stats.kv_pool_used_bytes.store(used, Ordering::Relaxed);
+            self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
         }
     }
 
@@ -237,9 +259,20 @@ impl Scheduler {
     fn admit(&mut self) -> bool {
         while self.groups.is_empty() && self.queue.is_empty() {
             let every = self.config.heartbeat.as_ref().map_or(Duration::from_secs(3600), |h| h.every);
-            match self.jobs.recv_timeout(every) {
+            let wait = if self.memory_held { every.min(IDLE_RELEASE_AFTER) } else { every };
+            match self.jobs.recv_timeout(wait) {
                 Ok(job) => self.queue.push_back(job),
-                Err(RecvTimeoutError::Timeout) => self.beat(),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.beat();
+                    if self.memory_held {
+                        if let Some(parked) = self.parked.take() {
+                            stash(&self.model, &mut self.prefix, parked);
+                            self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+                        }
+                        self.model.release_idle_memory();
+                        self.memory_held = false;
+                    }
+                }
                 Err(RecvTimeoutError::Disconnected) => return false,
             }
         }
@@ -273,6 +306,10 @@ impl Scheduler {
             let n = job.request.n;
             let fits =
                 self.running + n <= self.config.max_running && self.model.has_room_for(job.request.prompt.len() + 1, n);
+            if !fits && let Some(parked) = self.parked.take() {
+                stash(&self.model, &mut self.prefix, parked);
+                continue;
+            }
             if !fits && !self.groups.is_empty() {
                 break;
             }
@@ -302,11 +339,32 @@ impl Scheduler {
         true
     }
 
-    /// A cache for `prompt`: restored from the longest cached prefix, or empty.
+    /// A cache for `prompt`: the parked one when the prompt continues it, else one restored
+    /// from the longest cached prefix, else an empty one.
     fn start_cache(&mut self, prompt: &[u32]) -> Result<(KvCache, usize)> {
-        if let Some((snapshot, len)) = self.prefix.lookup(prompt, self.config.prefill_chunk.max(1)) {
+        let chunk = self.config.prefill_chunk.max(1);
+        if let Some(mut parked) = self.parked.take() {
+            let len = prefix_cache::reusable(&parked.tokens, prompt, chunk);
+            // A chat's next turn shares all of it but the last few tokens (the cut at a chunk
+            // boundary, the reply's end as the template writes it).
+            if len > 0 && parked.tokens.len() - len <= 2 * chunk {
+                self.model.truncate(&mut parked.cache, len)?;
+                self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
+                self.stats.prefix_cached_tokens.fetch_add(len, Ordering::Relaxed);
+                return Ok((parked.cache, len));
+            }
+            // Otherwise into the prefix cache, where this request may still find part of it;
+            // left parked, the row would ride along in every batched step.
+            stash(&self.model, &mut self.prefix, parked);
+        }
+        if let Some((snapshot, len)) = self.prefix.lookup(prompt, chunk) {
+            let started = Instant::now();
             match self.model.restore(snapshot, len) {
                 Ok(cache) => {
+                    log::debug!(
+                        "prefix cache: restored {len} positions in {:.1} ms",
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
                     self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
                     self.stats.prefix_cached_tokens.fetch_add(len, Ordering::Relaxed);
                     return Ok((cache, len));
@@ -498,22 +556,45 @@ impl Scheduler {
             group.timings.total = group.job.queued_at.elapsed();
             let _ = group.job.events.send(Event::Done { usage, timings: group.timings });
             let State::Decode { seqs } = std::mem::replace(&mut group.state, State::Done) else { unreachable!() };
-            if self.config.prefix_cache_bytes > 0 {
-                remember(&self.model, &mut self.prefix, &group.job.request, &seqs[0]);
+            if self.config.prefix_cache_bytes > 0
+                && let Some(first) = seqs.into_iter().next()
+            {
+                let parked = park(&group.job.request, first);
+                if self.model.can_verify() {
+                    if let Some(older) = self.parked.replace(parked) {
+                        stash(&self.model, &mut self.prefix, older);
+                    }
+                } else {
+                    stash(&self.model, &mut self.prefix, parked);
+                }
                 self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
             }
         }
     }
 }
 
-/// Keeps the first choice's keys and values for later requests that share its tokens.
-fn remember(model: &Model, prefix: &mut PrefixCache, request: &GenerateRequest, seq: &Sequence) {
+/// The first choice's cache and the tokens it holds (the prompt and the reply so far).
+fn park(request: &GenerateRequest, seq: Sequence) -> Parked {
     let fed = seq.cache.len() - request.prompt.len();
     let mut tokens = Vec::with_capacity(seq.cache.len());
     tokens.extend_from_slice(&request.prompt);
     tokens.extend_from_slice(&seq.tokens[..fed]);
-    match model.snapshot(&seq.cache) {
-        Ok(snapshot) => prefix.insert(tokens, snapshot),
+    Parked { tokens, cache: seq.cache }
+}
+
+/// Copies a parked cache into the prefix cache for later requests that share its tokens, and
+/// frees it.
+fn stash(model: &Model, prefix: &mut PrefixCache, parked: Parked) {
+    let started = Instant::now();
+    match model.snapshot(&parked.cache) {
+        Ok(snapshot) => {
+            log::debug!(
+                "prefix cache: kept {} positions in {:.1} ms",
+                parked.tokens.len(),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+            prefix.insert(parked.tokens, snapshot)
+        }
         Err(e) => log::debug!("not caching this prefix: {e:#}"),
     }
 }

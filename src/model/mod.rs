@@ -170,6 +170,14 @@ impl Model {
         }
     }
 
+    /// Bytes one sequence's row takes in the shared pool now (0 outside the genai layout).
+    pub fn kv_row_bytes(&self) -> usize {
+        match &self.layout {
+            Layout::Optimum(_) => 0,
+            Layout::Genai(m) => m.pool().capacity() * m.pool().bytes_per_position(),
+        }
+    }
+
     /// Gives back working memory no sequence uses (the genai pool, when no row is leased).
     pub fn release_idle_memory(&mut self) {
         if let Layout::Genai(m) = &mut self.layout {
