@@ -104,8 +104,9 @@ impl Pacer {
 /// the prefix cache: a chat's next turn resends the conversation and adds to it, and continues
 /// from this row without any copy. (Copying 2000 positions out took ~0.2 s on the 2-core box,
 /// most of it faulting in fresh memory, and the next turn waited for it.) It goes to the prefix
-/// cache when the next request admitted does not continue it, when another request finishes
-/// first, or when the engine idles.
+/// cache when the next request admitted does not continue it or after a second idle. Only a
+/// request that leaves the engine idle is parked: under load rows are copied out at once, so
+/// no parked row rides along in batched steps.
 struct Parked {
     tokens: Vec<u32>,
     cache: KvCache,
@@ -531,6 +532,7 @@ impl Scheduler {
     /// Sends each request the events of this round; a request whose caller is gone is dropped
     /// here, which frees its sequences' KV memory.
     fn deliver(&mut self) {
+        let mut finished = Vec::new();
         for group in &mut self.groups {
             if !group.first_token
                 && group.events.iter().any(|e| matches!(e, Event::Text { .. } | Event::Finished { .. }))
@@ -559,17 +561,21 @@ impl Scheduler {
             if self.config.prefix_cache_bytes > 0
                 && let Some(first) = seqs.into_iter().next()
             {
-                let parked = park(&group.job.request, first);
-                if self.model.can_verify() {
-                    if let Some(older) = self.parked.replace(parked) {
-                        stash(&self.model, &mut self.prefix, older);
-                    }
-                } else {
-                    stash(&self.model, &mut self.prefix, parked);
-                }
-                self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+                finished.push(park(&group.job.request, first));
             }
         }
+        if finished.is_empty() {
+            return;
+        }
+        // Parked only when the engine goes idle with it (a chat's turn done, its next one on
+        // the way); under load, rows are copied out at once as other requests are waiting.
+        let idle = self.queue.is_empty() && self.groups.iter().all(|g| matches!(g.state, State::Done));
+        let keep = (idle && self.model.can_verify()).then(|| finished.pop()).flatten();
+        for parked in finished.into_iter().chain(self.parked.take()) {
+            stash(&self.model, &mut self.prefix, parked);
+        }
+        self.parked = keep;
+        self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
     }
 }
 
