@@ -271,6 +271,8 @@ impl Scheduler {
                             self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
                         }
                         self.model.release_idle_memory();
+                        self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
+                        self.stats.kv_pool_used_bytes.store(self.model.kv_pool_used_bytes(), Ordering::Relaxed);
                         self.memory_held = false;
                     }
                 }
