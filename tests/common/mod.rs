@@ -81,7 +81,8 @@ impl Daemon {
             }
         });
         let addr = loop {
-            match rx.recv_timeout(Duration::from_secs(60)) {
+            // A hang detector: loading takes seconds even on a busy machine.
+            match rx.recv_timeout(Duration::from_secs(180)) {
                 Ok((ready, addr)) if ready == wait_until_serving => break addr,
                 Ok(_) => continue,
                 Err(_) => panic!("chatd did not start:\n{}", log.lock().unwrap().join("\n")),
@@ -92,6 +93,10 @@ impl Daemon {
 
     pub fn log(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap().id()
     }
 
     pub fn is_running(&self) -> bool {
@@ -114,6 +119,18 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// A value from `/metrics` (a sample line `name value`, labels included in `name`).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let body = self.get("/metrics").body;
+        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Waits until the server holds no connection but the one asking (`chatd_connections_open`
+    /// counts a connection until tiny_http is done with it).
+    pub fn wait_connections_closed(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || self.metric("chatd_connections_open") == Some(1.0))
     }
 
     /// Waits until a log line contains `text`.

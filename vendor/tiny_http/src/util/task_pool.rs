@@ -69,7 +69,12 @@ impl TaskPool {
     pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
         let mut queue = self.sharing.todo.lock().unwrap();
 
-        if self.sharing.waiting_tasks.load(Ordering::Acquire) == 0 {
+        // chatd patch: a thread counts as waiting until it has woken and taken a task, so in a
+        // burst the same waiting threads were promised several tasks while each takes one
+        // connection for its whole life; a connection then sat in the queue until another
+        // ended (a /health behind four long streams waited for one of them). Only threads
+        // not already promised a queued task are free.
+        if queue.len() >= self.sharing.waiting_tasks.load(Ordering::Acquire) {
             self.add_thread(Some(code));
         } else {
             queue.push_back(code);
