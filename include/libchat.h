@@ -219,10 +219,11 @@ void chat_string_free(char *s);
 size_t chat_last_error(char *buf, size_t len);
 
 /**
- * A static, NUL-terminated description of `status` ("ok", "invalid request", ...); never
- * to be freed.
+ * A static, NUL-terminated description of `status` ("ok", "invalid request", ...), and
+ * "unknown status" for any value that is no `chat_status` (say, one from a newer header);
+ * never to be freed. Takes an `int` so that every value C can pass is defined.
  */
-const char *chat_status_str(enum chat_status status);
+const char *chat_status_str(int status);
 
 /**
  * libchat's version, e.g. "0.1.0" (static; never to be freed). The header's

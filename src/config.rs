@@ -114,6 +114,12 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
     ("max-stop-strings", "CHATD_MAX_STOP_STRINGS", "N", "most stop strings per request [16]"),
     ("max-stop-length", "CHATD_MAX_STOP_LENGTH", "N", "longest stop string in bytes [256]"),
     (
+        "max-constraint-bytes",
+        "CHATD_MAX_CONSTRAINT_BYTES",
+        "N",
+        "longest regex, grammar or JSON schema (tools' included) in bytes, at most 65536 [32768]",
+    ),
+    (
         "shutdown-timeout-s",
         "CHATD_SHUTDOWN_TIMEOUT_S",
         "SECS",
@@ -318,6 +324,12 @@ impl Config {
             "max-n" => self.limits.max_n = count(value, 1)?,
             "max-stop-strings" => self.limits.max_stop_strings = count(value, 0)?,
             "max-stop-length" => self.limits.max_stop_len = count(value, 1)?,
+            "max-constraint-bytes" => {
+                self.limits.max_constraint_bytes = count(value, 64)?;
+                if self.limits.max_constraint_bytes > crate::constraint::MAX_SOURCE_BYTES {
+                    return Err(format!("must be at most {}", crate::constraint::MAX_SOURCE_BYTES));
+                }
+            }
             "shutdown-timeout-s" => self.server.shutdown_timeout = seconds(value)?,
             "api-keys-file" => self.server.api_keys_file = Some(PathBuf::from(value)),
             "auth-health" => self.server.auth_health = boolean(value)?,

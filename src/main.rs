@@ -1,6 +1,7 @@
 //! chatd: loads a model, starts the engine and serves the OpenAI API over HTTP, telling systemd
 //! the truth about its state, until SIGTERM drains it.
 
+use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +18,9 @@ use chat::server::Server;
 use chat::service::Service;
 
 fn main() -> ExitCode {
+    // First: it takes systemd's variables out of the environment, which is only sound while
+    // no other thread (nor any library that may start one) can read it.
+    let inherited = activation::inherited_listener();
     // Before any thread starts, so that every thread inherits the blocked mask.
     signals::block();
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -63,7 +67,7 @@ fn main() -> ExitCode {
         .format_timestamp_millis()
         .init();
     set_log_level(&config.log_level);
-    match serve(config, &args) {
+    match serve(config, &args, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chatd: {e:#}");
@@ -76,12 +80,12 @@ fn set_log_level(level: &str) {
     log::set_max_level(level.parse().unwrap_or(log::LevelFilter::Info));
 }
 
-fn serve(config: Config, args: &[String]) -> Result<()> {
+fn serve(config: Config, args: &[String], inherited: Result<Option<TcpListener>, String>) -> Result<()> {
     let notifier = Arc::new(Notifier::from_env());
     notifier.status("starting");
     // A missing runtime or model folder fails before the port is taken.
     Service::check(&config)?;
-    let listener = activation::inherited_listener().map_err(anyhow::Error::msg)?;
+    let listener = inherited.map_err(anyhow::Error::msg)?;
     let inherited = listener.is_some();
     // Listen first: while the model loads, /health and the API answer 503 "loading".
     let server = Server::start(config.server.clone(), listener)?;

@@ -20,14 +20,19 @@ impl ApiError {
         Self { param: Some(param.into()), ..Self::new(400, "invalid_request_error", message) }
     }
 
+    /// 400: the request's constraint ran out of its budget, or allowed nothing, while generating.
+    pub fn constraint_failed(message: impl Into<String>) -> Self {
+        Self { code: Some("constraint_failed"), ..Self::new(400, "invalid_request_error", message) }
+    }
+
     /// 400: the body is not a JSON object.
     pub fn bad_json(message: impl Into<String>) -> Self {
         Self::new(400, "invalid_request_error", message)
     }
 
-    pub fn context_length(message: impl Into<String>) -> Self {
+    pub fn context_length(param: &str, message: impl Into<String>) -> Self {
         Self {
-            param: Some("messages".into()),
+            param: Some(param.into()),
             code: Some("context_length_exceeded"),
             ..Self::new(400, "invalid_request_error", message)
         }

@@ -1,15 +1,15 @@
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::ApiError;
 use super::params::{Fields, wrong_type};
 use super::tools::{self, ToolMode};
-use crate::constraint::{Compiler, Prepared, Spec};
+use crate::constraint::{self, Compiler, Prepared, Spec};
 use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError};
 use crate::model::ModelInfo;
 use crate::sampling::SamplingParams;
-use crate::text::{ChatTemplate, Tokenizer};
+use crate::text::{ChatTemplate, Encoded, Tokenizer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -17,6 +17,16 @@ pub enum Endpoint {
     Chat,
     /// `/v1/completions`: a raw prompt.
     Completion,
+}
+
+impl Endpoint {
+    /// The request field that holds the prompt.
+    pub fn prompt_param(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completion => "prompt",
+        }
+    }
 }
 
 /// Request limits that protect the box; each violation is a 400 naming the field.
@@ -31,6 +41,8 @@ pub struct Limits {
     pub max_stop_strings: usize,
     pub max_stop_len: usize,
     pub max_top_logprobs: usize,
+    /// Longest constraint source (regex, grammar, JSON schema) in bytes.
+    pub max_constraint_bytes: usize,
 }
 
 impl Default for Limits {
@@ -43,6 +55,7 @@ impl Default for Limits {
             max_stop_strings: 16,
             max_stop_len: 256,
             max_top_logprobs: 20,
+            max_constraint_bytes: 32 << 10,
         }
     }
 }
@@ -131,9 +144,11 @@ impl Frontend {
                 "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
             ))
         })?;
-        let Value::Object(obj) = value else {
+        let Value::Object(mut obj) = value else {
             return Err(ApiError::bad_json("The request body must be a JSON object."));
         };
+        // Taken out whole, so that the messages reach the template without being copied.
+        let messages = obj.shift_remove("messages");
         let f = Fields { obj: &obj };
         let limits = self.limits();
         let model = match f.str("model")? {
@@ -144,26 +159,12 @@ impl Frontend {
             Endpoint::Chat => self.tools(&f)?,
             Endpoint::Completion => (ToolMode::None, None),
         };
-        let (prompt, prompt_param) = match endpoint {
-            Endpoint::Chat => (self.chat_prompt(&f, &limits, tools_value, &tool_mode)?, "messages"),
-            Endpoint::Completion => (self.completion_prompt(&f)?, "prompt"),
+        let prompt = match endpoint {
+            Endpoint::Chat => self.chat_prompt(messages, &f, &limits, tools_value, &tool_mode)?,
+            Endpoint::Completion => self.completion_prompt(&f, &limits)?,
         };
+        let prompt_param = endpoint.prompt_param();
         let context = self.info.context_length;
-        if limits.max_prompt_tokens > 0 && prompt.len() > limits.max_prompt_tokens {
-            return Err(ApiError::context_length(format!(
-                "This server accepts at most {} prompt tokens. However, your {prompt_param} resulted in {} tokens. \
-                 Please reduce the length of the {prompt_param}.",
-                limits.max_prompt_tokens,
-                prompt.len()
-            )));
-        }
-        if prompt.len() >= context {
-            return Err(ApiError::context_length(format!(
-                "This model's maximum context length is {context} tokens. However, your {prompt_param} resulted in {} tokens. \
-                 Please reduce the length of the {prompt_param}.",
-                prompt.len()
-            )));
-        }
         let max_tokens_key =
             if f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
         let max_tokens = match f.int(max_tokens_key, 1, i64::MAX)? {
@@ -179,12 +180,15 @@ impl Frontend {
                     ));
                 }
                 if prompt.len().saturating_add(n) > context {
-                    return Err(ApiError::context_length(format!(
-                        "This model's maximum context length is {context} tokens. However, you requested {} tokens \
+                    return Err(ApiError::context_length(
+                        prompt_param,
+                        format!(
+                            "This model's maximum context length is {context} tokens. However, you requested {} tokens \
                          ({} in the {prompt_param}, {n} in the completion). Please reduce the length of the {prompt_param} or completion.",
-                        prompt.len().saturating_add(n),
-                        prompt.len()
-                    )));
+                            prompt.len().saturating_add(n),
+                            prompt.len()
+                        ),
+                    ));
                 }
                 n
             }
@@ -229,7 +233,7 @@ impl Frontend {
                 return Err(wrong_type("stop_token_ids", "an array of token ids", other));
             }
         };
-        let constraint = self.constraint(&f, &tool_mode)?;
+        let constraint = self.constraint(&f, &tool_mode, tools_value, &limits)?;
         let generate = GenerateRequest {
             prompt,
             n: f.int("n", 1, limits.max_n as i64)?.unwrap_or(1) as usize,
@@ -251,7 +255,7 @@ impl Frontend {
         engine.submit(request.generate.clone()).map_err(|e| match e {
             SubmitError::Overloaded => ApiError::overloaded(e.to_string()),
             SubmitError::Stopped => ApiError::unavailable(e.to_string()),
-            SubmitError::ContextLength(m) => ApiError::context_length(m),
+            SubmitError::ContextLength(m) => ApiError::context_length(request.endpoint.prompt_param(), m),
             SubmitError::TooManyChoices(m) => ApiError::invalid("n", m),
         })
     }
@@ -261,7 +265,8 @@ impl Frontend {
         match error.kind {
             ErrorKind::Overloaded => ApiError::overloaded(error.message.clone()),
             ErrorKind::Timeout => ApiError::timeout(error.message.clone()),
-            ErrorKind::TooLarge => ApiError::context_length(error.message.clone()),
+            ErrorKind::TooLarge => ApiError::context_length("max_tokens", error.message.clone()),
+            ErrorKind::Constraint => ApiError::constraint_failed(error.message.clone()),
             ErrorKind::Internal => ApiError::internal(error.message.clone()),
             ErrorKind::Unavailable => ApiError::unavailable(error.message.clone()),
         }
@@ -271,6 +276,12 @@ impl Frontend {
     fn tools<'a>(&self, f: &Fields<'a>) -> Result<(ToolMode, Option<&'a Value>), ApiError> {
         let tools = match f.get("tools") {
             None => None,
+            Some(Value::Array(items)) if items.len() > tools::MAX_TOOLS => {
+                return Err(ApiError::invalid(
+                    "tools",
+                    format!("`tools` may hold at most {} tools, got {}", tools::MAX_TOOLS, items.len()),
+                ));
+            }
             Some(v @ Value::Array(items)) => {
                 for (i, tool) in items.iter().enumerate() {
                     let name = tool.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
@@ -289,13 +300,19 @@ impl Frontend {
     }
 
     /// The one constraint a request may carry, compiled.
-    fn constraint(&self, f: &Fields<'_>, tools: &ToolMode) -> Result<Option<Prepared>, ApiError> {
+    fn constraint(
+        &self,
+        f: &Fields<'_>,
+        mode: &ToolMode,
+        tools: Option<&Value>,
+        limits: &Limits,
+    ) -> Result<Option<Prepared>, ApiError> {
         let mut given: Vec<(&str, Spec)> = Vec::new();
         if let Some(rx) = f.str("regex")? {
             given.push(("regex", Spec::Regex(rx.to_owned())));
         }
         if let Some(format) = f.get("response_format")
-            && let Some(spec) = response_format(format)?
+            && let Some(spec) = response_format(format, limits.max_constraint_bytes)?
         {
             given.push(("response_format", spec));
         }
@@ -305,8 +322,8 @@ impl Frontend {
         if let Some(text) = f.str("grammar")? {
             given.push(("grammar", Spec::Lark(text.to_owned())));
         }
-        if let ToolMode::Forced(tools) = tools {
-            given.push(("tool_choice", Spec::JsonSchema(tools::call_schema(tools))));
+        if let ToolMode::Forced(names) = mode {
+            given.push(("tool_choice", Spec::JsonSchema(tools::call_schema(tools, names))));
         }
         let (field, spec) = match given.len() {
             0 => return Ok(None),
@@ -322,18 +339,22 @@ impl Frontend {
         let compiler = self.constraints.as_ref().map_err(|e| {
             ApiError::invalid(field, format!("constrained decoding is unavailable for this model's tokenizer: {e}"))
         })?;
-        compiler.compile(&spec).map(Some).map_err(|e| ApiError::invalid(field, format!("invalid `{field}`: {e}")))
+        compiler
+            .compile(&spec, limits.max_constraint_bytes)
+            .map(Some)
+            .map_err(|e| ApiError::invalid(field, format!("invalid `{field}`: {e}")))
     }
 
     fn chat_prompt(
         &self,
+        messages: Option<Value>,
         f: &Fields<'_>,
         limits: &Limits,
         tools: Option<&Value>,
         mode: &ToolMode,
     ) -> Result<Vec<u32>, ApiError> {
-        let messages = match f.get("messages") {
-            None => return Err(ApiError::invalid("messages", "`messages` is required")),
+        let messages = match messages {
+            None | Some(Value::Null) => return Err(ApiError::invalid("messages", "`messages` is required")),
             Some(Value::Array(list)) if list.is_empty() => {
                 return Err(ApiError::invalid("messages", "`messages` must contain at least one message"));
             }
@@ -348,10 +369,10 @@ impl Frontend {
                 ));
             }
             Some(Value::Array(list)) => list,
-            Some(other) => return Err(wrong_type("messages", "an array", other)),
+            Some(other) => return Err(wrong_type("messages", "an array", &other)),
         };
         let mut normalized =
-            messages.iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect::<Result<Vec<_>, _>>()?;
+            messages.into_iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect::<Result<Vec<_>, _>>()?;
         if let Some(tools) = tools
             && *mode != ToolMode::None
             && !self.template_has_tools
@@ -365,25 +386,67 @@ impl Frontend {
             )
         })?;
         let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
+        // Converting tools for the template costs as much as parsing them: only for templates
+        // that use them.
+        let tools = tools.filter(|_| self.template_has_tools);
         let text = template.render(&Value::Array(normalized), tools, add_generation_prompt).map_err(|e| {
             ApiError::invalid("messages", format!("the model's chat template rejected the messages: {e}"))
         })?;
-        self.tokenizer.encode(&text).map_err(|e| ApiError::internal(format!("{e:#}")))
+        self.encode_prompt(&text, Endpoint::Chat, limits)
     }
 
-    fn completion_prompt(&self, f: &Fields<'_>) -> Result<Vec<u32>, ApiError> {
+    /// The prompt's tokens, or `context_length_exceeded` without tokenizing more of it than
+    /// needed to know (see `Tokenizer::encode_within`).
+    fn encode_prompt(&self, text: &str, endpoint: Endpoint, limits: &Limits) -> Result<Vec<u32>, ApiError> {
+        let budget = self.prompt_budget(limits);
+        match self.tokenizer.encode_within(text, budget).map_err(|e| ApiError::internal(format!("{e:#}")))? {
+            Encoded::Ids(ids) => Ok(ids),
+            Encoded::TooLong { tokens, exact: true } => Err(self.prompt_too_long(endpoint, limits, tokens.to_string())),
+            Encoded::TooLong { tokens, exact: false } => {
+                Err(self.prompt_too_long(endpoint, limits, format!("at least {tokens}")))
+            }
+        }
+    }
+
+    /// Most prompt tokens a request may have: the server's limit, and room in the context for
+    /// at least one generated token.
+    fn prompt_budget(&self, limits: &Limits) -> usize {
+        let context = self.info.context_length.saturating_sub(1);
+        if limits.max_prompt_tokens > 0 { limits.max_prompt_tokens.min(context) } else { context }
+    }
+
+    /// `context_length_exceeded` for a prompt of `tokens` tokens (a count, or "at least N").
+    fn prompt_too_long(&self, endpoint: Endpoint, limits: &Limits, tokens: String) -> ApiError {
+        let param = endpoint.prompt_param();
+        let limit = if limits.max_prompt_tokens > 0 && limits.max_prompt_tokens < self.info.context_length {
+            format!("This server accepts at most {} prompt tokens", limits.max_prompt_tokens)
+        } else {
+            format!("This model's maximum context length is {} tokens", self.info.context_length)
+        };
+        ApiError::context_length(
+            param,
+            format!(
+                "{limit}. However, your {param} resulted in {tokens} tokens. Please reduce the length of the {param}."
+            ),
+        )
+    }
+
+    fn completion_prompt(&self, f: &Fields<'_>, limits: &Limits) -> Result<Vec<u32>, ApiError> {
         let prompt = match f.get("prompt") {
             None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
             Some(p) => p,
         };
         let ids = match prompt {
-            Value::String(s) => self.tokenizer.encode(s).map_err(|e| ApiError::internal(format!("{e:#}")))?,
-            Value::Array(items) if items.len() == 1 && items[0].is_string() => self
-                .tokenizer
-                .encode(items[0].as_str().unwrap_or_default())
-                .map_err(|e| ApiError::internal(format!("{e:#}")))?,
+            Value::String(s) => self.encode_prompt(s, Endpoint::Completion, limits)?,
+            Value::Array(items) if items.len() == 1 && items[0].is_string() => {
+                self.encode_prompt(items[0].as_str().unwrap_or_default(), Endpoint::Completion, limits)?
+            }
             Value::Array(items) if items.iter().all(Value::is_number) => {
-                items.iter().map(|v| self.token_id(v, "prompt")).collect::<Result<_, _>>()?
+                let ids: Vec<u32> = items.iter().map(|v| self.token_id(v, "prompt")).collect::<Result<_, _>>()?;
+                if ids.len() > self.prompt_budget(limits) {
+                    return Err(self.prompt_too_long(Endpoint::Completion, limits, ids.len().to_string()));
+                }
+                ids
             }
             Value::Array(_) => {
                 return Err(ApiError::invalid(
@@ -445,24 +508,30 @@ impl Frontend {
         }
         let logit_bias = match f.get("logit_bias") {
             None => Vec::new(),
-            Some(Value::Object(map)) => map
-                .iter()
-                .map(|(k, v)| {
-                    let token = k.parse::<u32>().ok().filter(|&t| (t as usize) < info.vocab_size).ok_or_else(|| {
-                        ApiError::invalid(
-                            "logit_bias",
-                            format!("`logit_bias` key {k:?} is not a token id below {}", info.vocab_size),
-                        )
-                    })?;
-                    let bias = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
-                        ApiError::invalid(
-                            "logit_bias",
-                            format!("`logit_bias` value for {k} must be a number between -100 and 100"),
-                        )
-                    })?;
-                    Ok((token, bias as f32))
-                })
-                .collect::<Result<_, ApiError>>()?,
+            Some(Value::Object(map)) => {
+                // Keys such as "12" and "012" name the same token: the last one counts, so the
+                // work per token is bounded by the vocabulary, not by the request.
+                let biases: std::collections::BTreeMap<u32, f32> = map
+                    .iter()
+                    .map(|(k, v)| {
+                        let token =
+                            k.parse::<u32>().ok().filter(|&t| (t as usize) < info.vocab_size).ok_or_else(|| {
+                                ApiError::invalid(
+                                    "logit_bias",
+                                    format!("`logit_bias` key {k:?} is not a token id below {}", info.vocab_size),
+                                )
+                            })?;
+                        let bias = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
+                            ApiError::invalid(
+                                "logit_bias",
+                                format!("`logit_bias` value for {k} must be a number between -100 and 100"),
+                            )
+                        })?;
+                        Ok((token, bias as f32))
+                    })
+                    .collect::<Result<_, ApiError>>()?;
+                biases.into_iter().collect()
+            }
             Some(other) => return Err(wrong_type("logit_bias", "an object", other)),
         };
         Ok(SamplingParams {
@@ -479,14 +548,19 @@ impl Frontend {
     }
 }
 
-/// `response_format` as a constraint (`None` for plain text).
-fn response_format(format: &Value) -> Result<Option<Spec>, ApiError> {
+/// `response_format` as a constraint (`None` for plain text); a schema over `max_bytes` is
+/// refused before it is copied.
+fn response_format(format: &Value, max_bytes: usize) -> Result<Option<Spec>, ApiError> {
     let kind = format.get("type").and_then(Value::as_str);
     match kind {
         Some("text") => Ok(None),
         Some("json_object") => Ok(Some(Spec::JsonObject)),
         Some("json_schema") => match format.get("json_schema").and_then(|s| s.get("schema")) {
-            Some(schema @ (Value::Object(_) | Value::Bool(_))) => Ok(Some(Spec::JsonSchema(schema.clone()))),
+            Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                constraint::check_size(constraint::json_len(schema), max_bytes)
+                    .map_err(|e| ApiError::invalid("response_format", format!("invalid `response_format`: {e}")))?;
+                Ok(Some(Spec::JsonSchema(schema.clone())))
+            }
             _ => Err(ApiError::invalid(
                 "response_format",
                 "`response_format` of type json_schema needs `json_schema.schema`, a JSON schema object",
@@ -512,10 +586,11 @@ fn add_system_text(messages: &mut Vec<Value>, text: &str) {
 }
 
 /// Checks one message and flattens an array of text parts into one string for the template.
-fn normalize_message(index: usize, message: &Value) -> Result<Value, ApiError> {
+fn normalize_message(index: usize, message: Value) -> Result<Value, ApiError> {
     let param = format!("messages[{index}]");
-    let Value::Object(obj) = message else {
-        return Err(wrong_type(&param, "an object", message));
+    let mut obj = match message {
+        Value::Object(obj) => obj,
+        other => return Err(wrong_type(&param, "an object", &other)),
     };
     let role = match obj.get("role") {
         Some(Value::String(r)) => r.as_str(),
@@ -531,8 +606,9 @@ fn normalize_message(index: usize, message: &Value) -> Result<Value, ApiError> {
         ));
     }
     let content_param = format!("{param}.content");
-    let content = match obj.get("content") {
-        Some(Value::String(s)) => s.clone(),
+    let joined = match obj.get("content") {
+        // Already what the template takes: kept as it is, not copied.
+        Some(Value::String(_)) => return Ok(Value::Object(obj)),
         Some(Value::Array(parts)) => {
             let mut texts = Vec::with_capacity(parts.len());
             for (j, part) in parts.iter().enumerate() {
@@ -566,7 +642,6 @@ fn normalize_message(index: usize, message: &Value) -> Result<Value, ApiError> {
             return Err(wrong_type(&content_param, "a string or an array of text parts", other));
         }
     };
-    let mut out: Map<String, Value> = obj.clone();
-    out.insert("content".into(), Value::String(content));
-    Ok(Value::Object(out))
+    obj.insert("content".into(), Value::String(joined));
+    Ok(Value::Object(obj))
 }

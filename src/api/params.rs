@@ -67,18 +67,18 @@ impl<'a> Fields<'a> {
         }
     }
 
-    /// A string or a list of strings (`stop`), at most `max_count` of at most `max_len` bytes.
+    /// A string or a list of strings (`stop`), at most `max_count` of at most `max_len` bytes,
+    /// checked before anything is copied.
     pub fn strings(&self, key: &str, max_count: usize, max_len: usize) -> Result<Vec<String>, ApiError> {
-        let list: Vec<String> = match self.get(key) {
+        let expected = "a string or an array of strings";
+        let list: Vec<&str> = match self.get(key) {
             None => return Ok(Vec::new()),
-            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::String(s)) => vec![s],
             Some(Value::Array(items)) => items
                 .iter()
-                .map(|v| {
-                    v.as_str().map(str::to_owned).ok_or_else(|| wrong_type(key, "a string or an array of strings", v))
-                })
+                .map(|v| v.as_str().ok_or_else(|| wrong_type(key, expected, v)))
                 .collect::<Result<_, _>>()?,
-            Some(other) => return Err(wrong_type(key, "a string or an array of strings", other)),
+            Some(other) => return Err(wrong_type(key, expected, other)),
         };
         if list.len() > max_count {
             return Err(ApiError::invalid(
@@ -92,7 +92,7 @@ impl<'a> Fields<'a> {
                 format!("each `{key}` string must be at most {max_len} bytes, got {}", long.len()),
             ));
         }
-        Ok(list)
+        Ok(list.into_iter().map(str::to_owned).collect())
     }
 }
 

@@ -12,14 +12,6 @@ use serde_json::{Map, Value, json};
 
 use super::ApiError;
 
-/// A function the request offers.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Tool {
-    pub name: String,
-    /// JSON schema of its arguments (`{"type": "object"}` when the request gives none).
-    pub parameters: Value,
-}
-
 /// How the answer relates to tools.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ToolMode {
@@ -27,8 +19,8 @@ pub enum ToolMode {
     None,
     /// The model may call a tool; its output is checked for a call.
     Auto,
-    /// The output is a call to one of these tools, by construction.
-    Forced(Vec<Tool>),
+    /// The output is a call to one of the tools of these names, by construction.
+    Forced(Vec<String>),
 }
 
 /// A call found in (or forced on) the output.
@@ -39,24 +31,13 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
-/// Reads `tools` (already checked to be function tools) and `tool_choice`.
+/// Most tools a request may offer (OpenAI's limit).
+pub const MAX_TOOLS: usize = 128;
+
+/// Reads `tools` (already checked to be at most `MAX_TOOLS` function tools) and `tool_choice`.
 pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolMode, ApiError> {
-    let tools: Vec<Tool> = tools
-        .and_then(Value::as_array)
-        .map(|items| {
-            items
-                .iter()
-                .map(|t| Tool {
-                    name: t["function"]["name"].as_str().unwrap_or_default().to_owned(),
-                    parameters: match &t["function"]["parameters"] {
-                        Value::Null => json!({"type": "object"}),
-                        p => p.clone(),
-                    },
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let names = || tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ");
+    let tools = tool_list(tools);
+    let names = || tools.iter().map(name_of).collect::<Vec<_>>().join(", ");
     match choice {
         None if tools.is_empty() => Ok(ToolMode::None),
         None => Ok(ToolMode::Auto),
@@ -66,13 +47,13 @@ pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolMo
             if tools.is_empty() {
                 return Err(ApiError::invalid("tool_choice", "`tool_choice` \"required\" needs `tools`"));
             }
-            Ok(ToolMode::Forced(tools))
+            Ok(ToolMode::Forced(tools.iter().map(|t| name_of(t).to_owned()).collect()))
         }
         Some(Value::Object(obj)) => {
             let name = obj.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
             match (obj.get("type").and_then(Value::as_str), name) {
-                (Some("function"), Some(name)) => match tools.iter().find(|t| t.name == name) {
-                    Some(tool) => Ok(ToolMode::Forced(vec![tool.clone()])),
+                (Some("function"), Some(name)) => match tools.iter().find(|t| name_of(t) == name) {
+                    Some(_) => Ok(ToolMode::Forced(vec![name.to_owned()])),
                     None => Err(ApiError::invalid(
                         "tool_choice",
                         format!("`tool_choice` names the function {name:?}, which is not in `tools` ({})", names()),
@@ -91,12 +72,25 @@ pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolMo
     }
 }
 
-/// The schema of a call to one of `tools`: `{"name": <its name>, "arguments": <its parameters>}`.
-/// Arguments get no properties beyond those declared unless the schema says otherwise (as
-/// OpenAI's strict function calling does): left open, a small model keeps inventing keys.
-pub fn call_schema(tools: &[Tool]) -> Value {
-    let one = |t: &Tool| {
-        let mut arguments = t.parameters.clone();
+fn tool_list(tools: Option<&Value>) -> &[Value] {
+    tools.and_then(Value::as_array).map_or(&[], Vec::as_slice)
+}
+
+fn name_of(tool: &Value) -> &str {
+    tool["function"]["name"].as_str().unwrap_or_default()
+}
+
+/// The schema of a call to one of the tools named `names` among `tools`:
+/// `{"name": <its name>, "arguments": <its parameters>}` (`{"type": "object"}` when it has
+/// none). Arguments get no properties beyond those declared unless the schema says otherwise
+/// (as OpenAI's strict function calling does): left open, a small model keeps inventing keys.
+/// The schemas are copied only here, once the prompt has been found to fit.
+pub fn call_schema(tools: Option<&Value>, names: &[String]) -> Value {
+    let one = |t: &Value| {
+        let mut arguments = match &t["function"]["parameters"] {
+            Value::Null => json!({"type": "object"}),
+            p => p.clone(),
+        };
         if let Value::Object(schema) = &mut arguments
             && schema.contains_key("properties")
         {
@@ -104,14 +98,15 @@ pub fn call_schema(tools: &[Tool]) -> Value {
         }
         json!({
             "type": "object",
-            "properties": {"name": {"const": t.name}, "arguments": arguments},
+            "properties": {"name": {"const": name_of(t)}, "arguments": arguments},
             "required": ["name", "arguments"],
             "additionalProperties": false,
         })
     };
-    match tools {
+    let chosen: Vec<&Value> = tool_list(tools).iter().filter(|t| names.iter().any(|n| n == name_of(t))).collect();
+    match chosen.as_slice() {
         [tool] => one(tool),
-        _ => json!({"anyOf": tools.iter().map(one).collect::<Vec<_>>()}),
+        _ => json!({"anyOf": chosen.into_iter().map(one).collect::<Vec<_>>()}),
     }
 }
 
@@ -197,11 +192,11 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(forced[0].name, "b");
+        assert_eq!(forced, ["b"]);
         let e = tool_mode(Some(&tools), Some(&json!({"type": "function", "function": {"name": "c"}}))).unwrap_err();
         assert!(e.message.contains("\"c\"") && e.message.contains("a, b"), "{}", e.message);
         assert!(tool_mode(None, Some(&json!("required"))).is_err());
-        let arguments = &call_schema(&forced)["properties"]["arguments"];
+        let arguments = &call_schema(Some(&tools), &forced)["properties"]["arguments"];
         assert!(arguments["properties"]["x"].is_object() && arguments["additionalProperties"] == false);
     }
 }

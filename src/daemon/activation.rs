@@ -8,10 +8,13 @@ const FIRST_FD: i32 = 3;
 
 /// The inherited listening socket, if systemd passed one to this process. The variables are
 /// removed so that no child process takes them for its own.
+///
+/// Call it first thing in `main`: editing the environment is unsound once another thread
+/// may read it.
 pub fn inherited_listener() -> Result<Option<TcpListener>, String> {
     let pid = std::env::var("LISTEN_PID").ok();
     let fds = std::env::var("LISTEN_FDS").ok();
-    // SAFETY: called at start-up, before other threads read the environment.
+    // SAFETY: called first in `main`, before any other thread exists to read the environment.
     unsafe {
         std::env::remove_var("LISTEN_PID");
         std::env::remove_var("LISTEN_FDS");

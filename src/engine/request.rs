@@ -100,6 +100,8 @@ pub enum ErrorKind {
     Timeout,
     /// It can never fit the KV memory budget.
     TooLarge,
+    /// Its constraint (regex, grammar, schema) could not be followed: a client error.
+    Constraint,
     /// The model run or text processing failed.
     Internal,
     /// The engine is stopping (shutdown) and will not run it.

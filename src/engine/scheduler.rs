@@ -702,9 +702,15 @@ fn prefill_chunk(
 }
 
 fn fail(group: &mut Group, error: anyhow::Error) {
-    log::error!("request failed in the engine: {error:#}");
+    let kind = if error.downcast_ref::<crate::constraint::Failed>().is_some() {
+        log::info!("request ended by its constraint: {error:#}");
+        ErrorKind::Constraint
+    } else {
+        log::error!("request failed in the engine: {error:#}");
+        ErrorKind::Internal
+    };
     group.events.clear();
-    let _ = group.job.events.send(Event::Error(EngineError::new(ErrorKind::Internal, format!("{error:#}"))));
+    let _ = group.job.events.send(Event::Error(EngineError::new(kind, format!("{error:#}"))));
     group.state = State::Done;
 }
 

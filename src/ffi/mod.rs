@@ -9,7 +9,7 @@
 mod boundary;
 mod status;
 
-use std::ffi::{CString, c_char, c_void};
+use std::ffi::{CString, c_char, c_int, c_void};
 use std::sync::{Condvar, Mutex};
 
 use boundary::{arg, arg_str, guard, guard_or, out};
@@ -41,20 +41,18 @@ impl chat_engine {
         Call(self)
     }
 
+    /// Answers `request`. The caller writes the response out once every borrow of the
+    /// caller's memory has ended, so an output pointer into the request is no aliasing.
     fn call(
         &self,
         endpoint: Endpoint,
         request: &str,
         on_text: Option<&mut dyn FnMut(&str) -> bool>,
-        response_out: *mut *mut c_char,
-    ) -> Result<(), Failure> {
+    ) -> Result<CString, Failure> {
         let _call = self.enter();
         let response = self.service.call(endpoint, request.as_bytes(), on_text)?;
-        let response = CString::new(response.to_string())
-            .map_err(|_| Failure::new(chat_status::CHAT_INTERNAL, "the response held a NUL byte"))?;
-        // SAFETY: checked non-NULL by the caller of this helper; written only on success.
-        unsafe { *response_out = response.into_raw() };
-        Ok(())
+        CString::new(response.to_string())
+            .map_err(|_| Failure::new(chat_status::CHAT_INTERNAL, "the response held a NUL byte"))
     }
 }
 
@@ -73,7 +71,20 @@ impl Drop for Call<'_> {
 /// (never a split character), NUL-terminated, valid only during the callback. Return true to
 /// go on, false to cancel the request.
 #[allow(non_camel_case_types)]
-pub type chat_delta_fn = Option<unsafe extern "C" fn(userdata: *mut c_void, text: *const c_char, len: usize) -> bool>;
+pub type chat_delta_fn = Option<unsafe extern "C" fn(userdata: *mut c_void, text: *const c_char, len: usize) -> CBool>;
+
+/// A C `bool` coming back from C, read as the byte it is passed in, so that no value a callback
+/// returns (2, say, from a function declared to return `int` or `char`) is undefined behaviour
+/// in Rust: 0 is false, anything else true. The header spells it `bool` (cbindgen.toml).
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub struct CBool(u8);
+
+impl CBool {
+    fn is_true(self) -> bool {
+        self.0 != 0
+    }
+}
 
 /// Loads a model and starts an engine.
 ///
@@ -186,7 +197,11 @@ unsafe fn blocking(
     guard(|| {
         // SAFETY: per this function's contract.
         let (engine, request) = unsafe { (arg(engine, "engine")?, arg_str(request_json, "request_json")?) };
-        engine.call(endpoint, request, None, out(response_json_out, "response_json_out")?)
+        let response_json_out = out(response_json_out, "response_json_out")?;
+        let response = engine.call(endpoint, request, None)?;
+        // SAFETY: checked non-NULL and writable per the contract; written only on success.
+        unsafe { *response_json_out = response.into_raw() };
+        Ok(())
     })
 }
 
@@ -221,9 +236,12 @@ pub unsafe extern "C" fn chat_engine_chat_stream(
             buffer.extend_from_slice(text.as_bytes());
             buffer.push(0);
             // SAFETY: the callback's contract; the buffer outlives the call.
-            unsafe { on_delta(userdata, buffer.as_ptr().cast(), text.len()) }
+            unsafe { on_delta(userdata, buffer.as_ptr().cast(), text.len()) }.is_true()
         };
-        engine.call(Endpoint::Chat, request, Some(&mut deliver), response_json_out)
+        let response = engine.call(Endpoint::Chat, request, Some(&mut deliver))?;
+        // SAFETY: checked non-NULL and writable per the contract; written only on success.
+        unsafe { *response_json_out = response.into_raw() };
+        Ok(())
     })
 }
 
@@ -283,11 +301,12 @@ pub unsafe extern "C" fn chat_last_error(buf: *mut c_char, len: usize) -> usize 
     })
 }
 
-/// A static, NUL-terminated description of `status` ("ok", "invalid request", ...); never
-/// to be freed.
+/// A static, NUL-terminated description of `status` ("ok", "invalid request", ...), and
+/// "unknown status" for any value that is no `chat_status` (say, one from a newer header);
+/// never to be freed. Takes an `int` so that every value C can pass is defined.
 #[unsafe(no_mangle)]
-pub extern "C" fn chat_status_str(status: chat_status) -> *const c_char {
-    guard_or(c"unknown status".as_ptr(), || status.as_ptr())
+pub extern "C" fn chat_status_str(status: c_int) -> *const c_char {
+    guard_or(c"unknown status".as_ptr(), || status::describe(status))
 }
 
 /// libchat's version, e.g. "0.1.0" (static; never to be freed). The header's

@@ -1,4 +1,4 @@
-use std::ffi::c_char;
+use std::ffi::{CStr, c_char, c_int};
 
 use crate::api::ApiError;
 use crate::service::{CallError, LoadError};
@@ -44,29 +44,28 @@ pub enum chat_status {
 
 use chat_status::*;
 
-impl chat_status {
-    pub(super) fn describe(self) -> &'static std::ffi::CStr {
-        match self {
-            CHAT_OK => c"ok",
-            CHAT_INVALID_ARGUMENT => c"invalid argument",
-            CHAT_INVALID_CONFIG => c"invalid configuration",
-            CHAT_RUNTIME_MISSING => c"ONNX Runtime missing",
-            CHAT_MODEL_LOAD_FAILED => c"model load failed",
-            CHAT_INVALID_REQUEST => c"invalid request",
-            CHAT_MODEL_NOT_FOUND => c"model not found",
-            CHAT_CONTEXT_LENGTH_EXCEEDED => c"context length exceeded",
-            CHAT_OVERLOADED => c"overloaded",
-            CHAT_TIMEOUT => c"timeout",
-            CHAT_CANCELLED => c"cancelled",
-            CHAT_UNAVAILABLE => c"unavailable",
-            CHAT_INTERNAL => c"internal error",
-            CHAT_PANIC => c"panic",
-        }
-    }
+/// The description of each status, at the index of its value.
+const DESCRIPTIONS: [&CStr; CHAT_PANIC as usize + 1] = [
+    c"ok",
+    c"invalid argument",
+    c"invalid configuration",
+    c"ONNX Runtime missing",
+    c"model load failed",
+    c"invalid request",
+    c"model not found",
+    c"context length exceeded",
+    c"overloaded",
+    c"timeout",
+    c"cancelled",
+    c"unavailable",
+    c"internal error",
+    c"panic",
+];
 
-    pub(super) fn as_ptr(self) -> *const c_char {
-        self.describe().as_ptr()
-    }
+/// What a value C passes as a status means. C chooses the integer (a newer header, a cast, a
+/// binding's `int`), so any value is taken; those that name no status get a fixed text.
+pub(super) fn describe(value: c_int) -> *const c_char {
+    usize::try_from(value).ok().and_then(|i| DESCRIPTIONS.get(i)).unwrap_or(&c"unknown status").as_ptr()
 }
 
 /// A failed call: its status and the message `chat_last_error` will return.
@@ -118,5 +117,24 @@ impl From<LoadError> for Failure {
             LoadError::Model(_) => CHAT_MODEL_LOAD_FAILED,
         };
         Failure::new(status, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_its_own_text_and_other_values_are_unknown() {
+        // SAFETY: `describe` returns pointers to static NUL-terminated strings.
+        let text = |v: c_int| unsafe { CStr::from_ptr(describe(v)) }.to_str().unwrap();
+        assert_eq!(text(CHAT_OK as c_int), "ok");
+        assert_eq!(text(CHAT_CONTEXT_LENGTH_EXCEEDED as c_int), "context length exceeded");
+        assert_eq!(text(CHAT_PANIC as c_int), "panic");
+        let known: std::collections::HashSet<&str> = (0..=CHAT_PANIC as c_int).map(text).collect();
+        assert_eq!(known.len(), DESCRIPTIONS.len());
+        for value in [-1, CHAT_PANIC as c_int + 1, 15, 1000, c_int::MIN, c_int::MAX] {
+            assert_eq!(text(value), "unknown status");
+        }
     }
 }

@@ -322,10 +322,11 @@ impl GenaiModel {
             // rows in the run, the capacity or the buffers themselves change.
             self.kv_views.clear();
             for index in 0..kv_count {
-                let ptr = self.pool.row_ptr(index, first);
-                // SAFETY: rows first..first+batch of buffer `index` hold batch*heads*capacity*dim
-                // floats; the views are rebuilt (the key changes) whenever the buffers move, and
-                // ONNX Runtime never frees memory it did not allocate.
+                let ptr = self.pool.rows_ptr(index, first, batch);
+                // SAFETY: `rows_ptr` checked that rows first..first+batch of buffer `index` hold
+                // batch*heads*capacity*dim floats; the views are rebuilt (the key changes)
+                // whenever the buffers move, and ONNX Runtime never frees memory it did not
+                // allocate.
                 self.kv_views.push(unsafe {
                     TensorRefMut::<f32>::from_raw(MemoryInfo::default(), ptr.cast(), kv_shape.clone())?
                 });

@@ -310,12 +310,12 @@ impl KvPool {
         self.rows.lock().unwrap_or_else(|e| e.into_inner()).len[row] = len;
     }
 
-    /// Pointer to row `row` of buffer `index` (layer * 2 + 0 for keys, + 1 for values).
-    pub fn row_ptr(&mut self, index: usize, row: usize) -> *mut f32 {
-        let offset = row * self.kv_heads * self.capacity * self.head_dim;
-        debug_assert!(offset < self.buffers[index].len().max(1));
-        // SAFETY: offset is within the buffer for any allocated row.
-        unsafe { self.buffers[index].as_mut_ptr().add(offset) }
+    /// Pointer to `rows` consecutive rows from `row` of buffer `index` (layer * 2 for keys,
+    /// layer * 2 + 1 for values), valid for `rows * kv_heads * capacity * head_dim` floats.
+    /// Panics, in release builds too, when those rows are not all in the buffer.
+    pub fn rows_ptr(&mut self, index: usize, row: usize, rows: usize) -> *mut f32 {
+        let row_len = self.kv_heads * self.capacity * self.head_dim;
+        self.buffers[index][row * row_len..(row + rows) * row_len].as_mut_ptr()
     }
 
     pub fn kv_heads(&self) -> usize {
@@ -352,11 +352,13 @@ mod tests {
         let a = pool.lease().unwrap();
         let b = pool.lease().unwrap();
         assert_eq!((a.row(), b.row()), (0, 1));
-        let p = pool.row_ptr(0, 1);
+        let p = pool.rows_ptr(0, 1, 1);
+        // SAFETY: `rows_ptr` checked that row 1 (2 heads x 256 positions x 4 floats) is there.
         unsafe { *p.add(3) = 7.0 };
         pool.ensure_capacity(600).unwrap();
         assert_eq!(pool.capacity(), 768);
-        assert_eq!(unsafe { *pool.row_ptr(0, 1).add(3) }, 7.0);
+        // SAFETY: as above, after growth.
+        assert_eq!(unsafe { *pool.rows_ptr(0, 1, 1).add(3) }, 7.0);
         let mut c = pool.lease().unwrap();
         assert_eq!(c.row(), 2);
         drop(a);

@@ -377,10 +377,11 @@ impl Client {
     /// expects no further request on the connection.
     fn gone(&self) -> bool {
         let Some(fd) = self.fd else { return false };
-        // SAFETY: tcp_info is plain data; the fd stays open while the request (or its writer)
-        // is alive, which outlives every call.
+        // SAFETY: tcp_info is plain data, valid when zeroed.
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: the fd stays open while the request (or its writer) is alive, which outlives
+        // every call; `info` and `len` are valid for writes of the sizes given.
         let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&raw mut info).cast(), &mut len) };
         // TCP_CLOSE_WAIT = 8, TCP_CLOSE = 7 (linux/tcp.h): the peer has closed.
         rc == 0 && matches!(info.tcpi_state, 7 | 8)

@@ -9,4 +9,7 @@ mod tokenizer;
 pub use detokenizer::IncrementalDecoder;
 pub use stop::{StopMatcher, StopOutcome};
 pub use template::ChatTemplate;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{Encoded, Tokenizer};
+
+#[cfg(test)]
+pub(crate) use tokenizer::tests::smollm_tokenizer;

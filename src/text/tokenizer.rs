@@ -6,6 +6,9 @@ use anyhow::{Context, Result, anyhow};
 /// tokens and the chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// Most bytes of input text one token can stand for (see [`input_bytes_per_token`]); `None`
+    /// when the normalizer may shrink text by an unknown factor, so no byte count bounds tokens.
+    max_bytes_per_token: Option<usize>,
     /// Jinja source of the chat template, when the model ships one.
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
@@ -24,6 +27,7 @@ impl Tokenizer {
             Err(_) => serde_json::Value::Null,
         };
         Ok(Self {
+            max_bytes_per_token: input_bytes_per_token(&inner),
             inner,
             chat_template: chat_template_of(&config),
             bos_token: special_token(&config, "bos_token"),
@@ -37,6 +41,35 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Encodes `text` as [`Tokenizer::encode`] does, unless it certainly has more than `budget`
+    /// tokens: then it stops early and says how many it has at least. A text longer than
+    /// `budget` tokens of the longest kind is refused before any tokenizer work; a text of
+    /// several chunks is counted chunk by chunk and abandoned once over the budget; only a text
+    /// that may fit is tokenized whole. So a refusal costs at most the tokenization of about
+    /// `budget` tokens, whatever the text's size.
+    pub fn encode_within(&self, text: &str, budget: usize) -> Result<Encoded> {
+        if let Some(per_token) = self.max_bytes_per_token {
+            let at_least = text.len().div_ceil(per_token);
+            if at_least > budget {
+                return Ok(Encoded::TooLong { tokens: at_least, exact: false });
+            }
+        }
+        if text.len() > COUNT_CHUNK_BYTES {
+            let (mut counted, mut cuts) = (0usize, 0usize);
+            for chunk in chunks(text, COUNT_CHUNK_BYTES) {
+                // Counting the cut after this piece too keeps the bound safe for the whole text.
+                cuts += 1;
+                counted += self.encode(chunk)?.len();
+                let at_least = counted.saturating_sub(cuts * SLACK_PER_CUT);
+                if at_least > budget {
+                    return Ok(Encoded::TooLong { tokens: at_least, exact: false });
+                }
+            }
+        }
+        let ids = self.encode(text)?;
+        Ok(if ids.len() > budget { Encoded::TooLong { tokens: ids.len(), exact: true } } else { Encoded::Ids(ids) })
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -60,6 +93,97 @@ impl Tokenizer {
     pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+}
+
+/// What [`Tokenizer::encode_within`] found.
+#[derive(Debug, PartialEq)]
+pub enum Encoded {
+    /// The whole text's tokens, at most the budget.
+    Ids(Vec<u32>),
+    /// More than the budget: the text has at least `tokens` tokens; exactly that many when
+    /// `exact` (it was tokenized whole), else it is a bound.
+    TooLong { tokens: usize, exact: bool },
+}
+
+/// Texts longer than this are counted in pieces of about this size before being tokenized whole.
+const COUNT_CHUNK_BYTES: usize = 16 << 10;
+
+/// Tokens by which a text cut into two pieces may count more than when tokenized whole: a
+/// word, a run of spaces or an added token split at the cut becomes a few tokens on each side.
+/// Cuts fall before whitespace where there is any, so this is generous.
+const SLACK_PER_CUT: usize = 16;
+
+/// Consecutive pieces of `text` of about `size` bytes, each cut before a whitespace character
+/// that follows a non-whitespace one (where a pre-tokenizer splits anyway), else at a character
+/// boundary.
+fn chunks(text: &str, size: usize) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        if rest.len() <= size {
+            return Some(std::mem::take(&mut rest));
+        }
+        let bytes = rest.as_bytes();
+        let whitespace_cut =
+            (size / 2..size).rev().find(|&i| bytes[i].is_ascii_whitespace() && !bytes[i - 1].is_ascii_whitespace());
+        let cut =
+            whitespace_cut.unwrap_or_else(|| (1..=size).rev().find(|&i| rest.is_char_boundary(i)).unwrap_or(size));
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
+}
+
+/// The most bytes of input text one token can cover: the longest token, measured in the
+/// bytes it stands for (a byte-level vocabulary writes each byte as one character; other
+/// vocabularies write text as it is, `▁` for a space, which overstates it safely), times how
+/// much the normalizer can shrink text before the vocabulary sees it. `None` when a
+/// normalizer can shrink text by an unknown factor (stripping, replacing by shorter text).
+fn input_bytes_per_token(tokenizer: &tokenizers::Tokenizer) -> Option<usize> {
+    let shrink = match tokenizer.get_normalizer() {
+        None => 1,
+        Some(n) => normalizer_shrink(&serde_json::to_value(n).ok()?)?,
+    };
+    let byte_level = [
+        tokenizer.get_pre_tokenizer().and_then(|p| serde_json::to_value(p).ok()),
+        tokenizer.get_decoder().and_then(|d| serde_json::to_value(d).ok()),
+    ]
+    .iter()
+    .flatten()
+    .any(|v| v.to_string().contains("\"ByteLevel\""));
+    let added: std::collections::HashSet<u32> = tokenizer.get_added_tokens_decoder().into_keys().collect();
+    let longest = (0..tokenizer.get_vocab_size(true) as u32)
+        .filter_map(|id| Some((id, tokenizer.id_to_token(id)?)))
+        .map(|(id, token)| if byte_level && !added.contains(&id) { token.chars().count() } else { token.len() })
+        .max()?;
+    Some(longest.max(1) * shrink)
+}
+
+/// How many times shorter, at most, a normalizer can make a text: 1 for those that only add
+/// (prepending, replacing by something as long, decomposing), 3 for composition and lowercasing
+/// (three Hangul jamo become one syllable; the Kelvin sign becomes `k`), 4 for compatibility
+/// forms (a 4-byte mathematical letter becomes ASCII). `None` when unknown.
+fn normalizer_shrink(normalizer: &serde_json::Value) -> Option<usize> {
+    let kind = normalizer.get("type")?.as_str()?;
+    Some(match kind {
+        "Sequence" => normalizer
+            .get("normalizers")?
+            .as_array()?
+            .iter()
+            .map(normalizer_shrink)
+            .try_fold(1, |acc, s| s.map(|s| acc * s))?,
+        "Prepend" | "NFD" | "ByteLevel" => 1,
+        "Replace" => {
+            let pattern = normalizer.get("pattern")?.get("String")?.as_str()?;
+            let content = normalizer.get("content")?.as_str()?;
+            if content.len() >= pattern.len() { 1 } else { return None }
+        }
+        "NFC" | "Lowercase" => 3,
+        "NFKC" | "NFKD" => 4,
+        _ => return None,
+    })
 }
 
 /// `chat_template` is a string, or a list of named templates of which "default" is the chat one.
@@ -99,5 +223,82 @@ pub(crate) mod tests {
         assert_eq!(tok.eos_token.as_deref(), Some("<|im_end|>"));
         assert!(tok.chat_template.as_deref().unwrap().contains("im_start"));
         assert_eq!(tok.encode("<|im_start|>user").unwrap()[0], 1);
+    }
+
+    /// Texts that stress the cuts: words, one endless word, runs of spaces and newlines (the
+    /// vocabulary's longest tokens), digits (split one by one), CJK without spaces, emoji, and
+    /// special tokens.
+    fn awkward_texts() -> Vec<String> {
+        vec![
+            "word ".repeat(5000),
+            "a".repeat(20_000),
+            " ".repeat(20_000),
+            "\n                                                                                ".repeat(300),
+            "1234567890 ".repeat(2000),
+            "東京は日本の首都です。".repeat(1000),
+            "🙂🚀 ok ".repeat(2000),
+            "<|im_start|>user\nHi there<|im_end|>\n".repeat(600),
+            "x\t \n  y".repeat(3000),
+        ]
+    }
+
+    #[test]
+    fn counting_in_pieces_never_overstates_a_whole_text_by_more_than_the_slack() {
+        let tok = smollm_tokenizer();
+        for text in awkward_texts() {
+            let whole = tok.encode(&text).unwrap().len();
+            let pieces: Vec<&str> = chunks(&text, 1024).collect();
+            assert_eq!(pieces.concat(), text);
+            let counted: usize = pieces.iter().map(|p| tok.encode(p).unwrap().len()).sum();
+            let over = counted.saturating_sub(whole);
+            assert!(
+                over <= SLACK_PER_CUT * pieces.len(),
+                "{:?}: {counted} counted in {} pieces, {whole} whole",
+                &text[..20],
+                pieces.len()
+            );
+        }
+    }
+
+    #[test]
+    fn encode_within_returns_the_ids_or_a_true_lower_bound() {
+        let tok = smollm_tokenizer();
+        for text in awkward_texts() {
+            let whole = tok.encode(&text).unwrap();
+            assert_eq!(tok.encode_within(&text, whole.len()).unwrap(), Encoded::Ids(whole.clone()));
+            for budget in [whole.len() - 1, whole.len() / 2, 10] {
+                match tok.encode_within(&text, budget).unwrap() {
+                    Encoded::TooLong { tokens, exact } => {
+                        assert!(tokens > budget && tokens <= whole.len() && (!exact || tokens == whole.len()))
+                    }
+                    Encoded::Ids(_) => panic!("{:?} fit a budget of {budget}", &text[..20]),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_longest_token_bounds_the_bytes_per_token() {
+        let tok = smollm_tokenizer();
+        // SmolLM2's longest token is a newline and 80 spaces.
+        assert_eq!(tok.max_bytes_per_token, Some(81));
+        let many_spaces = format!("\n{}", " ".repeat(80)).repeat(100);
+        assert_eq!(tok.encode(&many_spaces).unwrap().len(), 100);
+        assert_eq!(tok.encode_within(&many_spaces, 99).unwrap(), Encoded::TooLong { tokens: 100, exact: false });
+    }
+
+    #[test]
+    fn normalizers_that_shrink_text_loosen_or_drop_the_bound() {
+        use serde_json::json;
+        assert_eq!(normalizer_shrink(&json!({"type": "NFC"})), Some(3));
+        let llama2 = json!({"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "▁"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]});
+        assert_eq!(normalizer_shrink(&llama2), Some(1));
+        assert_eq!(normalizer_shrink(&json!({"type": "Replace", "pattern": {"String": "  "}, "content": " "})), None);
+        assert_eq!(
+            normalizer_shrink(&json!({"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Strip"}]})),
+            None
+        );
     }
 }

@@ -6,6 +6,7 @@
  *
  * Prints "ok" and exits 0 when every check holds; otherwise names the failed check.
  */
+#include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -69,6 +70,32 @@ static bool collect(void *userdata, const char *text, size_t len) {
     strncat(c->text, text, sizeof c->text - strlen(c->text) - 1);
     c->pieces++;
     return c->stop_after == 0 || c->pieces < c->stop_after;
+}
+
+/* A callback as a program in another language may write it: returning a byte that is neither
+ * 0 nor 1 (here 2, through a function declared to return unsigned char). libchat reads the
+ * byte, so any value but 0 goes on: this call must simply complete. */
+static unsigned char returns_two(void *userdata, const char *text, size_t len) {
+    (void)text;
+    (void)len;
+    ++*(int *)userdata;
+    return 2;
+}
+
+/* Every value outside an enum that a function takes, as C can pass it. */
+static void values_outside_the_enums(chat_engine *engine) {
+    int outside[] = {-1, CHAT_PANIC + 1, 15, 99, 1000, INT_MAX, INT_MIN};
+    for (size_t i = 0; i < sizeof outside / sizeof outside[0]; i++)
+        CHECK(strcmp(chat_status_str(outside[i]), "unknown status") == 0);
+    for (int s = CHAT_OK; s <= CHAT_PANIC; s++)
+        CHECK(strcmp(chat_status_str(s), "unknown status") != 0);
+    int pieces = 0;
+    char *out = NULL;
+    /* Calling through a pointer of another function type is what a foreign binding does. */
+    chat_delta_fn two = (chat_delta_fn)(void (*)(void))returns_two;
+    EXPECT(chat_engine_chat_stream(engine, GOOD, two, &pieces, &out), CHAT_OK, "");
+    CHECK(out && pieces > 1 && strstr(out, "Paris"));
+    chat_string_free(out);
 }
 
 static void misuse_and_refusals(void) {
@@ -163,8 +190,9 @@ static void misuse_and_refusals(void) {
 
     /* The static strings */
     for (int s = CHAT_OK; s <= CHAT_PANIC; s++)
-        CHECK(chat_status_str((chat_status)s) && chat_status_str((chat_status)s)[0]);
+        CHECK(chat_status_str(s) && chat_status_str(s)[0]);
     CHECK(strcmp(chat_status_str(CHAT_OK), "ok") == 0);
+    values_outside_the_enums(engine);
     char version[32];
     snprintf(version, sizeof version, "%d.%d.%d", LIBCHAT_VERSION_MAJOR, LIBCHAT_VERSION_MINOR,
              LIBCHAT_VERSION_PATCH);

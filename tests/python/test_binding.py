@@ -47,6 +47,14 @@ def test_version():
     assert libchat.version() == "0.1.0"
 
 
+@pytest.mark.parametrize("status", [14, 15, 99, -1, 2**31 - 1, -(2**31)])
+def test_a_status_this_binding_does_not_know_is_named_not_fatal(status):
+    # chat_status_str takes an int: values from a newer libchat, or any other, are defined.
+    error = libchat.ChatError(status, "from the future")
+    assert str(error) == "unknown status: from the future"
+    assert error.status_name == f"CHAT_STATUS_{status}"
+
+
 def test_chat(engine):
     response = engine.chat(ask(QUESTION))
     assert response["object"] == "chat.completion"
