@@ -1,12 +1,13 @@
-//! Many clients, one small box: disconnects free their sequence within a step, a full queue
-//! answers 429 instead of hanging, and queue waits and deadlines are bounded.
+//! Many clients, one small box: disconnects cancel their sequence and free its memory, a full
+//! queue answers 429 instead of hanging, and queue waits and deadlines are bounded. Every wait
+//! is on the engine's own counters (`/health`, `/metrics`); timeouts only detect hangs.
 
 mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Daemon, next_content, open_stream, user, wait_until};
 use serde_json::{Value, json};
@@ -19,53 +20,85 @@ fn health(d: &Daemon) -> Value {
     d.get("/health").json()
 }
 
+/// Requests on `/v1/chat/completions` answered with `status` so far, from /metrics.
+fn answered(d: &Daemon, status: u16) -> u64 {
+    let metrics = d.get("/metrics").body;
+    let key = format!("chatd_requests_total{{endpoint=\"/v1/chat/completions\",status=\"{status}\"}} ");
+    metrics.lines().find_map(|l| l.strip_prefix(key.as_str())).map_or(0, |n| n.parse().unwrap())
+}
+
+/// A hang detector: the engine's counters normally get there in milliseconds.
+const HANG: Duration = Duration::from_secs(60);
+
 #[test]
-fn disconnects_stop_generation_within_a_step_and_free_the_kv_cache() {
+fn disconnects_cancel_generation_and_free_the_kv_cache() {
     let d = Daemon::start_with_model(&genai_dir(), &[]);
     // Streaming: read five pieces, then hang up.
     let body = json!({"messages": user("Tell me a long story about a dragon."), "max_tokens": 2000, "ignore_eos": true,
                       "stream": true, "stream_options": {"include_usage": true}});
     let (stream, mut reader) = open_stream(&d, &body);
-    let mut received = 0;
-    while received < 5 {
+    for _ in 0..5 {
         next_content(&mut reader).expect("stream ended early");
-        received += 1;
     }
     assert_eq!(health(&d)["running"], 1);
     assert!(health(&d)["kv_pool_used_bytes"].as_u64().unwrap() > 0);
     let before = health(&d)["decode_tokens"].as_u64().unwrap();
     drop(reader);
     drop(stream);
-    assert!(wait_until(Duration::from_secs(5), || health(&d)["running"] == 0), "the sequence was not removed");
-    let after = health(&d)["decode_tokens"].as_u64().unwrap();
-    assert!(after - before <= 2, "{} tokens were generated after the client left", after - before);
+    // The request ends as a client disconnect (499), long before its 2000 tokens, and its KV
+    // rows are returned. How soon it is noticed (every 20 ms and before every write) is timing;
+    // that it is cancelled, and freed, is what is checked here.
+    assert!(wait_until(HANG, || health(&d)["running"] == 0), "the sequence was not removed");
+    assert!(wait_until(HANG, || answered(&d, 499) == 1), "not counted as a disconnect");
+    let generated = health(&d)["decode_tokens"].as_u64().unwrap() - before;
+    assert!(generated < 1000, "{generated} tokens were generated after the client left");
     assert_eq!(health(&d)["kv_pool_used_bytes"], 0, "the KV rows were not returned");
 
-    // Not streaming: the client gives up after a moment.
+    // Not streaming: the client gives up once generation is under way.
     let body =
         json!({"messages": user("Tell me a long story about a knight."), "max_tokens": 2000, "ignore_eos": true})
             .to_string();
     let mut stream = TcpStream::connect(&d.addr).unwrap();
     write!(stream, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len())
         .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || health(&d)["running"] == 1));
-    std::thread::sleep(Duration::from_millis(300));
-    let before = health(&d)["decode_tokens"].as_u64().unwrap();
+    let started = health(&d)["decode_tokens"].as_u64().unwrap();
+    assert!(wait_until(HANG, || health(&d)["decode_tokens"].as_u64().unwrap() >= started + 10));
     drop(stream);
-    assert!(wait_until(Duration::from_secs(5), || health(&d)["running"] == 0), "the sequence was not removed");
-    let after = health(&d)["decode_tokens"].as_u64().unwrap();
-    assert!(after - before <= 3, "{} tokens were generated after the client left", after - before);
+    assert!(wait_until(HANG, || health(&d)["running"] == 0), "the sequence was not removed");
+    assert!(wait_until(HANG, || answered(&d, 499) == 2), "not counted as a disconnect");
+    let generated = health(&d)["decode_tokens"].as_u64().unwrap() - started;
+    assert!(generated < 1000, "{generated} tokens were generated for a client that left");
     assert_eq!(health(&d)["kv_pool_used_bytes"], 0);
     // The daemon serves on.
     assert_eq!(d.chat(json!({"messages": user("Hi"), "max_tokens": 2}))["choices"][0]["finish_reason"], "length");
 }
 
+/// Opens `count` long streams and waits until the engine shows them running or queued as
+/// given; the places stay taken until the returned streams are dropped.
+fn hold(d: &Daemon, count: usize, running: u64, queued: u64) -> Vec<(TcpStream, std::io::BufReader<TcpStream>)> {
+    let body =
+        json!({"messages": user("Count to a thousand."), "max_tokens": 4000, "ignore_eos": true, "stream": true});
+    let holders = (0..count).map(|_| open_stream(d, &body)).collect();
+    assert!(
+        wait_until(HANG, || {
+            let h = health(d);
+            h["running"] == running && h["queued"] == queued
+        }),
+        "{}",
+        health(d)
+    );
+    holders
+}
+
 #[test]
 fn a_full_queue_answers_429_and_nothing_hangs() {
     let d = Daemon::start_with_model(&genai_dir(), &["--max-running", "2", "--max-queued", "2"]);
-    let body = json!({"messages": user("Write a poem."), "max_tokens": 48, "ignore_eos": true});
+    // Both places and both queue slots are taken before the burst, so every request of it finds
+    // the queue full, however the machine schedules the clients.
+    let holders = hold(&d, 4, 2, 2);
+    let body = json!({"messages": user("Write a poem."), "max_tokens": 8});
     let results: Vec<(u16, Option<String>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..12)
+        let handles: Vec<_> = (0..8)
             .map(|_| {
                 s.spawn(|| {
                     let r = d.post("/v1/chat/completions", &body);
@@ -75,11 +108,9 @@ fn a_full_queue_answers_429_and_nothing_hangs() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let ok = results.iter().filter(|r| r.0 == 200).count();
-    let refused: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
-    assert_eq!(ok + refused.len(), 12, "{results:?}");
-    assert!(ok >= 2 && !refused.is_empty(), "{results:?}");
-    assert!(refused.iter().all(|r| r.1.as_deref() == Some("1")), "429 without Retry-After: {results:?}");
+    assert!(results.iter().all(|r| r.0 == 429 && r.1.as_deref() == Some("1")), "{results:?}");
+    drop(holders);
+    assert!(wait_until(HANG, || health(&d)["running"] == 0 && health(&d)["queued"] == 0));
     let e = d.post("/v1/chat/completions", &body);
     assert_eq!(e.status, 200, "served again once the burst is over: {}", e.body);
 }
@@ -87,30 +118,24 @@ fn a_full_queue_answers_429_and_nothing_hangs() {
 #[test]
 fn queue_wait_and_deadlines_are_bounded() {
     let d = Daemon::start_with_model(&genai_dir(), &["--max-running", "1", "--max-queue-wait-s", "0.5"]);
-    // One long request holds the only place; the next waits 0.5 s, then gets 429.
-    let long = json!({"messages": user("Count to a thousand."), "max_tokens": 400, "ignore_eos": true});
-    std::thread::scope(|s| {
-        let holder = s.spawn(|| d.post("/v1/chat/completions", &long));
-        assert!(wait_until(Duration::from_secs(5), || health(&d)["running"] == 1));
-        let started = Instant::now();
-        let e = d.post("/v1/chat/completions", &json!({"messages": user("Hi"), "max_tokens": 2})).error(429);
-        assert!(started.elapsed() < Duration::from_secs(3));
-        assert!(e["message"].as_str().unwrap().contains("waited"), "{e}");
-        // A request whose own deadline passes while it waits gets 504.
-        let e = d
-            .post("/v1/chat/completions", &json!({"messages": user("Hi"), "max_tokens": 2, "timeout": 0.2}))
-            .error(504);
-        assert_eq!(e["code"], "timeout");
-        assert_eq!(holder.join().unwrap().status, 200);
-    });
-    let started = Instant::now();
+    // One long stream holds the only place; the next request waits 0.5 s, then gets 429.
+    let holder = hold(&d, 1, 1, 0);
+    let e = d.post("/v1/chat/completions", &json!({"messages": user("Hi"), "max_tokens": 2})).error(429);
+    assert!(e["message"].as_str().unwrap().contains("waited"), "{e}");
+    // A request whose own deadline passes while it waits gets 504.
+    let e =
+        d.post("/v1/chat/completions", &json!({"messages": user("Hi"), "max_tokens": 2, "timeout": 0.2})).error(504);
+    assert_eq!(e["code"], "timeout");
+    drop(holder);
+    assert!(wait_until(HANG, || health(&d)["running"] == 0));
+    // A deadline that passes while generating ends the completion there, with its text. 2 s is
+    // far past the first token and far short of 8,000 tokens on any CPU.
     let v = d.chat(
-        json!({"messages": user("Tell me a long story."), "max_tokens": 4000, "ignore_eos": true, "timeout": 0.5}),
+        json!({"messages": user("Tell me a long story."), "max_tokens": 8000, "ignore_eos": true, "timeout": 2.0}),
     );
-    assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(v["choices"][0]["finish_reason"], "timeout");
     let n = v["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(n > 0 && n < 4000, "{n}");
+    assert!(n > 0 && n < 8000, "{n}");
     assert!(!v["choices"][0]["message"]["content"].as_str().unwrap().is_empty());
 }
 

@@ -9,8 +9,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, model_dir, next_content, open_stream, user};
+use common::{Daemon, model_dir, next_content, open_stream, user, wait_until};
 use serde_json::{Value, json};
+
+/// A hang detector: what the tests wait for normally happens within a second or two.
+const HANG: Duration = Duration::from_secs(60);
 
 fn temp_file(name: &str, text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("chatd-daemon-test-{}-{name}", std::process::id()));
@@ -90,7 +93,7 @@ fn api_keys_limits_and_metrics_protection_reload_on_sighup() {
     )
     .unwrap();
     d.signal(libc::SIGHUP);
-    assert!(d.wait_for_log("reloaded the configuration", Duration::from_secs(10)), "{:?}", d.log());
+    assert!(d.wait_for_log("reloaded the configuration", HANG), "{:?}", d.log());
     let line = d.log().into_iter().find(|l| l.contains("reloaded the configuration")).unwrap();
     assert!(line.contains("auth_metrics") && line.contains("api keys") && line.contains("request limits"), "{line}");
     assert_eq!(with_key("sk-first", &ask(4)).status, 401);
@@ -101,7 +104,7 @@ fn api_keys_limits_and_metrics_protection_reload_on_sighup() {
     // A broken file is refused and the running configuration kept.
     std::fs::write(&config, "max_messages = \"many\"\n").unwrap();
     d.signal(libc::SIGHUP);
-    assert!(d.wait_for_log("reload refused", Duration::from_secs(10)));
+    assert!(d.wait_for_log("reload refused", HANG));
     assert_eq!(with_key("sk-second", &ask(4)).status, 200);
     assert!(d.is_running());
 }
@@ -156,32 +159,31 @@ fn slow_idle_and_excess_connections_cannot_pin_the_server() {
     let reply = d.raw(big.as_bytes());
     assert_eq!(reply.error(431)["code"], "headers_too_large");
 
-    // Four idle connections fill the server; the fifth is refused at once with 503.
+    // Four idle connections fill the server; the fifth is refused at once with 503. Places are
+    // taken in the order connections are accepted, so once the earlier connections are gone the
+    // fifth is the one over the limit.
+    assert!(d.wait_connections_closed(HANG));
     let mut idle: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(&d.addr).unwrap()).collect();
-    std::thread::sleep(Duration::from_millis(200));
     let mut fifth = TcpStream::connect(&d.addr).unwrap();
-    let refused = read_all(&mut fifth, Duration::from_secs(5));
+    let refused = read_all(&mut fifth, HANG);
     assert!(refused.starts_with("HTTP/1.1 503") && refused.contains("too_many_connections"), "{refused}");
-    // Idle ones are closed after the idle timeout, quietly, and free their places.
-    let started = Instant::now();
+    // Idle ones are closed after the idle timeout (1 s), quietly, and free their places.
     for conn in &mut idle {
-        assert_eq!(read_all(conn, Duration::from_secs(5)), "");
+        assert_eq!(read_all(conn, HANG), "");
     }
-    assert!(started.elapsed() < Duration::from_secs(3), "idle connections lived {:?}", started.elapsed());
     assert_eq!(d.get("/health").status, 200);
 
     // A head trickled one byte at a time gets 408 after the idle timeout, not a thread forever.
+    // (The pauses are the client being slow, not a wait on the server.)
     let mut slow = TcpStream::connect(&d.addr).unwrap();
-    let started = Instant::now();
     for byte in b"GET /health HTTP/1.1\r\nHost: xxxxxxxxxxxxxxxxxxxxxxx" {
         if slow.write_all(&[*byte]).is_err() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let answer = read_all(&mut slow, Duration::from_secs(5));
+    let answer = read_all(&mut slow, HANG);
     assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("request_timeout"), "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(5));
 
     // So does a body trickled under a valid head.
     let mut slow = TcpStream::connect(&d.addr).unwrap();
@@ -192,7 +194,7 @@ fn slow_idle_and_excess_connections_cannot_pin_the_server() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let answer = read_all(&mut slow, Duration::from_secs(5));
+    let answer = read_all(&mut slow, HANG);
     assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("request_timeout"), "{answer}");
 
     let reply = d.post("/v1/chat/completions", &ask(4));
@@ -219,10 +221,11 @@ fn sigterm_drains_then_cancels_and_exits_zero() {
             read_all(&mut s, Duration::from_secs(30))
         }
     });
-    std::thread::sleep(Duration::from_millis(50));
+    // Both in flight before the signal (the short one may be done already on a fast box).
+    assert!(wait_until(HANG, || d.get("/health").json()["running"] == 2 || short.is_finished()));
     let signalled = Instant::now();
     d.signal(libc::SIGTERM);
-    assert!(d.wait_for_log("draining", Duration::from_secs(5)));
+    assert!(d.wait_for_log("draining", HANG));
     // New work is refused while draining.
     let refused = d.post("/v1/chat/completions", &ask(4));
     assert_eq!(refused.error(503)["code"], "unavailable");
@@ -234,8 +237,8 @@ fn sigterm_drains_then_cancels_and_exits_zero() {
     let _ = reader.read_to_string(&mut rest);
     let (cancelled, done) = (rest.find("\"finish_reason\":\"cancelled\""), rest.find("data: [DONE]"));
     assert!(cancelled.is_some() && done.is_some() && cancelled < done, "{rest}");
-    let status = d.wait_exit(Duration::from_secs(10)).expect("chatd exits after draining");
+    let status = d.wait_exit(HANG).expect("chatd exits after draining");
     assert!(status.success(), "{status}");
-    let took = signalled.elapsed();
-    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(8), "{took:?}");
+    // It waited the grace period for the stream (a lower bound holds on any machine).
+    assert!(signalled.elapsed() >= Duration::from_secs(2), "{:?}", signalled.elapsed());
 }

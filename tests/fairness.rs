@@ -1,11 +1,12 @@
-//! A long prompt arriving mid-stream does not raise the running stream's inter-token latency
-//! by more than 3x. A timing test: it has this file (test binary) to itself, so no other test's
-//! daemon competes for the cores while it measures.
+//! A long prompt arriving mid-stream does not stall a running stream: the prompt is fed in
+//! chunks between decode steps, so the stream keeps getting tokens while it is read. Checked on
+//! the engine's own counters, not on the clock: while the prompt is fed, the stream gets at
+//! least one token per prompt chunk. How much a prompt slows a stream (the pacing of
+//! `--stream-slowdown`) is a speed figure: `scripts/bench-fairness.sh` measures it.
 
 mod common;
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use common::{Daemon, next_content, open_stream, user};
 use serde_json::json;
@@ -14,47 +15,38 @@ fn genai_dir() -> PathBuf {
     common::model_dir().parent().unwrap().join("smollm2-135m-instruct-genai")
 }
 
+const PREFILL_CHUNK: usize = 16;
+
+fn decode_tokens(d: &Daemon) -> usize {
+    d.get("/health").json()["decode_tokens"].as_u64().unwrap() as usize
+}
+
 #[test]
-fn a_long_prompt_does_not_stall_running_streams() {
-    let d = Daemon::start_with_model(&genai_dir(), &["--prefix-cache-mb", "0"]);
+fn a_long_prompt_is_fed_between_the_steps_of_a_running_stream() {
+    let d = Daemon::start_with_model(
+        &genai_dir(),
+        &["--prefix-cache-mb", "0", "--prefill-chunk", &PREFILL_CHUNK.to_string()],
+    );
     let body = json!({"messages": user("Tell me a long story about the sea."), "max_tokens": 7000, "ignore_eos": true, "stream": true});
-    let (_stream, mut reader) = open_stream(&d, &body);
-    let mut arrivals = Vec::new();
-    for _ in 0..40 {
-        next_content(&mut reader).unwrap();
-        arrivals.push(Instant::now());
-    }
-    let gaps = |a: &[Instant]| a.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect::<Vec<_>>();
-    let mut alone = gaps(&arrivals[10..]);
-    alone.sort_by(f64::total_cmp);
-    let alone_median = alone[alone.len() / 2];
-    // A ~600-token prompt arrives while the stream runs.
+    let (stream, mut reader) = open_stream(&d, &body);
+    next_content(&mut reader).expect("the stream started");
+    // A ~600-token prompt arrives while the stream runs. Only the stream decodes meanwhile, so
+    // each decode step is one of its tokens.
     let filler = "The harbour master counted the boats that came in with the evening tide, one by one. ";
     let long_prompt = filler.repeat(34);
-    let during: Vec<Instant> = std::thread::scope(|s| {
-        let other = s.spawn(|| d.chat(json!({"messages": user(&long_prompt), "max_tokens": 1})));
-        let mut during = vec![Instant::now()];
-        while !other.is_finished() {
-            next_content(&mut reader).unwrap();
-            during.push(Instant::now());
-        }
-        let v = other.join().unwrap();
-        assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 550);
-        during
+    let (during, prompt_tokens) = std::thread::scope(|s| {
+        // Keep reading, so the stream is never held up by its client.
+        let reading = s.spawn(move || while next_content(&mut reader).is_some() {});
+        let before = decode_tokens(&d);
+        let v = d.chat(json!({"messages": user(&long_prompt), "max_tokens": 1}));
+        let during = decode_tokens(&d) - before;
+        // Hanging up ends the reader (and the stream).
+        stream.shutdown(std::net::Shutdown::Both).unwrap();
+        reading.join().unwrap();
+        (during, v["usage"]["prompt_tokens"].as_u64().unwrap() as usize)
     });
-    let mixed = gaps(&during);
-    let mixed_mean = mixed.iter().sum::<f64>() / mixed.len() as f64;
-    eprintln!(
-        "inter-token latency: {:.1} ms alone (median), {:.1} ms mean over {} tokens while a {}-token prompt was fed",
-        alone_median * 1e3,
-        mixed_mean * 1e3,
-        mixed.len(),
-        long_prompt.split_whitespace().count()
-    );
-    assert!(
-        mixed_mean <= 3.0 * alone_median,
-        "inter-token latency {:.1} ms while the prompt was fed vs {:.1} ms alone",
-        mixed_mean * 1e3,
-        alone_median * 1e3
-    );
+    let chunks = prompt_tokens.div_ceil(PREFILL_CHUNK);
+    eprintln!("{during} stream tokens while a {prompt_tokens}-token prompt was fed in {chunks} chunks");
+    assert!(prompt_tokens > 550);
+    assert!(during >= chunks, "the stream got {during} tokens while {chunks} prompt chunks ran");
 }

@@ -180,9 +180,9 @@ fn models_and_health() {
 }
 
 #[test]
-fn sampling_parameters_are_accepted_and_change_the_output() {
+fn each_sampling_parameter_has_its_effect() {
     let d = shared();
-    let base = json!({"messages": user(FRANCE), "max_tokens": 10, "temperature": 0});
+    let base = json!({"messages": user(FRANCE), "max_tokens": 24, "temperature": 0});
     let with = |extra: Value| {
         let mut body = base.clone();
         body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
@@ -194,16 +194,27 @@ fn sampling_parameters_are_accepted_and_change_the_output() {
     let first_id_text = first_token["choices"][0]["logprobs"]["content"][0]["token"].as_str().unwrap().to_owned();
     let tok = chat::text::Tokenizer::load(&common::model_dir()).unwrap();
     let id = tok.encode(&first_id_text).unwrap()[0];
-    assert_ne!(with(json!({"logit_bias": {id.to_string(): -100}})), greedy);
-    // Penalties and truncations are accepted with their documented ranges.
-    for extra in [
-        json!({"presence_penalty": 2.0}),
-        json!({"frequency_penalty": 2.0}),
-        json!({"repetition_penalty": 1.3}),
-        json!({"temperature": 0.8, "top_p": 0.5, "top_k": 20, "min_p": 0.1, "seed": 3}),
-        json!({"min_tokens": 10, "ignore_eos": true}),
-    ] {
-        with(extra);
+    assert_ne!(with(json!({"logit_bias": {id.to_string(): -100}})), greedy, "logit_bias");
+    // Each penalty steers the greedy answer away from words it already used.
+    for penalty in
+        [json!({"presence_penalty": 2.0}), json!({"frequency_penalty": 2.0}), json!({"repetition_penalty": 1.3})]
+    {
+        assert_ne!(with(penalty.clone()), greedy, "{penalty}");
+    }
+    // At a high temperature a seed decides the answer, and each truncation alone brings it back
+    // to the greedy one: one token left (top_k 1), the top token's mass (top_p 0.01), only tokens
+    // as likely as the top one (min_p 1).
+    let hot = |extra: Value| {
+        let mut body = json!({"temperature": 1.5, "seed": 3});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        with(body)
+    };
+    let sampled = hot(json!({}));
+    assert_ne!(sampled, greedy, "temperature");
+    assert_eq!(hot(json!({})), sampled, "the same seed samples the same answer");
+    assert_ne!(hot(json!({"seed": 4})), sampled, "another seed samples another answer");
+    for truncation in [json!({"top_k": 1}), json!({"top_p": 0.01}), json!({"min_p": 1.0})] {
+        assert_eq!(hot(truncation.clone()), greedy, "{truncation}");
     }
     // min_tokens holds the end-of-sequence token back.
     let v = d.chat(json!({"messages": user("Say OK."), "max_tokens": 40, "min_tokens": 30, "temperature": 0}));
