@@ -12,6 +12,7 @@ pub mod constraint;
 pub mod daemon;
 pub mod engine;
 pub mod ffi;
+pub mod memory;
 pub mod model;
 pub mod sampling;
 pub mod server;

@@ -128,7 +128,7 @@ fn serve(config: Config, args: &[String], inherited: Result<Option<TcpListener>,
         .call(Endpoint::Completion, br#"{"prompt": "Hello", "max_tokens": 1, "temperature": 0}"#, None)
         .map_err(|e| anyhow::anyhow!("the warm-up generation failed: {e}"))?;
     log::info!("warm-up generation took {:.0} ms", warm.elapsed().as_secs_f64() * 1e3);
-    server.set_ready(service.engine.clone(), service.frontend.clone(), load_time);
+    server.set_ready(&service, load_time);
     ready.store(true, Ordering::SeqCst);
     let name = service.frontend.served_name().to_owned();
     notifier.send(&format!("READY=1\nSTATUS=ready: serving {name}, 0 active, 0 queued"));

@@ -62,6 +62,9 @@ const NO_MODEL: &str = "no model folder: set `model` (--model DIR, CHATD_MODEL) 
 pub struct Service {
     pub engine: Arc<Engine>,
     pub frontend: Arc<Frontend>,
+    /// What loading took of the process's resident size: the weights, the tokenizer (and its
+    /// token trie for constraints), ONNX Runtime's session and the engine's threads.
+    pub model_bytes: usize,
 }
 
 impl Service {
@@ -81,6 +84,7 @@ impl Service {
         let dir = Self::check(config)?;
         let model_error = |e: anyhow::Error| LoadError::Model(format!("{e:#}"));
         let started = Instant::now();
+        let resident_before = crate::memory::resident_bytes();
         let tokenizer = Arc::new(Tokenizer::load(dir).map_err(model_error)?);
         let model = Model::load(dir, &config.runtime).map_err(model_error)?;
         log::info!(
@@ -97,7 +101,8 @@ impl Service {
         let engine = Arc::new(Engine::start(model, tokenizer, config.engine.clone()).map_err(model_error)?);
         let frontend =
             Frontend::new(&engine, config.served_model_name.clone(), config.limits.clone()).map_err(model_error)?;
-        Ok(Self { engine, frontend: Arc::new(frontend) })
+        let model_bytes = crate::memory::resident_bytes().saturating_sub(resident_before);
+        Ok(Self { engine, frontend: Arc::new(frontend), model_bytes })
     }
 
     /// Answers one request body for `endpoint` and blocks until it is complete; the response is

@@ -114,11 +114,16 @@ pub struct EngineStats {
     /// Bytes of the shared KV pool (genai layout), and of it those held by live sequences.
     pub kv_pool_bytes: AtomicUsize,
     pub kv_pool_used_bytes: AtomicUsize,
+    /// Bytes of the pool resident in memory (read at most once a second).
+    pub kv_pool_resident_bytes: AtomicUsize,
     /// Requests that started from a cached prefix, and the prompt tokens they did not compute.
     pub prefix_hits: AtomicUsize,
     pub prefix_cached_tokens: AtomicUsize,
     /// Bytes held by the prefix cache.
     pub prefix_cache_bytes: AtomicUsize,
+    /// Bytes requests hold in the engine: each sequence's logits and sampling buffers, and in
+    /// the Optimum layout its own keys and values.
+    pub sequence_bytes: AtomicUsize,
     /// Decode steps run, and tokens they produced: tokens / steps is the mean batch size.
     pub decode_steps: AtomicUsize,
     pub decode_tokens: AtomicUsize,

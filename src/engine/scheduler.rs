@@ -25,6 +25,9 @@ const ALONE_ROUND_TOKENS: usize = 256;
 /// made every turn pay for allocating and faulting it in again (~0.2 s at 2000 positions).
 const IDLE_RELEASE_AFTER: Duration = Duration::from_secs(1);
 
+/// How often the KV pool's resident size is read for `/health`.
+const RESIDENT_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Paces prompt feeding while other sequences generate. On a small CPU a prompt token costs
 /// about as much as a whole decode step, so feeding a long prompt flat out would stall every
 /// running stream. Prompt tokens accrue as credit at a rate per round; a chunk (always the
@@ -163,6 +166,8 @@ pub(crate) struct Scheduler {
     last_beat: Option<Instant>,
     /// Whether rounds ran since the working memory was last given back.
     memory_held: bool,
+    /// When the KV pool's resident size was last read (see `RESIDENT_CHECK_EVERY`).
+    resident_checked: Instant,
     parked: Option<Parked>,
 }
 
@@ -202,6 +207,7 @@ impl Scheduler {
             workers,
             last_beat: None,
             memory_held: false,
+            resident_checked: Instant::now(),
             parked: None,
         }
     }
@@ -241,7 +247,31 @@ impl Scheduler {
             let used = self.model.kv_pool_used_bytes().saturating_sub(parked_bytes);
             self.stats.kv_pool_used_bytes.store(used, Ordering::Relaxed);
             self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+            self.stats.sequence_bytes.store(self.sequence_bytes(), Ordering::Relaxed);
+            if self.resident_checked.elapsed() >= RESIDENT_CHECK_EVERY {
+                // Asking the kernel page by page costs ~0.1 ms for a large pool: not every round.
+                self.stats.kv_pool_resident_bytes.store(self.model.kv_pool_resident_bytes(), Ordering::Relaxed);
+                self.resident_checked = Instant::now();
+            }
         }
+    }
+
+    /// What the requests in the engine hold beside the shared pool and the prefix cache.
+    fn sequence_bytes(&self) -> usize {
+        let model = &self.model;
+        let logits = (self.prefill_logits.capacity() + self.verify_logits.capacity()) * std::mem::size_of::<f32>();
+        logits
+            + self
+                .groups
+                .iter()
+                .map(|g| match &g.state {
+                    State::Prefill { cache, .. } => model.private_cache_bytes(cache),
+                    State::Decode { seqs } => {
+                        seqs.iter().map(|s| s.buffer_bytes() + model.private_cache_bytes(&s.cache)).sum()
+                    }
+                    State::Done => 0,
+                })
+                .sum::<usize>()
     }
 
     /// Tells the watchdog the loop is alive, at most once per `heartbeat.every / 2`.
@@ -272,6 +302,8 @@ impl Scheduler {
                         }
                         self.model.release_idle_memory();
                         self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
+                        let resident = self.model.kv_pool_resident_bytes();
+                        self.stats.kv_pool_resident_bytes.store(resident, Ordering::Relaxed);
                         self.stats.kv_pool_used_bytes.store(self.model.kv_pool_used_bytes(), Ordering::Relaxed);
                         self.memory_held = false;
                     }

@@ -45,6 +45,14 @@ pub(super) struct Rules<'a> {
 }
 
 impl Sequence {
+    /// Bytes of this sequence's own buffers (logits, sampling, tokens), for `/health`.
+    pub fn buffer_bytes(&self) -> usize {
+        use std::mem::size_of;
+        (self.logits.capacity() + self.raw.capacity()) * size_of::<f32>()
+            + self.scratch.capacity() * size_of::<(f32, u32)>()
+            + self.tokens.capacity() * size_of::<u32>()
+    }
+
     pub fn new(choice: usize, cache: KvCache, logits: Vec<f32>, sampler: Sampler, request: &GenerateRequest) -> Self {
         Self {
             choice,

@@ -18,7 +18,7 @@ use ort::value::{Shape, TensorRef, TensorRefMut, ValueType};
 use serde_json::Value;
 
 use super::config::{GenerationDefaults, ids_of, read_json};
-use super::kv_pool::{AlignedBuf, KvPool, RowLease};
+use super::kv_pool::{KvPool, RowLease};
 use super::runtime::{self, RuntimeOptions};
 use super::{ModelInfo, logit_positions};
 
@@ -414,4 +414,41 @@ fn check(status: ort::sys::OrtStatusPtr) -> Result<()> {
         text
     };
     bail!("{message}")
+}
+
+/// A float buffer aligned to 64 bytes, as ONNX Runtime's own allocator aligns the tensors its
+/// kernels expect (a plain `Vec<f32>` is only 16-byte aligned).
+#[derive(Clone, Default)]
+struct AlignedBuf {
+    blocks: Vec<Block>,
+    len: usize,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Block([f32; 16]);
+
+const ZERO_BLOCK: Block = Block([0.0; 16]);
+
+impl AlignedBuf {
+    /// Grows or shrinks to `len` floats; new ones are zero.
+    pub fn resize(&mut self, len: usize) {
+        self.blocks.resize(len.div_ceil(16), ZERO_BLOCK);
+        self.len = len;
+    }
+}
+
+impl std::ops::Deref for AlignedBuf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        // SAFETY: blocks hold at least `len` contiguous, initialised f32s.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for AlignedBuf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        // SAFETY: as in `deref`, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast(), self.len) }
+    }
 }

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Result, bail};
 
+use super::pages::Pages;
+
 /// The shared bookkeeping a lease needs to give its row back when dropped.
 #[derive(Default)]
 struct Rows {
@@ -21,7 +23,8 @@ pub struct KvPool {
     /// Rows allocated in the buffers.
     allocated: usize,
     capacity: usize,
-    buffers: Vec<AlignedBuf>,
+    /// Mapped memory of their own (see `pages`): freed, it goes back to the system at once.
+    buffers: Vec<Pages>,
     kv_heads: usize,
     head_dim: usize,
     max_capacity: usize,
@@ -50,47 +53,6 @@ impl Drop for RowLease {
     }
 }
 
-/// A float buffer aligned to 64 bytes, as ONNX Runtime's own allocator aligns the tensors its
-/// kernels expect (a plain `Vec<f32>` is only 16-byte aligned).
-#[derive(Clone, Default)]
-pub(super) struct AlignedBuf {
-    blocks: Vec<Block>,
-    len: usize,
-}
-
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Block([f32; 16]);
-
-const ZERO_BLOCK: Block = Block([0.0; 16]);
-
-impl AlignedBuf {
-    pub fn zeroed(len: usize) -> Self {
-        Self { blocks: vec![ZERO_BLOCK; len.div_ceil(16)], len }
-    }
-
-    /// Grows or shrinks to `len` floats; new ones are zero.
-    pub fn resize(&mut self, len: usize) {
-        self.blocks.resize(len.div_ceil(16), ZERO_BLOCK);
-        self.len = len;
-    }
-}
-
-impl std::ops::Deref for AlignedBuf {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        // SAFETY: blocks hold at least `len` contiguous, initialised f32s.
-        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for AlignedBuf {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        // SAFETY: as in `deref`, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast(), self.len) }
-    }
-}
-
 /// Capacity grows in blocks so a growing sequence re-lays out the pool rarely.
 const BLOCK: usize = 256;
 
@@ -100,7 +62,7 @@ impl KvPool {
             rows: Arc::default(),
             allocated: 0,
             capacity: 0,
-            buffers: (0..2 * layers).map(|_| AlignedBuf::default()).collect(),
+            buffers: (0..2 * layers).map(|_| Pages::default()).collect(),
             kv_heads,
             head_dim,
             max_capacity,
@@ -125,6 +87,11 @@ impl KvPool {
     /// Bytes currently allocated for keys and values.
     pub fn allocated_bytes(&self) -> usize {
         self.allocated * self.capacity * self.bytes_per_position()
+    }
+
+    /// Bytes of the allocation that are resident: positions never written take no memory.
+    pub fn resident_bytes(&self) -> usize {
+        self.buffers.iter().map(Pages::resident_bytes).sum()
     }
 
     /// Bytes of the rows leased now (the rest of the allocation is free for new sequences).
@@ -194,7 +161,7 @@ impl KvPool {
         rows.leased.clear();
         rows.len.clear();
         for buffer in &mut self.buffers {
-            *buffer = AlignedBuf::default();
+            *buffer = Pages::default();
         }
         self.allocated = 0;
         self.capacity = 0;
@@ -226,21 +193,26 @@ impl KvPool {
         let (old_rows, old_cap) = (self.allocated, self.capacity);
         let (h, d) = (self.kv_heads, self.head_dim);
         for buffer in &mut self.buffers {
-            if capacity == old_cap {
-                // Rows are the outermost dimension: new rows are appended.
-                buffer.resize(rows * h * capacity * d);
+            if capacity <= old_cap {
+                // Rows are the outermost dimension: rows are appended or dropped at the end.
+                buffer.resize(rows * h * capacity.max(old_cap) * d);
                 continue;
             }
-            let mut grown = AlignedBuf::zeroed(rows * h * capacity * d);
-            for r in 0..old_rows.min(rows) {
-                for head in 0..h {
-                    let from = (r * h + head) * old_cap * d;
-                    let to = (r * h + head) * capacity * d;
-                    let n = old_cap.min(capacity) * d;
-                    grown[to..to + n].copy_from_slice(&buffer[from..from + n]);
+            // More positions per row: the buffer grows where it is (no second copy of the pool
+            // at any moment), then each row's heads move up to their new places, last first so
+            // that nothing is overwritten before it moved, and the room they leave is zeroed.
+            buffer.resize(rows * h * capacity * d);
+            let kept = old_cap * d;
+            // Past the old contents the memory is fresh and zero: not written (nor resident).
+            let old_end = old_rows * h * kept;
+            for block in (0..old_rows.min(rows) * h).rev() {
+                let (from, to) = (block * kept, block * capacity * d);
+                buffer.copy_within(from..from + kept, to);
+                let stale = (to + kept)..(to + capacity * d).min(old_end);
+                if !stale.is_empty() {
+                    buffer[stale].fill(0.0);
                 }
             }
-            *buffer = grown;
         }
         if capacity != old_cap || rows != old_rows {
             log::debug!("KV pool: {rows} rows x {capacity} positions ({} MiB)", bytes >> 20);
@@ -281,15 +253,15 @@ impl KvPool {
     }
 
     /// Copies the first `len` positions of `row` out, as `[kv_heads, len, head_dim]` per buffer.
-    pub fn read_row(&self, row: usize, len: usize) -> Vec<Vec<f32>> {
+    pub fn read_row(&self, row: usize, len: usize) -> Vec<Pages> {
         let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
         self.buffers
             .iter()
             .map(|buffer| {
-                let mut out = Vec::with_capacity(h * len * d);
+                let mut out = Pages::zeroed(h * len * d);
                 for head in 0..h {
                     let src = (row * h + head) * cap * d;
-                    out.extend_from_slice(&buffer[src..src + len * d]);
+                    out[head * len * d..(head + 1) * len * d].copy_from_slice(&buffer[src..src + len * d]);
                 }
                 out
             })
@@ -298,7 +270,7 @@ impl KvPool {
 
     /// Writes the first `len` positions of `data` (as `read_row` gives, of `data_len` positions)
     /// into `row`.
-    pub fn write_row(&mut self, row: usize, data: &[Vec<f32>], data_len: usize, len: usize) {
+    pub fn write_row(&mut self, row: usize, data: &[Pages], data_len: usize, len: usize) {
         let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
         for (buffer, src) in self.buffers.iter_mut().zip(data) {
             for head in 0..h {
@@ -331,9 +303,9 @@ fn round_up(positions: usize) -> usize {
     positions.div_ceil(BLOCK).max(1) * BLOCK
 }
 
-/// Returns freed heap memory to the system. glibc keeps large freed blocks once its mmap
-/// threshold has grown past them (it adapts after the first big free), so without this an idle
-/// daemon's RSS stays at the peak of its last burst (measured: 292 MiB after, 195 before).
+/// Returns freed heap memory to the system: the pool's own buffers are unmapped when dropped,
+/// but what a burst's requests freed on the heap (bodies, logits, JSON) stays with glibc until
+/// it is trimmed.
 fn give_back_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
@@ -345,6 +317,38 @@ fn give_back_freed_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn growing_in_place_moves_every_row_and_head_and_zeroes_the_new_room() {
+        let (heads, dim) = (3, 4);
+        let mut pool = KvPool::new(2, heads, dim, 8192, 1 << 30);
+        let leases: Vec<RowLease> = (0..3).map(|_| pool.lease().unwrap()).collect();
+        let old_cap = pool.capacity();
+        // Each float of each buffer, row and head holds where it came from.
+        let tag = |b: usize, r: usize, h: usize, i: usize| (b * 1_000_000 + r * 10_000 + h * 1_000 + i) as f32;
+        for (b, buffer) in pool.buffers.iter_mut().enumerate() {
+            for r in 0..3 {
+                for h in 0..heads {
+                    for i in 0..old_cap * dim {
+                        buffer[(r * heads + h) * old_cap * dim + i] = tag(b, r, h, i);
+                    }
+                }
+            }
+        }
+        pool.ensure_capacity(old_cap * 3).unwrap();
+        let cap = pool.capacity();
+        assert!(cap > old_cap);
+        for (b, buffer) in pool.buffers.iter().enumerate() {
+            for r in 0..3 {
+                for h in 0..heads {
+                    let block = &buffer[(r * heads + h) * cap * dim..(r * heads + h + 1) * cap * dim];
+                    assert!((0..old_cap * dim).all(|i| block[i] == tag(b, r, h, i)), "buffer {b} row {r} head {h}");
+                    assert!(block[old_cap * dim..].iter().all(|&x| x == 0.0), "buffer {b} row {r} head {h}");
+                }
+            }
+        }
+        drop(leases);
+    }
 
     #[test]
     fn rows_are_reused_highest_first_and_growth_keeps_contents() {

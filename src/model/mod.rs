@@ -7,6 +7,7 @@ mod genai;
 mod kv_pool;
 mod logit_positions;
 mod optimum;
+mod pages;
 pub mod runtime;
 
 use std::path::Path;
@@ -49,7 +50,8 @@ enum KvInner {
 /// cache): `[kv_heads, len, head_dim]` per layer input, keys and values alternating.
 pub struct KvSnapshot {
     len: usize,
-    data: Vec<Vec<f32>>,
+    /// In mapped memory of their own (`pages`): an evicted snapshot is given back at once.
+    data: Vec<pages::Pages>,
 }
 
 impl KvSnapshot {
@@ -68,7 +70,7 @@ impl KvSnapshot {
     /// A snapshot of made-up values, for tests of what stores snapshots.
     #[cfg(test)]
     pub(crate) fn synthetic(len: usize, floats_per_position: usize) -> Self {
-        Self { len, data: vec![vec![0.0; len * floats_per_position]] }
+        Self { len, data: vec![pages::Pages::zeroed(len * floats_per_position)] }
     }
 }
 
@@ -162,11 +164,31 @@ impl Model {
         }
     }
 
+    /// Bytes of the shared pool resident in memory (positions never written take none).
+    pub fn kv_pool_resident_bytes(&self) -> usize {
+        match &self.layout {
+            Layout::Optimum(_) => 0,
+            Layout::Genai(m) => m.pool().resident_bytes(),
+        }
+    }
+
     /// Bytes of the shared pool held by live sequences now.
     pub fn kv_pool_used_bytes(&self) -> usize {
         match &self.layout {
             Layout::Optimum(_) => 0,
             Layout::Genai(m) => m.pool().used_bytes(),
+        }
+    }
+
+    /// Bytes of keys and values `cache` holds outside the shared pool: an Optimum-layout
+    /// cache's own tensors (a genai-layout cache is a row of the pool, counted there).
+    pub fn private_cache_bytes(&self, cache: &KvCache) -> usize {
+        match &cache.inner {
+            KvInner::Optimum(_) => {
+                let info = self.info();
+                cache.len * 2 * info.num_layers * info.num_kv_heads * info.head_dim * std::mem::size_of::<f32>()
+            }
+            KvInner::Genai(_) => 0,
         }
     }
 

@@ -10,6 +10,7 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, TensorRef, ValueType};
 
 use super::ModelInfo;
+use super::pages::Pages;
 
 /// What each model input is fed with, in the session's input order.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,18 +44,18 @@ pub struct OptimumKv {
 
 impl OptimumKv {
     /// The keys and values as `[kv_heads, len, head_dim]` per layer input (float32 caches only).
-    pub fn read(&self) -> Result<Vec<Vec<f32>>> {
+    pub fn read(&self) -> Result<Vec<Pages>> {
         self.values
             .iter()
             .map(|v| {
                 let (_, data) = v.try_extract_tensor::<f32>().context("only float32 caches can be snapshot")?;
-                Ok(data.to_vec())
+                Ok(Pages::from(data))
             })
             .collect()
     }
 
     /// A cache of the first `len` of `data_len` positions of `data` (as `read` gives).
-    pub fn from_data(data: &[Vec<f32>], data_len: usize, len: usize, heads: usize, dim: usize) -> Result<Self> {
+    pub fn from_data(data: &[Pages], data_len: usize, len: usize, heads: usize, dim: usize) -> Result<Self> {
         let values = data
             .iter()
             .map(|src| {

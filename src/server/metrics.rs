@@ -82,6 +82,7 @@ pub(crate) struct Gauges {
     pub protocol_errors: usize,
     pub in_flight: usize,
     pub uptime: Duration,
+    pub memory: super::routes::MemoryUse,
 }
 
 /// The endpoints counted by name; anything else is "other", so that scanners probing random
@@ -185,6 +186,17 @@ impl Metrics {
         gauge(&mut out, "chatd_requests_queued", "Requests waiting for a place.", gauges.queued as f64);
         gauge(&mut out, "chatd_requests_in_flight", "Generation requests being answered.", gauges.in_flight as f64);
         gauge(&mut out, "chatd_kv_cache_bytes", "Bytes of the shared KV cache pool.", gauges.kv_bytes as f64);
+        let m = &gauges.memory;
+        gauge(&mut out, "chatd_memory_resident_bytes", "The process's resident size.", m.resident as f64);
+        gauge(&mut out, "chatd_memory_model_bytes", "Resident size the model took to load.", m.model as f64);
+        gauge(&mut out, "chatd_memory_kv_pool_bytes", "Resident part of the KV cache pool.", m.kv_pool as f64);
+        gauge(&mut out, "chatd_memory_requests_bytes", "Bytes request bodies and sequences hold.", m.requests as f64);
+        gauge(
+            &mut out,
+            "chatd_memory_other_bytes",
+            "Resident size not in the model, KV pool, prefix cache or requests.",
+            m.other as f64,
+        );
         gauge(
             &mut out,
             "chatd_kv_cache_used_bytes",
@@ -286,6 +298,14 @@ mod tests {
             protocol_errors: 0,
             in_flight: 0,
             uptime: Duration::ZERO,
+            memory: super::super::routes::MemoryUse {
+                resident: 100,
+                model: 40,
+                kv_pool: 0,
+                prefix_cache: 0,
+                requests: 10,
+                other: 50,
+            },
         };
         let text = m.render(&[("version", "0.1.0"), ("model", "m\"x")], &gauges);
         assert!(text.contains("chatd_build_info{version=\"0.1.0\",model=\"m\\\"x\"} 1"), "{text}");

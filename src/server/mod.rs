@@ -77,6 +77,8 @@ pub(crate) struct Shared {
     pub draining: AtomicBool,
     /// Generation requests being answered.
     pub in_flight: AtomicUsize,
+    /// Bytes of request bodies held by handlers now.
+    pub body_bytes: AtomicUsize,
 }
 
 impl Shared {
@@ -92,6 +94,8 @@ impl Shared {
 pub(crate) struct Ready {
     pub engine: Arc<Engine>,
     pub frontend: Arc<Frontend>,
+    /// What loading the model took of the resident size (see `Service::model_bytes`).
+    pub model_bytes: usize,
 }
 
 /// A listening server. It answers from the moment it is bound (503 while the model loads),
@@ -128,6 +132,7 @@ impl Server {
             started: Instant::now(),
             draining: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            body_bytes: AtomicUsize::new(0),
         });
         let mut threads = Vec::new();
         for i in 0..shared.config().http_threads.max(1) {
@@ -154,10 +159,15 @@ impl Server {
         self.local_addr.clone()
     }
 
-    /// Starts serving the API with this engine; `load_time` is reported in /metrics.
-    pub fn set_ready(&self, engine: Arc<Engine>, frontend: Arc<Frontend>, load_time: Duration) {
+    /// Starts serving the API with this service; `load_time` is reported in /metrics.
+    pub fn set_ready(&self, service: &crate::service::Service, load_time: Duration) {
         self.shared.metrics.model_load_ms.store(load_time.as_millis() as u64, Ordering::Relaxed);
-        let _ = self.shared.ready.set(Ready { engine, frontend });
+        let ready = Ready {
+            engine: service.engine.clone(),
+            frontend: service.frontend.clone(),
+            model_bytes: service.model_bytes,
+        };
+        let _ = self.shared.ready.set(ready);
     }
 
     /// The settings in force (they change on reload).

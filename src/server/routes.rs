@@ -1,4 +1,5 @@
 use std::io::Read;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde_json::{Value, json};
@@ -123,7 +124,7 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
         "/v1/chat/completions" | "/v1/completions" => {
             let endpoint = if path == "/v1/chat/completions" { Endpoint::Chat } else { Endpoint::Completion };
             shared.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Outcome { in_flight: true, ..generate(&config, ready, request, endpoint) }
+            Outcome { in_flight: true, ..generate(&config, ready, &shared.body_bytes, request, endpoint) }
         }
         "/v1/models" => respond_json(request, 200, &json!({"object": "list", "data": [model_json(ready)]})),
         "/health" => respond_json(request, 200, &health_json(shared, ready)),
@@ -152,6 +153,7 @@ fn model_json(ready: &Ready) -> Value {
 fn health_json(shared: &Shared, ready: &Ready) -> Value {
     let stats = ready.engine.stats();
     let read = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
+    let memory = memory_use(shared, Some(ready));
     json!({
         "status": "ok",
         "model": ready.frontend.served_name(),
@@ -172,6 +174,14 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
         "speculative": {
             "draft_tokens": read(&stats.draft_tokens),
             "accepted_tokens": read(&stats.draft_accepted),
+        },
+        "memory": {
+            "resident_bytes": memory.resident,
+            "model_bytes": memory.model,
+            "kv_pool_resident_bytes": memory.kv_pool,
+            "prefix_cache_bytes": memory.prefix_cache,
+            "requests_bytes": memory.requests,
+            "other_bytes": memory.other,
         },
     })
 }
@@ -214,11 +224,18 @@ fn read_body(request: &mut Request, limit: usize, timeout: Duration) -> Result<V
     Ok(body)
 }
 
-fn generate(config: &ServerConfig, ready: &Ready, mut request: Request, endpoint: Endpoint) -> Outcome {
+fn generate(
+    config: &ServerConfig,
+    ready: &Ready,
+    held: &AtomicUsize,
+    mut request: Request,
+    endpoint: Endpoint,
+) -> Outcome {
     let body = match read_body(&mut request, config.max_body_bytes, config.idle_timeout) {
         Ok(body) => body,
         Err(e) => return respond_error(request, &e),
     };
+    let _held = Held::new(held, body.capacity());
     let frontend = &ready.frontend;
     let parsed = match frontend.parse(endpoint, &body) {
         Ok(p) => p,
@@ -325,6 +342,51 @@ fn generate(config: &ServerConfig, ready: &Ready, mut request: Request, endpoint
     }
 }
 
+/// Counts bytes in `counter` while alive (a request body, for the memory accounting).
+struct Held<'a> {
+    counter: &'a AtomicUsize,
+    bytes: usize,
+}
+
+impl<'a> Held<'a> {
+    fn new(counter: &'a AtomicUsize, bytes: usize) -> Self {
+        counter.fetch_add(bytes, Ordering::Relaxed);
+        Self { counter, bytes }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// Where the resident memory is: what the settings bound (KV pool, prefix cache), what the
+/// model took to load, what requests hold now, and the rest.
+pub(crate) struct MemoryUse {
+    pub resident: usize,
+    pub model: usize,
+    /// The part of the KV pool in memory (its allocation, bounded by `kv_cache_mb`, is
+    /// `kv_pool_bytes`; positions never written take none).
+    pub kv_pool: usize,
+    pub prefix_cache: usize,
+    pub requests: usize,
+    pub other: usize,
+}
+
+pub(super) fn memory_use(shared: &Shared, ready: Option<&Ready>) -> MemoryUse {
+    let resident = crate::memory::resident_bytes();
+    let read = |v: &AtomicUsize| v.load(Ordering::Relaxed);
+    let stats = ready.map(|r| r.engine.stats());
+    let stat = |f: fn(&crate::engine::EngineStats) -> &AtomicUsize| stats.map_or(0, |s| read(f(s)));
+    let model = ready.map_or(0, |r| r.model_bytes);
+    let kv_pool = stat(|s| &s.kv_pool_resident_bytes);
+    let prefix_cache = stat(|s| &s.prefix_cache_bytes);
+    let requests = read(&shared.body_bytes) + stat(|s| &s.sequence_bytes);
+    let other = resident.saturating_sub(model + kv_pool + prefix_cache + requests);
+    MemoryUse { resident, model, kv_pool, prefix_cache, requests, other }
+}
+
 /// How often a handler waiting for the engine checks that its client is still there.
 const CLIENT_POLL: Duration = Duration::from_millis(20);
 
@@ -410,6 +472,7 @@ fn respond_metrics(shared: &Shared, request: Request) -> Outcome {
         protocol_errors: shared.connections.rejected_heads(),
         in_flight: read(&shared.in_flight),
         uptime: shared.started.elapsed(),
+        memory: memory_use(shared, ready),
     };
     let model = ready.map_or(String::new(), |r| r.frontend.served_name().to_owned());
     let layout = ready.map_or("", |r| r.engine.layout());
