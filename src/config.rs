@@ -23,6 +23,10 @@ pub struct Config {
     pub server: ServerConfig,
     pub engine: EngineConfig,
     pub limits: Limits,
+    /// Whether `kv_cache_mb` and `prefix_cache_mb` were set; else chatd sizes them from the
+    /// memory available at start (`service::size_budget`).
+    pub kv_cache_set: bool,
+    pub prefix_cache_set: bool,
     pub log_level: String,
     /// The configuration file that was read, if any.
     pub file: Option<PathBuf>,
@@ -37,6 +41,8 @@ impl Default for Config {
             server: ServerConfig::default(),
             engine: EngineConfig::default(),
             limits: Limits::default(),
+            kv_cache_set: false,
+            prefix_cache_set: false,
             log_level: "info".into(),
             file: None,
         }
@@ -91,12 +97,17 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
         "N",
         "draft tokens checked per run while one stream generates alone (genai layout); 0 = off [0]",
     ),
-    ("kv-cache-mb", "CHATD_KV_CACHE_MB", "N", "most memory for the genai layout's shared KV cache [1024]"),
+    (
+        "kv-cache-mb",
+        "CHATD_KV_CACHE_MB",
+        "N",
+        "most memory for the genai layout's shared KV cache [auto: 2/5 of the memory available after loading, at most 1024]",
+    ),
     (
         "prefix-cache-mb",
         "CHATD_PREFIX_CACHE_MB",
         "N",
-        "memory for prompt keys/values reused across requests; 0 = off [256]",
+        "memory for prompt keys/values reused across requests; 0 = off [auto: 1/10 of the memory available, at most 256]",
     ),
     ("log-prompts", "CHATD_LOG_PROMPTS", "BOOL", "log prompt text (at debug level) [false]"),
     ("max-connections", "CHATD_MAX_CONNECTIONS", "N", "connections served at once; more get 503 [128]"),
@@ -124,6 +135,12 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
         "CHATD_SHUTDOWN_TIMEOUT_S",
         "SECS",
         "on SIGTERM, time in-flight requests get to finish [30]",
+    ),
+    (
+        "idle-unload-s",
+        "CHATD_IDLE_UNLOAD_S",
+        "SECS",
+        "release the model after this long without requests, load it again for the next; 0 = never [0]",
     ),
     ("api-keys-file", "CHATD_API_KEYS_FILE", "PATH", "file of accepted API keys, one per line; unset = no keys"),
     ("auth-health", "CHATD_AUTH_HEALTH", "BOOL", "whether /health needs an API key too [false]"),
@@ -288,9 +305,15 @@ impl Config {
                 self.runtime.intra_threads = count(value, 1)?;
                 self.runtime.intra_threads_set = true;
             }
-            "kv-cache-mb" => self.runtime.kv_cache_bytes = count(value, 1)? << 20,
+            "kv-cache-mb" => {
+                self.runtime.kv_cache_bytes = count(value, 1)? << 20;
+                self.kv_cache_set = true;
+            }
             "provider" => self.runtime.provider = value.parse()?,
-            "prefix-cache-mb" => self.engine.prefix_cache_bytes = count(value, 0)? << 20,
+            "prefix-cache-mb" => {
+                self.engine.prefix_cache_bytes = count(value, 0)? << 20;
+                self.prefix_cache_set = true;
+            }
             "onnxruntime" => self.runtime.library = Some(PathBuf::from(value)),
             "served-model-name" => self.served_model_name = Some(value.to_owned()),
             "max-body-bytes" => self.server.max_body_bytes = count(value, 1024)?,
@@ -306,6 +329,12 @@ impl Config {
             "max-queued" => self.engine.max_queued = count(value, 1)?,
             "max-queue-wait-s" => self.engine.max_queue_wait = seconds(value)?,
             "request-timeout-s" => self.engine.request_timeout = seconds(value)?,
+            "idle-unload-s" => {
+                self.server.idle_unload = match value.trim() {
+                    "0" => None,
+                    _ => Some(seconds(value)?),
+                }
+            }
             "prefill-chunk" => self.engine.prefill_chunk = count(value, 1)?,
             "speculative-tokens" => self.engine.speculative_tokens = count(value, 0)?.min(64),
             "stream-slowdown" => {

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
     let inherited = activation::inherited_listener();
     // Before any thread starts, so that every thread inherits the blocked mask.
     signals::block();
+    chat::memory::cap_allocator_arenas();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = match Config::parse(args.clone(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
@@ -87,8 +88,8 @@ fn serve(config: Config, args: &[String], inherited: Result<Option<TcpListener>,
     Service::check(&config)?;
     let listener = inherited.map_err(anyhow::Error::msg)?;
     let inherited = listener.is_some();
-    // Listen first: while the model loads, /health and the API answer 503 "loading".
-    let server = Server::start(config.server.clone(), listener)?;
+    // Listen first: while the model loads, /health answers 503 "loading" and requests wait.
+    let server = Server::start(config.server.clone(), listener, config.engine.max_queue_wait)?;
     let how = if inherited { "on the socket from systemd " } else { "" };
     log::info!("listening on http://{} {how}(loading the model)", server.local_addr());
 
@@ -113,14 +114,54 @@ fn serve(config: Config, args: &[String], inherited: Result<Option<TcpListener>,
     }
 
     notifier.status("loading model");
-    let started = Instant::now();
     let mut config = config;
     // The engine loop itself pings the watchdog: a stuck engine stops the pings.
     config.engine.heartbeat = notifier.watchdog().map(|every| {
         let notifier = notifier.clone();
         Heartbeat { every, beat: Arc::new(move || notifier.send("WATCHDOG=1")) }
     });
-    let service = Service::load(&config)?;
+    let mut service = Some(load(&config, &server, &notifier)?);
+    ready.store(true, Ordering::SeqCst);
+    let name = service.as_ref().map_or(String::new(), |s| s.frontend.served_name().to_owned());
+    notifier.send(&format!("READY=1\nSTATUS=ready: serving {name}, 0 active, 0 queued"));
+    log::info!("serving {name} on http://{}", server.local_addr());
+
+    let mut shown = String::new();
+    loop {
+        crossbeam_channel::select! {
+            recv(signal_rx) -> signal => match signal {
+                Ok(Signal::Reload) => reload(args, &server, service.as_ref(), &mut config, &notifier),
+                Ok(Signal::Terminate) | Err(_) => break,
+            },
+            recv(server.wake_calls()) -> _ => {
+                if service.is_none() {
+                    service = wake(&config, &server, &notifier);
+                }
+            },
+            default(TICK) => {
+                if service.is_some() && server.release_if_idle(|| service = None) {
+                    sleep(&server, &notifier);
+                    shown.clear();
+                }
+                match &service {
+                    Some(service) => show_status(service, &name, &mut shown, &notifier),
+                    // No engine loop pings the watchdog while the model sleeps.
+                    None => notifier.send("WATCHDOG=1"),
+                }
+            },
+        }
+    }
+    shutdown(&server, service.as_ref(), &notifier);
+    Ok(())
+}
+
+/// How often the main loop looks at the engine (status, idle).
+const TICK: Duration = Duration::from_millis(500);
+
+/// Loads the model, warms it up with one generation and serves it.
+fn load(config: &Config, server: &Server, notifier: &Notifier) -> Result<Service> {
+    let started = Instant::now();
+    let service = Service::load(config)?;
     let load_time = started.elapsed();
     notifier.status("warming up");
     let warm = Instant::now();
@@ -129,36 +170,49 @@ fn serve(config: Config, args: &[String], inherited: Result<Option<TcpListener>,
         .map_err(|e| anyhow::anyhow!("the warm-up generation failed: {e}"))?;
     log::info!("warm-up generation took {:.0} ms", warm.elapsed().as_secs_f64() * 1e3);
     server.set_ready(&service, load_time);
-    ready.store(true, Ordering::SeqCst);
-    let name = service.frontend.served_name().to_owned();
-    notifier.send(&format!("READY=1\nSTATUS=ready: serving {name}, 0 active, 0 queued"));
-    log::info!("serving {name} on http://{}", server.local_addr());
+    Ok(service)
+}
 
-    let mut shown = String::new();
-    loop {
-        match signal_rx.recv_timeout(Duration::from_secs(2)) {
-            Ok(Signal::Reload) => reload(args, &server, &service, &notifier),
-            Ok(Signal::Terminate) => break,
-            Err(_) => {
-                let stats = service.engine.stats();
-                let status = format!(
-                    "ready: serving {name}, {} active, {} queued",
-                    stats.running.load(Ordering::Relaxed),
-                    stats.queued.load(Ordering::Relaxed)
-                );
-                if status != shown {
-                    notifier.status(&status);
-                    shown = status;
-                }
-            }
+/// The model was released after `idle_unload_s`.
+fn sleep(server: &Server, notifier: &Notifier) {
+    let idle = server.config().idle_unload.unwrap_or_default().as_secs_f64();
+    let mib = chat::memory::resident_bytes() >> 20;
+    log::info!("sleeping after {idle:.0} s without requests: the model is released, {mib} MiB resident");
+    notifier.status(&format!("sleeping: the model is released ({mib} MiB resident); the next request loads it"));
+}
+
+/// A request found the model asleep: load it again, for that request and the ones after it.
+fn wake(config: &Config, server: &Server, notifier: &Notifier) -> Option<Service> {
+    log::info!("a request came: loading the model again");
+    notifier.status("waking: loading the model");
+    match load(config, server, notifier) {
+        Ok(service) => Some(service),
+        Err(e) => {
+            log::error!("loading the model again failed: {e:#}");
+            notifier.status(&format!("sleeping: loading the model again failed: {e:#}"));
+            server.set_load_failed(format!("{e:#}"));
+            None
         }
     }
-    shutdown(&server, &service, &notifier);
-    Ok(())
+}
+
+/// Tells systemd how busy the engine is, when that changed.
+fn show_status(service: &Service, name: &str, shown: &mut String, notifier: &Notifier) {
+    let stats = service.engine.stats();
+    let status = format!(
+        "ready: serving {name}, {} active, {} queued",
+        stats.running.load(Ordering::Relaxed),
+        stats.queued.load(Ordering::Relaxed)
+    );
+    if status != *shown {
+        notifier.status(&status);
+        *shown = status;
+    }
 }
 
 /// SIGHUP: reads the configuration again and applies what can change while running.
-fn reload(args: &[String], server: &Server, service: &Service, notifier: &Notifier) {
+/// A sleeping model gets the new settings when it wakes (`running` keeps them).
+fn reload(args: &[String], server: &Server, service: Option<&Service>, running: &mut Config, notifier: &Notifier) {
     let config = match Config::parse(args.to_vec(), |k| std::env::var(k).ok()) {
         Ok(Command::Serve(config)) => config,
         Ok(_) => return,
@@ -180,13 +234,16 @@ fn reload(args: &[String], server: &Server, service: &Service, notifier: &Notifi
         changed.push(format!("log_level={}", config.log_level));
     }
     set_log_level(&config.log_level);
-    let limits = config.limits.clone();
-    let old = service.frontend.limits();
-    if format!("{old:?}") != format!("{limits:?}") {
+    if format!("{:?}", running.limits) != format!("{:?}", config.limits) {
         changed.push("request limits".into());
     }
-    service.frontend.set_limits(limits);
-    service.engine.set_request_timeout(config.engine.request_timeout);
+    running.limits = config.limits.clone();
+    running.engine.request_timeout = config.engine.request_timeout;
+    running.server = config.server.clone();
+    if let Some(service) = service {
+        service.frontend.set_limits(config.limits.clone());
+        service.engine.set_request_timeout(config.engine.request_timeout);
+    }
     let summary = if changed.is_empty() { "nothing changed".to_owned() } else { changed.join(", ") };
     log::info!("reloaded the configuration: {summary}");
     notifier.status(&format!("reloaded: {summary}"));
@@ -194,7 +251,7 @@ fn reload(args: &[String], server: &Server, service: &Service, notifier: &Notifi
 
 /// SIGTERM: refuse new work, give requests in flight `shutdown_timeout` to finish, then end
 /// the rest (their streams get `finish_reason: "cancelled"` and `[DONE]`).
-fn shutdown(server: &Server, service: &Service, notifier: &Notifier) {
+fn shutdown(server: &Server, service: Option<&Service>, notifier: &Notifier) {
     let grace = server.config().shutdown_timeout;
     let in_flight = server.in_flight();
     notifier.send(&format!("STOPPING=1\nSTATUS=draining: {in_flight} requests in flight"));
@@ -207,7 +264,9 @@ fn shutdown(server: &Server, service: &Service, notifier: &Notifier) {
     let left = server.in_flight();
     if left > 0 {
         log::warn!("cancelling {left} requests still running after {:.0} s", grace.as_secs_f64());
-        service.engine.stop();
+        if let Some(service) = service {
+            service.engine.stop();
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while server.in_flight() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

@@ -54,6 +54,68 @@ impl std::fmt::Display for CallError {
     }
 }
 
+/// The memory the KV pool and the prefix cache may hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemoryBudget {
+    pub kv_cache_bytes: usize,
+    pub prefix_cache_bytes: usize,
+    /// How they were chosen, said at start-up and in `/health`.
+    pub reason: String,
+}
+
+/// Most the KV pool and the prefix cache get when chatd sizes them: the fixed defaults of
+/// earlier versions, so a big box behaves as before.
+const KV_CACHE_AUTO_MAX: usize = 1 << 30;
+const PREFIX_CACHE_AUTO_MAX: usize = 256 << 20;
+/// The least KV pool worth starting with: one sequence of ~300 positions of a 1B model.
+const KV_CACHE_AUTO_MIN: usize = 16 << 20;
+
+/// The budgets: those set are kept; the others are sized from `available` (the memory the
+/// kernel says is available once the model is loaded): the KV pool 2/5 of it and the prefix
+/// cache 1/10, so that together they take at most half and the rest stays for ONNX Runtime's
+/// working memory, requests and the box's other programs. A box with 1 GiB free after loading
+/// gets 410 and 102 MiB.
+pub fn size_budget(available: Option<usize>, kv: Option<usize>, prefix: Option<usize>) -> MemoryBudget {
+    let mib = |b: usize| b >> 20;
+    if let (Some(kv), Some(prefix)) = (kv, prefix) {
+        return MemoryBudget {
+            kv_cache_bytes: kv,
+            prefix_cache_bytes: prefix,
+            reason: format!("memory budgets as set: KV cache {} MiB, prefix cache {} MiB", mib(kv), mib(prefix)),
+        };
+    }
+    let Some(available) = available else {
+        let (kv, prefix) = (kv.unwrap_or(KV_CACHE_AUTO_MAX), prefix.unwrap_or(PREFIX_CACHE_AUTO_MAX));
+        return MemoryBudget {
+            kv_cache_bytes: kv,
+            prefix_cache_bytes: prefix,
+            reason: format!(
+                "memory budgets: KV cache {} MiB, prefix cache {} MiB (the available memory could not be read \
+                 from /proc/meminfo; set kv_cache_mb and prefix_cache_mb to choose)",
+                mib(kv),
+                mib(prefix)
+            ),
+        };
+    };
+    let kv_cache_bytes = kv.unwrap_or((available / 5 * 2).clamp(KV_CACHE_AUTO_MIN, KV_CACHE_AUTO_MAX));
+    let prefix_cache_bytes = prefix.unwrap_or((available / 10).min(PREFIX_CACHE_AUTO_MAX));
+    let how = |set: bool| if set { "as set" } else { "sized" };
+    MemoryBudget {
+        kv_cache_bytes,
+        prefix_cache_bytes,
+        reason: format!(
+            "memory budgets: KV cache {} MiB ({}), prefix cache {} MiB ({}); {} MiB were available after loading \
+             the model, and chatd sizes what is not set to at most half of that (set kv_cache_mb and \
+             prefix_cache_mb to choose)",
+            mib(kv_cache_bytes),
+            how(kv.is_some()),
+            mib(prefix_cache_bytes),
+            how(prefix.is_some()),
+            mib(available)
+        ),
+    }
+}
+
 const NO_MODEL: &str = "no model folder: set `model` (--model DIR, CHATD_MODEL) to a folder in the onnxruntime-genai \
      layout (genai_config.json) or the Hugging Face Optimum layout (model.onnx, config.json, tokenizer.json, \
      tokenizer_config.json), for example one made by `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct \
@@ -62,6 +124,8 @@ const NO_MODEL: &str = "no model folder: set `model` (--model DIR, CHATD_MODEL) 
 pub struct Service {
     pub engine: Arc<Engine>,
     pub frontend: Arc<Frontend>,
+    /// The KV pool's and prefix cache's budgets, as set or as sized at load.
+    pub budget: MemoryBudget,
     /// What loading took of the process's resident size: the weights, the tokenizer (and its
     /// token trie for constraints), ONNX Runtime's session and the engine's threads.
     pub model_bytes: usize,
@@ -86,7 +150,17 @@ impl Service {
         let started = Instant::now();
         let resident_before = crate::memory::resident_bytes();
         let tokenizer = Arc::new(Tokenizer::load(dir).map_err(model_error)?);
-        let model = Model::load(dir, &config.runtime).map_err(model_error)?;
+        let mut model = Model::load(dir, &config.runtime).map_err(model_error)?;
+        // Sized once the model is loaded: what is available then is what requests can have.
+        let budget = size_budget(
+            crate::memory::available_bytes(),
+            config.kv_cache_set.then_some(config.runtime.kv_cache_bytes),
+            config.prefix_cache_set.then_some(config.engine.prefix_cache_bytes),
+        );
+        log::info!("{}", budget.reason);
+        model.set_kv_budget(budget.kv_cache_bytes);
+        let mut engine_config = config.engine.clone();
+        engine_config.prefix_cache_bytes = budget.prefix_cache_bytes;
         log::info!(
             "loaded {} ({} layout) in {:.2}s: {} layers, {} KV heads x {}, context {}, eos {:?}",
             dir.display(),
@@ -98,11 +172,11 @@ impl Service {
             model.info().context_length,
             model.info().eos_token_ids
         );
-        let engine = Arc::new(Engine::start(model, tokenizer, config.engine.clone()).map_err(model_error)?);
+        let engine = Arc::new(Engine::start(model, tokenizer, engine_config).map_err(model_error)?);
         let frontend =
             Frontend::new(&engine, config.served_model_name.clone(), config.limits.clone()).map_err(model_error)?;
         let model_bytes = crate::memory::resident_bytes().saturating_sub(resident_before);
-        Ok(Self { engine, frontend: Arc::new(frontend), model_bytes })
+        Ok(Self { engine, frontend: Arc::new(frontend), budget, model_bytes })
     }
 
     /// Answers one request body for `endpoint` and blocks until it is complete; the response is
@@ -144,5 +218,31 @@ impl Service {
                 None => return Err(CallError::Api(ApiError::internal("the engine dropped the request"))),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budgets_not_set_take_at_most_half_of_what_is_available() {
+        let gib = 1usize << 30;
+        let b = size_budget(Some(gib), None, None);
+        assert_eq!((b.kv_cache_bytes >> 20, b.prefix_cache_bytes >> 20), (409, 102));
+        assert!(b.kv_cache_bytes + b.prefix_cache_bytes <= gib / 2);
+        assert!(b.reason.contains("1024 MiB were available"), "{}", b.reason);
+        // A big box: the caps of the old fixed defaults.
+        let b = size_budget(Some(16 * gib), None, None);
+        assert_eq!((b.kv_cache_bytes, b.prefix_cache_bytes), (1 << 30, 256 << 20));
+        // A tiny one still gets a usable pool.
+        assert_eq!(size_budget(Some(20 << 20), None, None).kv_cache_bytes, 16 << 20);
+        // What is set is kept.
+        let b = size_budget(Some(gib), Some(64 << 20), None);
+        assert_eq!((b.kv_cache_bytes, b.prefix_cache_bytes >> 20), (64 << 20, 102));
+        assert!(b.reason.contains("64 MiB (as set)"), "{}", b.reason);
+        let b = size_budget(None, Some(64 << 20), Some(0));
+        assert_eq!((b.kv_cache_bytes, b.prefix_cache_bytes), (64 << 20, 0));
+        assert_eq!(size_budget(None, None, None).kv_cache_bytes, 1 << 30);
     }
 }

@@ -140,6 +140,34 @@ fn queue_wait_and_deadlines_are_bounded() {
 }
 
 #[test]
+fn sequences_reaching_the_kv_budget_together_end_with_length_not_an_error() {
+    // 48 MiB holds ~1,090 positions. Four choices leave four rows allocated (the pool is kept
+    // for a second after use), so three long answers right after may grow to 256 positions
+    // each; the first to get there ends, and its row rides along in the others' steps.
+    let d = Daemon::start_with_model(&genai_dir(), &["--kv-cache-mb", "48"]);
+    d.chat(json!({"messages": user("Hi"), "max_tokens": 4, "n": 4}));
+    let results: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3)
+            .map(|i| {
+                let d = &d;
+                s.spawn(move || {
+                    let body = json!({"messages": user("Count to a thousand."), "max_tokens": 1500,
+                                      "ignore_eos": true, "seed": i, "temperature": 0.5});
+                    let reply = d.post("/v1/chat/completions", &body);
+                    assert_eq!(reply.status, 200, "{}", reply.body);
+                    reply.json()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for v in results {
+        assert_eq!(v["choices"][0]["finish_reason"], "length");
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 1500, "{v}");
+    }
+}
+
+#[test]
 fn a_sequence_at_the_kv_budget_ends_alone() {
     // 24 MiB holds ~540 positions of this model's keys and values (46,080 bytes each).
     let d = Daemon::start_with_model(&genai_dir(), &["--kv-cache-mb", "24"]);

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -56,19 +57,34 @@ fn socket_activation_and_the_notify_protocol() {
         .arg("--model")
         .arg(model_dir())
         // Ignored: the inherited socket wins.
-        .args(["--listen", "127.0.0.1:1", "--threads", "2", "--shutdown-timeout-s", "1"]);
-    // systemd-socket-activate waits for the first connection before it starts chatd.
-    let poke = std::thread::spawn(move || {
+        .args(["--listen", "127.0.0.1:1", "--threads", "2", "--shutdown-timeout-s", "1"])
+        .args(["--idle-unload-s", "2"]);
+    // systemd-socket-activate waits for the first connection before it starts chatd; the
+    // request on that connection is answered once the model is loaded, not refused.
+    let first = std::thread::spawn(move || {
         let end = Instant::now() + HANG;
         while Instant::now() < end {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return;
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let body = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}"#;
+                let head = format!(
+                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                stream.set_read_timeout(Some(HANG)).unwrap();
+                stream.write_all(head.as_bytes()).unwrap();
+                stream.write_all(body.as_bytes()).unwrap();
+                let mut reply = String::new();
+                let _ = stream.read_to_string(&mut reply);
+                return reply;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        String::new()
     });
     let d = Daemon::launch(cmd, true);
-    poke.join().unwrap();
+    let reply = first.join().unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "the connection that started chatd: {reply}");
     assert_eq!(d.addr, format!("127.0.0.1:{port}"), "serves the inherited socket");
     assert!(d.log().iter().any(|l| l.contains("on the socket from systemd")), "{:?}", d.log());
 
@@ -87,11 +103,23 @@ fn socket_activation_and_the_notify_protocol() {
     });
     assert!(pings >= 3, "{messages:?}");
 
+    // Asleep after 2 s without requests: the main loop pings the watchdog instead.
+    let messages = receive_until(&notify, HANG, |m| m.contains("STATUS=sleeping"));
+    assert!(messages.iter().any(|m| m.contains("STATUS=sleeping")), "{messages:?}");
+    let mut pings = 0;
+    let messages = receive_until(&notify, HANG, |m| {
+        pings += usize::from(m.contains("WATCHDOG=1"));
+        pings >= 3
+    });
+    assert!(pings >= 3, "pings while asleep: {messages:?}");
+
     let reply = d.post(
         "/v1/chat/completions",
         &serde_json::json!({"messages": common::user("What is the capital of France?"), "max_tokens": 8}),
     );
     assert_eq!(reply.status, 200, "{}", reply.body);
+    let messages = receive_until(&notify, HANG, |m| m.contains("STATUS=ready"));
+    assert!(messages.iter().any(|m| m.contains("STATUS=waking")), "the request woke it: {messages:?}");
 
     d.signal(libc::SIGTERM);
     let messages = receive_until(&notify, HANG, |m| m.contains("STOPPING=1"));

@@ -69,18 +69,34 @@ impl PrefixCache {
         if self.entries.len() != before {
             self.bytes = self.entries.iter().map(|e| e.snapshot.bytes()).sum();
         }
-        while self.bytes + size > self.budget_bytes {
+        self.evict_to(self.budget_bytes - size);
+        self.clock += 1;
+        self.bytes += size;
+        self.entries.push(Entry { tokens, snapshot, last_used: self.clock });
+    }
+}
+
+impl PrefixCache {
+    /// Drops the least recently used entries until at most `bytes` are held.
+    fn evict_to(&mut self, bytes: usize) {
+        while self.bytes > bytes {
             let Some(oldest) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.last_used).map(|(i, _)| i) else {
                 break;
             };
             let gone = self.entries.swap_remove(oldest);
             self.bytes -= gone.snapshot.bytes();
         }
-        self.clock += 1;
-        self.bytes += size;
-        self.entries.push(Entry { tokens, snapshot, last_used: self.clock });
+    }
+
+    /// When chatd goes idle: keeps the most recently used entries within a quarter of the
+    /// budget (the conversation that may go on), and gives the rest back.
+    pub fn shrink_for_idle(&mut self) {
+        self.evict_to(self.budget_bytes / IDLE_SHARE);
     }
 }
+
+/// The share of its budget the prefix cache keeps while chatd is idle: 1 / this.
+pub(super) const IDLE_SHARE: usize = 4;
 
 /// How many positions of a cache holding `tokens` a request for `prompt` may reuse (see
 /// `lookup`); 0 when not worth it.
@@ -131,5 +147,18 @@ mod tests {
         cache.insert((900..930).collect(), snap(30));
         assert!(cache.lookup(&other, 1).is_none());
         assert!(cache.bytes() <= 100 * 4);
+    }
+
+    #[test]
+    fn going_idle_keeps_the_most_recent_conversation_within_a_quarter() {
+        let mut cache = PrefixCache::new(400 * 4);
+        cache.insert((0..90).collect(), snap(90));
+        cache.insert((500..560).collect(), snap(60));
+        cache.insert((900..1000).collect(), snap(100));
+        assert!(cache.lookup(&(0..95).collect::<Vec<u32>>(), 1).is_some());
+        cache.shrink_for_idle();
+        // 100 positions allowed: the conversation just used stays, the others go.
+        assert_eq!((cache.len(), cache.bytes()), (1, 90 * 4));
+        assert!(cache.lookup(&(0..95).collect::<Vec<u32>>(), 1).is_some());
     }
 }

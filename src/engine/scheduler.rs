@@ -238,7 +238,12 @@ impl Scheduler {
                 self.pacer.observe(prompting, fed, prefill + decode);
             }
             self.deliver();
+            let before = self.groups.len();
             self.groups.retain(|g| !matches!(g.state, State::Done));
+            if self.groups.len() < before {
+                // The rows of finished requests take no memory while they wait for new ones.
+                self.model.discard_free_kv_rows();
+            }
             self.memory_held = true;
             self.running = self.groups.iter().map(|g| g.job.request.n).sum();
             self.stats.running.store(self.running, Ordering::Relaxed);
@@ -301,6 +306,8 @@ impl Scheduler {
                             self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
                         }
                         self.model.release_idle_memory();
+                        self.prefix.shrink_for_idle();
+                        self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
                         self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
                         let resident = self.model.kv_pool_resident_bytes();
                         self.stats.kv_pool_resident_bytes.store(resident, Ordering::Relaxed);
@@ -433,11 +440,14 @@ impl Scheduler {
     /// Advances every generating sequence by one token: one model step for all of them.
     fn decode_round(&mut self) -> Duration {
         // A sequence the KV budget cannot hold one position more ends here ("length"), rather
-        // than failing the whole batch when the pool cannot grow.
+        // than failing the whole batch when the pool cannot grow. One position more is kept
+        // free: an ended sequence's row stays leased until its request is done, and rides along
+        // in later steps with a padding token written at its length, which must fit too (else
+        // the pool would have to grow past its budget and every request in the step failed).
         let limit = self.model.kv_position_limit();
         for group in &mut self.groups {
             if let State::Decode { seqs } = &mut group.state {
-                for seq in seqs.iter_mut().filter(|s| s.finished.is_none() && s.cache.len() + 1 > limit) {
+                for seq in seqs.iter_mut().filter(|s| s.finished.is_none() && s.cache.len() + 2 > limit) {
                     log::warn!("a sequence reached the KV cache budget at {} positions", seq.cache.len());
                     seq.end(FinishReason::Length, &mut group.events);
                 }

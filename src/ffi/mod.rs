@@ -103,7 +103,8 @@ impl CBool {
 ///   "prefix_cache_mb",
 ///   "served_model_name": as the daemon's flags (see `chatd --help`)
 ///   "log_level"        error|warn|info|debug|trace: log to stderr (default: no logging)
-/// Server-only settings ("listen", "http_threads", "max_body_bytes") are accepted and unused.
+/// Server-only settings ("listen", "http_threads", "max_body_bytes", "idle_unload_s", ...) are
+/// accepted and unused.
 /// Values may be strings, numbers or booleans. ONNX Runtime is loaded once per process: the
 /// first engine's "onnxruntime" decides.
 ///

@@ -16,6 +16,8 @@ struct Rows {
     /// Per row: leased, and how many positions hold valid keys and values.
     leased: Vec<bool>,
     len: Vec<usize>,
+    /// Per row: whether its memory may hold anything (else it is all zero pages, taking none).
+    written: Vec<bool>,
 }
 
 pub struct KvPool {
@@ -71,6 +73,28 @@ impl KvPool {
         }
     }
 
+    /// Gives back the memory of rows no sequence holds (they read as zero and take none until
+    /// leased and written again), so a pool sized for a burst shrinks to what is in use.
+    pub fn discard_free_rows(&mut self) {
+        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+        for row in 0..rows.leased.len().min(self.allocated) {
+            if rows.leased[row] || !rows.written[row] {
+                continue;
+            }
+            for buffer in &mut self.buffers {
+                buffer.discard(row * h * cap * d..(row + 1) * h * cap * d);
+            }
+            rows.written[row] = false;
+        }
+    }
+
+    /// Sets the most bytes the pool may hold (before its first use: chatd sizes it once the
+    /// model is loaded).
+    pub fn set_budget(&mut self, bytes: usize) {
+        self.budget_bytes = bytes;
+    }
+
     pub fn bytes_per_position(&self) -> usize {
         self.buffers.len() * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
     }
@@ -122,7 +146,7 @@ impl KvPool {
     pub fn lease(&mut self) -> Result<RowLease> {
         let row = {
             let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-            match rows.leased.iter().rposition(|&l| !l) {
+            let row = match rows.leased.iter().rposition(|&l| !l) {
                 Some(r) => {
                     rows.leased[r] = true;
                     r
@@ -130,9 +154,12 @@ impl KvPool {
                 None => {
                     rows.leased.push(true);
                     rows.len.push(0);
+                    rows.written.push(false);
                     rows.leased.len() - 1
                 }
-            }
+            };
+            rows.written[row] = true;
+            row
         };
         if row >= self.allocated {
             let capacity = self.capacity.max(BLOCK.min(self.max_capacity));
@@ -160,6 +187,7 @@ impl KvPool {
         }
         rows.leased.clear();
         rows.len.clear();
+        rows.written.clear();
         for buffer in &mut self.buffers {
             *buffer = Pages::default();
         }
@@ -192,6 +220,9 @@ impl KvPool {
         }
         let (old_rows, old_cap) = (self.allocated, self.capacity);
         let (h, d) = (self.kv_heads, self.head_dim);
+        // Rows nobody holds are not carried over: their memory is given back instead.
+        self.discard_free_rows();
+        let written = self.rows.lock().unwrap_or_else(|e| e.into_inner()).written.clone();
         for buffer in &mut self.buffers {
             if capacity <= old_cap {
                 // Rows are the outermost dimension: rows are appended or dropped at the end.
@@ -207,10 +238,14 @@ impl KvPool {
             let old_end = old_rows * h * kept;
             for block in (0..old_rows.min(rows) * h).rev() {
                 let (from, to) = (block * kept, block * capacity * d);
-                buffer.copy_within(from..from + kept, to);
-                let stale = (to + kept)..(to + capacity * d).min(old_end);
+                let row_written = written.get(block / h).copied().unwrap_or(false);
+                if row_written {
+                    buffer.copy_within(from..from + kept, to);
+                }
+                let keep = if row_written { kept } else { 0 };
+                let stale = (to + keep)..(to + capacity * d).min(old_end);
                 if !stale.is_empty() {
-                    buffer[stale].fill(0.0);
+                    buffer.discard(stale);
                 }
             }
         }

@@ -200,6 +200,20 @@ impl Model {
         }
     }
 
+    /// Sets the shared KV pool's budget (genai layout; the Optimum layout has no pool).
+    pub fn set_kv_budget(&mut self, bytes: usize) {
+        if let Layout::Genai(m) = &mut self.layout {
+            m.pool_mut().set_budget(bytes);
+        }
+    }
+
+    /// Gives back the memory of the pool's rows no sequence holds (genai layout).
+    pub fn discard_free_kv_rows(&mut self) {
+        if let Layout::Genai(m) = &mut self.layout {
+            m.pool_mut().discard_free_rows();
+        }
+    }
+
     /// Gives back working memory no sequence uses (the genai pool, when no row is leased).
     pub fn release_idle_memory(&mut self) {
         if let Layout::Genai(m) = &mut self.layout {

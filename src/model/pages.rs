@@ -77,6 +77,28 @@ impl Pages {
         self.mapped = bytes;
     }
 
+    /// Sets `range` to zero, giving whole pages back to the system (`MADV_DONTNEED`: they read
+    /// as zero and take no memory until written again) and writing zeros only at its edges.
+    pub fn discard(&mut self, range: std::ops::Range<usize>) {
+        let per_page = page_size() / std::mem::size_of::<f32>();
+        let first_page = range.start.div_ceil(per_page) * per_page;
+        let end_page = range.end / per_page * per_page;
+        if first_page >= end_page {
+            self[range].fill(0.0);
+            return;
+        }
+        self[range.start..first_page].fill(0.0);
+        self[end_page..range.end].fill(0.0);
+        // SAFETY: whole pages inside our own private anonymous mapping; they read as zero after.
+        unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(first_page).cast(),
+                (end_page - first_page) * std::mem::size_of::<f32>(),
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+
     /// Bytes of it in memory now (`mincore`): pages never written are not.
     pub fn resident_bytes(&self) -> usize {
         if self.mapped == 0 {
@@ -175,6 +197,11 @@ mod tests {
         r[0] = 1.0;
         r[999_999] = 1.0;
         assert_eq!(r.resident_bytes(), 2 * page_size());
+        // Discarding gives whole pages back and zeroes the edges.
+        r.fill(3.0);
+        r.discard(5..999_990);
+        assert_eq!(r.resident_bytes(), 2 * page_size());
+        assert_eq!((r[4], r[5], r[500_000], r[999_989], r[999_990]), (3.0, 0.0, 0.0, 0.0, 3.0));
         p.resize(0);
         assert_eq!((p.len(), p.mapped), (0, 0));
     }

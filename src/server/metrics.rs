@@ -78,6 +78,10 @@ pub(crate) struct Gauges {
     pub draft_tokens: usize,
     pub draft_accepted: usize,
     pub connections_open: usize,
+    /// Whether the model is loaded (not loading, asleep or waking).
+    pub model_loaded: bool,
+    /// Models loaded since start, the first included.
+    pub model_loads: usize,
     pub connections_refused: usize,
     pub protocol_errors: usize,
     pub in_flight: usize,
@@ -150,7 +154,15 @@ impl Metrics {
         family(&mut out, "chatd_build_info", "gauge", "Version and model of this chatd; always 1.");
         let _ = writeln!(out, "chatd_build_info{{{}}} 1", labels.join(","));
         let load = self.model_load_ms.load(Ordering::Relaxed) as f64 / 1e3;
-        gauge(&mut out, "chatd_model_load_seconds", "Time the model took to load.", load);
+        gauge(&mut out, "chatd_model_load_seconds", "Time the model took to load, the last time.", load);
+        let loaded = f64::from(u8::from(gauges.model_loaded));
+        gauge(&mut out, "chatd_model_loaded", "1 while the model is loaded; 0 while it loads or sleeps.", loaded);
+        counter(
+            &mut out,
+            "chatd_model_loads_total",
+            "Model loads, the first and each wake.",
+            gauges.model_loads as f64,
+        );
         gauge(&mut out, "chatd_uptime_seconds", "Time since chatd started.", gauges.uptime.as_secs_f64());
 
         let r = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
@@ -298,6 +310,8 @@ mod tests {
             protocol_errors: 0,
             in_flight: 0,
             uptime: Duration::ZERO,
+            model_loaded: true,
+            model_loads: 1,
             memory: super::super::routes::MemoryUse {
                 resident: 100,
                 model: 40,
@@ -318,5 +332,6 @@ mod tests {
         assert!(text.contains("chatd_time_per_output_token_seconds_bucket{le=\"0.01\"} 1"));
         assert!(text.contains("chatd_completion_tokens_total 11"));
         assert!(text.contains("chatd_prompt_cached_tokens_total 2"));
+        assert!(text.contains("chatd_model_loaded 1\n") && text.contains("chatd_model_loads_total 1\n"), "{text}");
     }
 }

@@ -4,7 +4,10 @@
 mod auth;
 mod metrics;
 mod routes;
+mod slot;
 mod sse;
+
+pub use slot::Phase;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -18,6 +21,7 @@ use crate::api::Frontend;
 use crate::engine::Engine;
 use auth::ApiKeys;
 use metrics::Metrics;
+use slot::ModelSlot;
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -43,6 +47,8 @@ pub struct ServerConfig {
     pub auth_metrics: bool,
     /// Log prompt text (debug level); off by default, prompts are private.
     pub log_prompts: bool,
+    /// Release the model after this long without requests, and load it again for the next one.
+    pub idle_unload: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -59,14 +65,17 @@ impl Default for ServerConfig {
             auth_health: false,
             auth_metrics: false,
             log_prompts: false,
+            idle_unload: None,
         }
     }
 }
 
 /// What the request handlers share.
 pub(crate) struct Shared {
-    /// Set once the model is loaded; until then every route answers 503.
-    pub ready: OnceLock<Ready>,
+    /// The model: loading, ready, or asleep. Requests wait for it; `/health` does not.
+    pub slot: ModelSlot<Ready>,
+    /// What `/v1/models` says, kept from the first load so that listing does not wake the model.
+    pub card: OnceLock<serde_json::Value>,
     /// Replaced on reload.
     config: RwLock<ServerConfig>,
     keys: RwLock<ApiKeys>,
@@ -96,13 +105,17 @@ pub(crate) struct Ready {
     pub frontend: Arc<Frontend>,
     /// What loading the model took of the resident size (see `Service::model_bytes`).
     pub model_bytes: usize,
+    pub budget: crate::service::MemoryBudget,
 }
 
-/// A listening server. It answers from the moment it is bound (503 while the model loads),
-/// so a supervisor or client sees "loading" rather than a refused connection.
+/// A listening server. It answers from the moment it is bound: `/health` says "loading" while
+/// the model loads, and requests wait for it (up to `load_wait`), so neither a supervisor nor
+/// the client whose connection started the daemon sees a refused connection.
 pub struct Server {
     http: Arc<tiny_http::Server>,
     shared: Arc<Shared>,
+    /// Calls from requests that found the model asleep.
+    wake_calls: crossbeam_channel::Receiver<()>,
     threads: Vec<std::thread::JoinHandle<()>>,
     local_addr: String,
 }
@@ -110,7 +123,8 @@ pub struct Server {
 impl Server {
     /// Serves on `listener` (an inherited socket, e.g. from systemd), else binds
     /// `config.listen`, and starts the HTTP threads.
-    pub fn start(config: ServerConfig, listener: Option<TcpListener>) -> Result<Self> {
+    /// Requests wait up to `load_wait` for the model to load (`max_queue_wait_s`).
+    pub fn start(config: ServerConfig, listener: Option<TcpListener>, load_wait: Duration) -> Result<Self> {
         let keys = ApiKeys::load(config.api_keys_file.as_deref())?;
         let listener = match listener {
             Some(l) => l,
@@ -123,8 +137,10 @@ impl Server {
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("cannot serve on {local_addr}"))?;
         let http = Arc::new(http);
+        let (slot, wake_calls) = ModelSlot::new(load_wait);
         let shared = Arc::new(Shared {
-            ready: OnceLock::new(),
+            slot,
+            card: OnceLock::new(),
             config: RwLock::new(config),
             keys: RwLock::new(keys),
             connections,
@@ -151,7 +167,7 @@ impl Server {
                 .context("starting an HTTP thread")?;
             threads.push(thread);
         }
-        Ok(Self { http, shared, threads, local_addr })
+        Ok(Self { http, shared, wake_calls, threads, local_addr })
     }
 
     /// The address actually bound (useful with port 0).
@@ -159,15 +175,61 @@ impl Server {
         self.local_addr.clone()
     }
 
-    /// Starts serving the API with this service; `load_time` is reported in /metrics.
+    /// Serves the API with this service, also to the requests waiting for it; `load_time` is
+    /// reported in /metrics.
     pub fn set_ready(&self, service: &crate::service::Service, load_time: Duration) {
         self.shared.metrics.model_load_ms.store(load_time.as_millis() as u64, Ordering::Relaxed);
         let ready = Ready {
             engine: service.engine.clone(),
             frontend: service.frontend.clone(),
             model_bytes: service.model_bytes,
+            budget: service.budget.clone(),
         };
-        let _ = self.shared.ready.set(ready);
+        let _ = self.shared.card.set(routes::model_card(&ready));
+        self.shared.slot.set_ready(ready);
+    }
+
+    /// Loading the model again failed: the requests waiting for it get 503 with `why`.
+    pub fn set_load_failed(&self, why: String) {
+        self.shared.slot.set_failed(why);
+    }
+
+    /// Where the model is.
+    pub fn phase(&self) -> Phase {
+        self.shared.slot.current().0
+    }
+
+    /// Receives a message each time a request finds the model asleep.
+    pub fn wake_calls(&self) -> &crossbeam_channel::Receiver<()> {
+        &self.wake_calls
+    }
+
+    /// Releases the model when `idle_unload_s` has passed without requests: `release` drops
+    /// the caller's own hold on it, and what it held goes back to the system before `/health`
+    /// says "sleeping". Returns whether it did.
+    pub fn release_if_idle(&self, release: impl FnOnce()) -> bool {
+        let Some(idle) = self.shared.config().idle_unload else { return false };
+        let Some(mut ready) = self.shared.slot.release_if_idle(idle, &self.shared.in_flight) else {
+            return false;
+        };
+        // Only `/health`, `/metrics` and `/v1/models` can hold it still (generation requests
+        // count themselves busy first), each for a moment.
+        loop {
+            match Arc::try_unwrap(ready) {
+                Ok(ready) => break drop(ready),
+                Err(shared) => ready = shared,
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        release();
+        crate::memory::give_back_freed();
+        self.shared.slot.released();
+        true
+    }
+
+    /// How long requests wait for the model to load.
+    pub fn set_load_wait(&self, wait: Duration) {
+        self.shared.slot.set_wait(wait);
     }
 
     /// The settings in force (they change on reload).
@@ -180,9 +242,11 @@ impl Server {
         self.shared.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Stops taking new work: API requests get 503 and `/health` says "draining".
+    /// Stops taking new work: API requests get 503 and `/health` says "draining"; requests
+    /// waiting for the model to load get 503 at once.
     pub fn drain(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
+        self.shared.slot.close("the server is shutting down; retry on another instance or shortly");
     }
 
     /// Applies what can change without a restart (limits, timeouts, API keys) from a freshly
@@ -205,6 +269,7 @@ impl Server {
             note("auth_health", config.auth_health != new.auth_health);
             note("auth_metrics", config.auth_metrics != new.auth_metrics);
             note("log_prompts", config.log_prompts != new.log_prompts);
+            note("idle_unload_s", config.idle_unload != new.idle_unload);
             let (listen, threads) = (config.listen.clone(), config.http_threads);
             *config = new.clone();
             // Fixed at start.

@@ -6,6 +6,7 @@ use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response};
 
 use super::metrics::{Gauges, endpoint_label};
+use super::slot::{Phase, Unavailable};
 use super::sse::SseWriter;
 use super::{Ready, ServerConfig, Shared};
 use std::time::Duration;
@@ -98,21 +99,12 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
         outcome.note = Some(err.message);
         return outcome;
     }
-    if path == "/metrics" {
-        return respond_metrics(shared, request);
+    match path {
+        "/metrics" => return respond_metrics(shared, request),
+        "/health" => return respond_health(shared, request),
+        _ => {}
     }
-    let Some(ready) = shared.ready.get() else {
-        if path == "/health" {
-            let body = json!({"status": "loading", "reason": "the model is loading"});
-            return respond_json(request, 503, &body);
-        }
-        return respond_error(request, &ApiError::unavailable("the model is loading; retry shortly"));
-    };
-    if shared.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        if path == "/health" {
-            let body = json!({"status": "draining", "reason": "the server is shutting down"});
-            return respond_json(request, 503, &body);
-        }
+    if shared.draining.load(Ordering::SeqCst) {
         return respond_with(
             request,
             503,
@@ -123,23 +115,75 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
     match path {
         "/v1/chat/completions" | "/v1/completions" => {
             let endpoint = if path == "/v1/chat/completions" { Endpoint::Chat } else { Endpoint::Completion };
-            shared.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Outcome { in_flight: true, ..generate(&config, ready, &shared.body_bytes, request, endpoint) }
+            // Counted before it takes the model, so the model cannot be put to sleep under it.
+            shared.in_flight.fetch_add(1, Ordering::SeqCst);
+            let outcome = match shared.slot.acquire() {
+                Ok(ready) => generate(&config, &ready, &shared.body_bytes, request, endpoint),
+                Err(e) => respond_error(request, &unavailable(e)),
+            };
+            shared.slot.release();
+            Outcome { in_flight: true, ..outcome }
         }
-        "/v1/models" => respond_json(request, 200, &json!({"object": "list", "data": [model_json(ready)]})),
-        "/health" => respond_json(request, 200, &health_json(shared, ready)),
-        _ => {
-            let id = &path["/v1/models/".len()..];
-            if id == ready.frontend.served_name() {
-                respond_json(request, 200, &model_json(ready))
-            } else {
-                respond_error(request, &ApiError::model_not_found(id))
-            }
+        _ => respond_models(shared, request, path),
+    }
+}
+
+/// `/v1/models` and `/v1/models/ID`: answered from the card kept since the first load, so
+/// listing models does not wake a sleeping one.
+fn respond_models(shared: &Shared, request: Request, path: &str) -> Outcome {
+    let card = match shared.card.get() {
+        Some(card) => card,
+        None => match shared.slot.acquire() {
+            Ok(_) => shared.card.get().expect("set before the model is served"),
+            Err(e) => return respond_error(request, &unavailable(e)),
+        },
+    };
+    match path.strip_prefix("/v1/models/") {
+        None => respond_json(request, 200, &json!({"object": "list", "data": [card]})),
+        Some(id) if card["id"] == id => respond_json(request, 200, card),
+        Some(id) => respond_error(request, &ApiError::model_not_found(id)),
+    }
+}
+
+fn unavailable(why: Unavailable) -> ApiError {
+    match why {
+        Unavailable::Loading => ApiError::unavailable("the model is loading; retry shortly"),
+        Unavailable::Failed(why) => ApiError::unavailable(format!("the model could not be loaded: {why}")),
+    }
+}
+
+fn respond_health(shared: &Shared, request: Request) -> Outcome {
+    if shared.draining.load(Ordering::SeqCst) {
+        return respond_json(request, 503, &json!({"status": "draining", "reason": "the server is shutting down"}));
+    }
+    let (phase, ready) = shared.slot.current();
+    match (phase, ready) {
+        (_, Some(ready)) => respond_json(request, 200, &health_json(shared, &ready)),
+        (Phase::Loading, None) => {
+            respond_json(request, 503, &json!({"status": "loading", "reason": "the model is loading"}))
+        }
+        (phase, None) => {
+            let (status, reason) = match phase {
+                Phase::Waking => ("waking", "a request came; the model is loading again"),
+                Phase::Releasing => ("releasing", "no requests for idle_unload_s; the model is being released"),
+                _ => ("sleeping", "no requests for idle_unload_s; the next request loads the model again"),
+            };
+            let memory = memory_use(shared, None);
+            let body = json!({
+                "status": status,
+                "reason": reason,
+                "model": shared.card.get().map(|c| c["id"].clone()),
+                "uptime_seconds": shared.started.elapsed().as_secs(),
+                "model_loads": shared.slot.loads.load(Ordering::Relaxed),
+                "memory": {"resident_bytes": memory.resident, "requests_bytes": memory.requests, "other_bytes": memory.other},
+            });
+            respond_json(request, 200, &body)
         }
     }
 }
 
-fn model_json(ready: &Ready) -> Value {
+/// What `/v1/models` says of the model.
+pub(super) fn model_card(ready: &Ready) -> Value {
     let info = ready.frontend.info();
     json!({
         "id": ready.frontend.served_name(),
@@ -160,6 +204,7 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
         "layout": ready.engine.layout(),
         "provider": ready.engine.provider().to_string(),
         "uptime_seconds": shared.started.elapsed().as_secs(),
+        "model_loads": shared.slot.loads.load(Ordering::Relaxed),
         "running": read(&stats.running),
         "queued": read(&stats.queued),
         "kv_pool_bytes": read(&stats.kv_pool_bytes),
@@ -182,6 +227,9 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
             "prefix_cache_bytes": memory.prefix_cache,
             "requests_bytes": memory.requests,
             "other_bytes": memory.other,
+            "kv_cache_budget_bytes": ready.budget.kv_cache_bytes,
+            "prefix_cache_budget_bytes": ready.budget.prefix_cache_bytes,
+            "budget": ready.budget.reason,
         },
     })
 }
@@ -452,7 +500,8 @@ impl Client {
 
 fn respond_metrics(shared: &Shared, request: Request) -> Outcome {
     let read = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
-    let ready = shared.ready.get();
+    let ready = shared.slot.current().1;
+    let ready = ready.as_deref();
     let stats = ready.map(|r| r.engine.stats());
     let stat = |f: fn(&crate::engine::EngineStats) -> &std::sync::atomic::AtomicUsize| stats.map_or(0, |s| read(f(s)));
     let gauges = Gauges {
@@ -473,6 +522,8 @@ fn respond_metrics(shared: &Shared, request: Request) -> Outcome {
         in_flight: read(&shared.in_flight),
         uptime: shared.started.elapsed(),
         memory: memory_use(shared, ready),
+        model_loaded: ready.is_some(),
+        model_loads: shared.slot.loads.load(Ordering::Relaxed),
     };
     let model = ready.map_or(String::new(), |r| r.frontend.served_name().to_owned());
     let layout = ready.map_or("", |r| r.engine.layout());
