@@ -382,7 +382,7 @@ impl Frontend {
         let template = self.template.as_ref().ok_or_else(|| {
             ApiError::invalid(
                 "messages",
-                "this model has no chat template (tokenizer_config.json); use /v1/completions",
+                "this model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions",
             )
         })?;
         let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);

@@ -29,7 +29,7 @@ impl Tokenizer {
         Ok(Self {
             max_bytes_per_token: input_bytes_per_token(&inner),
             inner,
-            chat_template: chat_template_of(&config),
+            chat_template: chat_template_in(dir, &config)?,
             bos_token: special_token(&config, "bos_token"),
             eos_token: special_token(&config, "eos_token"),
         })
@@ -186,6 +186,18 @@ fn normalizer_shrink(normalizer: &serde_json::Value) -> Option<usize> {
     })
 }
 
+/// The chat template as transformers finds it: `chat_template.jinja` first (what
+/// `save_pretrained` writes since transformers 4.47, and so what today's exporters leave), else
+/// `chat_template` in `tokenizer_config.json`.
+fn chat_template_in(dir: &Path, config: &serde_json::Value) -> Result<Option<String>> {
+    let path = dir.join("chat_template.jinja");
+    match std::fs::read_to_string(&path) {
+        Ok(template) => Ok(Some(template)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(chat_template_of(config)),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// `chat_template` is a string, or a list of named templates of which "default" is the chat one.
 fn chat_template_of(config: &serde_json::Value) -> Option<String> {
     match config.get("chat_template")? {
@@ -223,6 +235,23 @@ pub(crate) mod tests {
         assert_eq!(tok.eos_token.as_deref(), Some("<|im_end|>"));
         assert!(tok.chat_template.as_deref().unwrap().contains("im_start"));
         assert_eq!(tok.encode("<|im_start|>user").unwrap()[0], 1);
+    }
+
+    #[test]
+    fn chat_template_jinja_comes_first_as_in_transformers() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-instruct");
+        let dir = std::env::temp_dir().join(format!("chatd-template-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(shared.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        // A folder written by save_pretrained in transformers 4.47+: no template in the config.
+        std::fs::write(dir.join("tokenizer_config.json"), r#"{"eos_token": "<|im_end|>"}"#).unwrap();
+        assert_eq!(Tokenizer::load(&dir).unwrap().chat_template, None);
+        std::fs::write(dir.join("chat_template.jinja"), "{{ messages[0]['content'] }}").unwrap();
+        assert_eq!(Tokenizer::load(&dir).unwrap().chat_template.as_deref(), Some("{{ messages[0]['content'] }}"));
+        // Both: the file wins, as transformers reads it.
+        std::fs::write(dir.join("tokenizer_config.json"), r#"{"chat_template": "old"}"#).unwrap();
+        assert_eq!(Tokenizer::load(&dir).unwrap().chat_template.as_deref(), Some("{{ messages[0]['content'] }}"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Texts that stress the cuts: words, one endless word, runs of spaces and newlines (the
