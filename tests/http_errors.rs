@@ -47,6 +47,8 @@ fn invalid_json_and_wrong_types_are_400_naming_the_param() {
         (json!({"messages": user("x"), "top_logprobs": 3}), "top_logprobs"),
         (json!({"messages": user("x"), "presence_penalty": -3}), "presence_penalty"),
         (json!({"messages": user("x"), "seed": "x"}), "seed"),
+        (json!({"messages": user("x"), "seed": u64::MAX}), "seed"),
+        (json!({"messages": user("x"), "tool_choice": "auto"}), "tool_choice"),
         (json!({"messages": user("x"), "stream_options": {"include_usage": true}}), "stream_options"),
         (json!({"messages": user("x"), "min_tokens": 10, "max_tokens": 5}), "min_tokens"),
     ] {
@@ -57,6 +59,19 @@ fn invalid_json_and_wrong_types_are_400_naming_the_param() {
     }
     d.post("/v1/completions", &json!({"max_tokens": 3})).error(400);
     d.post("/v1/completions", &json!({"prompt": [99999999]})).error(400);
+    // Every bad logit_bias entry is named, not only the first.
+    let e = d.post("/v1/chat/completions", &json!({"messages": user("x"), "logit_bias": {"abc": 1, "5": 300, "7": 1}}));
+    let message = e.error(400)["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("\"abc\"") && message.contains("\"5\"") && !message.contains("\"7\""), "{message}");
+    // A form-encoded body (curl -d without -H) is refused, not read as JSON.
+    let body = json!({"messages": user("x")}).to_string();
+    let form = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let e = d.raw(form.as_bytes()).error(415);
+    assert_eq!(e["code"], "unsupported_media_type", "{e}");
     still_serving(d);
 }
 

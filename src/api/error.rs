@@ -74,6 +74,18 @@ impl ApiError {
         Self { code: Some("invalid_api_key"), ..Self::new(401, "invalid_request_error", message) }
     }
 
+    /// 415: a form-encoded body; the API takes JSON only.
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self {
+            code: Some("unsupported_media_type"),
+            ..Self::new(
+                415,
+                "invalid_request_error",
+                format!("The body is sent as {content_type:?}; send JSON (Content-Type: application/json)."),
+            )
+        }
+    }
+
     /// 408: the body did not arrive in time.
     pub fn request_timeout() -> Self {
         Self {

@@ -511,25 +511,21 @@ impl Frontend {
             Some(Value::Object(map)) => {
                 // Keys such as "12" and "012" name the same token: the last one counts, so the
                 // work per token is bounded by the vocabulary, not by the request.
-                let biases: std::collections::BTreeMap<u32, f32> = map
-                    .iter()
-                    .map(|(k, v)| {
-                        let token =
-                            k.parse::<u32>().ok().filter(|&t| (t as usize) < info.vocab_size).ok_or_else(|| {
-                                ApiError::invalid(
-                                    "logit_bias",
-                                    format!("`logit_bias` key {k:?} is not a token id below {}", info.vocab_size),
-                                )
-                            })?;
-                        let bias = v.as_f64().filter(|b| (-100.0..=100.0).contains(b)).ok_or_else(|| {
-                            ApiError::invalid(
-                                "logit_bias",
-                                format!("`logit_bias` value for {k} must be a number between -100 and 100"),
-                            )
-                        })?;
-                        Ok((token, bias as f32))
-                    })
-                    .collect::<Result<_, ApiError>>()?;
+                let mut biases = std::collections::BTreeMap::new();
+                let mut bad = Vec::new();
+                for (k, v) in map {
+                    let token = k.parse::<u32>().ok().filter(|&t| (t as usize) < info.vocab_size);
+                    let bias = v.as_f64().filter(|b| (-100.0..=100.0).contains(b));
+                    match (token, bias) {
+                        (Some(token), Some(bias)) => {
+                            biases.insert(token, bias as f32);
+                        }
+                        _ => bad.push(k.as_str()),
+                    }
+                }
+                if !bad.is_empty() {
+                    return Err(ApiError::invalid("logit_bias", logit_bias_error(&bad, info.vocab_size)));
+                }
                 biases.into_iter().collect()
             }
             Some(other) => return Err(wrong_type("logit_bias", "an object", other)),
@@ -644,4 +640,18 @@ fn normalize_message(index: usize, message: Value) -> Result<Value, ApiError> {
     };
     obj.insert("content".into(), Value::String(joined));
     Ok(Value::Object(obj))
+}
+
+/// Names every bad `logit_bias` key (the first 16, then how many more), so a client fixes them
+/// in one go.
+fn logit_bias_error(bad: &[&str], vocab_size: usize) -> String {
+    const SHOWN: usize = 16;
+    let mut names: Vec<String> = bad.iter().take(SHOWN).map(|k| format!("{k:?}")).collect();
+    if bad.len() > SHOWN {
+        names.push(format!("and {} more", bad.len() - SHOWN));
+    }
+    format!(
+        "`logit_bias` maps token ids below {vocab_size} to numbers between -100 and 100; these entries are not: {}",
+        names.join(", ")
+    )
 }

@@ -53,7 +53,13 @@ impl<'a> Fields<'a> {
                 let v = match (n.as_i64(), n.as_f64()) {
                     (Some(i), _) => i,
                     (None, Some(f)) if f.fract() == 0.0 && f.abs() < 9.0e15 => f as i64,
-                    _ if n.is_u64() => i64::MAX,
+                    // Above i64: out of every range asked for here (seed's included).
+                    _ if n.is_u64() => {
+                        return Err(ApiError::invalid(
+                            key,
+                            format!("`{key}` must be between {min} and {max}, got {n}"),
+                        ));
+                    }
                     _ => {
                         return Err(ApiError::invalid(key, format!("`{key}` must be an integer, got {n}")));
                     }

@@ -42,7 +42,12 @@ pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolMo
         None if tools.is_empty() => Ok(ToolMode::None),
         None => Ok(ToolMode::Auto),
         Some(Value::String(s)) if s == "none" => Ok(ToolMode::None),
-        Some(Value::String(s)) if s == "auto" => Ok(if tools.is_empty() { ToolMode::None } else { ToolMode::Auto }),
+        // As OpenAI answers: choosing among no tools is a mistake, not a no-op ("none" is what
+        // happens anyway, so it is honoured).
+        Some(Value::String(s)) if s == "auto" && tools.is_empty() => {
+            Err(ApiError::invalid("tool_choice", "`tool_choice` \"auto\" needs `tools`"))
+        }
+        Some(Value::String(s)) if s == "auto" => Ok(ToolMode::Auto),
         Some(Value::String(s)) if s == "required" => {
             if tools.is_empty() {
                 return Err(ApiError::invalid("tool_choice", "`tool_choice` \"required\" needs `tools`"));

@@ -234,6 +234,15 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
     })
 }
 
+/// The Content-Type of a form-encoded body (`curl -d` without `-H`, an HTML form), which is
+/// refused rather than parsed as JSON. A missing type or any other is read as JSON: browsers'
+/// `fetch` sends a string body as text/plain.
+fn form_content_type(request: &Request) -> Option<String> {
+    let value = request.headers().iter().find(|h| h.field.equiv("Content-Type"))?.value.as_str();
+    let media = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    matches!(media.as_str(), "application/x-www-form-urlencoded" | "multipart/form-data").then(|| value.to_owned())
+}
+
 /// Reads the body, refusing anything over the limit without reading it, a body shorter than
 /// its declared length, and one that takes longer than `timeout` to arrive.
 fn read_body(request: &mut Request, limit: usize, timeout: Duration) -> Result<Vec<u8>, ApiError> {
@@ -279,6 +288,9 @@ fn generate(
     mut request: Request,
     endpoint: Endpoint,
 ) -> Outcome {
+    if let Some(form) = form_content_type(&request) {
+        return respond_error(request, &ApiError::unsupported_media_type(&form));
+    }
     let body = match read_body(&mut request, config.max_body_bytes, config.idle_timeout) {
         Ok(body) => body,
         Err(e) => return respond_error(request, &e),
