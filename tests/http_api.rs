@@ -157,6 +157,20 @@ fn completions_endpoint_continues_a_raw_prompt() {
     let lp = &v["choices"][0]["logprobs"];
     assert_eq!(lp["tokens"].as_array().unwrap().len(), 6);
     assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    // `logprobs: 0`: no alternatives, but the sampled token is there, as OpenAI and vLLM give it.
+    let v = d
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0,
+                                             "logprobs": 0}),
+        )
+        .json();
+    let lp = &v["choices"][0]["logprobs"];
+    for (i, top) in lp["top_logprobs"].as_array().unwrap().iter().enumerate() {
+        let top = top.as_object().unwrap();
+        assert_eq!(top.len(), 1, "{lp}");
+        assert_eq!(top[lp["tokens"][i].as_str().unwrap()], lp["token_logprobs"][i], "{lp}");
+    }
     // Streaming and token-id prompts.
     let reply =
         d.post("/v1/completions", &json!({"prompt": [504, 3575, 282, 4649, 314], "max_tokens": 3, "stream": true}));

@@ -86,8 +86,12 @@ impl Meta {
                     offset += text.len();
                     tokens.push(Value::String(text));
                     token_logprobs.push(json!(lp.logprob));
-                    let top: serde_json::Map<String, Value> =
+                    let mut top: serde_json::Map<String, Value> =
                         lp.top.iter().map(|&(t, l)| (tokenizer.token_text(t), json!(l))).collect();
+                    // As OpenAI and vLLM: the sampled token is always among them (so `logprobs: 0`
+                    // still shows it, and there may be logprobs + 1 entries).
+                    top.entry(tokens.last().and_then(Value::as_str).unwrap_or_default().to_owned())
+                        .or_insert(json!(lp.logprob));
                     top_logprobs.push(Value::Object(top));
                 }
                 json!({"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets})
