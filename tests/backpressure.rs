@@ -141,9 +141,10 @@ fn queue_wait_and_deadlines_are_bounded() {
 
 #[test]
 fn sequences_reaching_the_kv_budget_together_end_with_length_not_an_error() {
-    // 48 MiB holds ~1,090 positions. Four choices leave four rows allocated (the pool is kept
-    // for a second after use), so three long answers right after may grow to 256 positions
-    // each; the first to get there ends, and its row rides along in the others' steps.
+    // 48 MiB holds ~1,090 positions. Four choices leave four rows allocated (dropped when the
+    // next sequence starts), and three long answers right after may grow to 256 positions each
+    // (three rows of 512 do not fit); the first to get there ends, and its row rides along in
+    // the others' steps.
     let d = Daemon::start_with_model(&genai_dir(), &["--kv-cache-mb", "48"]);
     d.chat(json!({"messages": user("Hi"), "max_tokens": 4, "n": 4}));
     let results: Vec<Value> = std::thread::scope(|s| {
@@ -180,4 +181,25 @@ fn a_sequence_at_the_kv_budget_ends_alone() {
     let v = d.chat(json!({"messages": user("Hi"), "max_tokens": 3}));
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert!(health(&d)["kv_pool_bytes"].as_u64().unwrap() <= 24 << 20);
+}
+
+#[test]
+fn a_long_prompt_after_a_burst_waits_for_room_instead_of_being_refused() {
+    // 100 MiB holds ~2,270 positions (46,080 bytes each): one row for the long prompt's ~1,500,
+    // not four.
+    let d = Daemon::start_with_model(&genai_dir(), &["--kv-cache-mb", "100", "--prefix-cache-mb", "0"]);
+    // A stream keeps the pool in use while three choices leave three more rows allocated.
+    let body = json!({"messages": user("Count to a thousand."), "max_tokens": 200, "ignore_eos": true, "stream": true});
+    let (_stream, mut reader) = open_stream(&d, &body);
+    next_content(&mut reader).expect("the stream started");
+    d.chat(json!({"messages": user("Hi"), "max_tokens": 4, "n": 3}));
+    // Fits the context and, alone, the budget: it waits for the stream, then runs.
+    let long = json!({"messages": user(&"word ".repeat(1400)), "max_tokens": 8});
+    std::thread::scope(|s| {
+        let waiting = s.spawn(|| d.post("/v1/chat/completions", &long));
+        while next_content(&mut reader).is_some() {}
+        let reply = waiting.join().unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    });
+    assert!(health(&d)["kv_pool_bytes"].as_u64().unwrap() <= 100 << 20);
 }

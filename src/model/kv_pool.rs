@@ -132,10 +132,16 @@ impl KvPool {
         self.rows.lock().unwrap_or_else(|e| e.into_inner()).len[row] = len;
     }
 
-    /// Whether `count` more sequences of `positions` tokens could be placed within the budget.
+    /// Whether `count` more sequences of `positions` tokens could be placed within the budget,
+    /// once the free rows above the highest leased one are dropped (`drop_free_top_rows`): rows
+    /// left by an earlier burst do not count against a long prompt that comes after it.
     pub fn has_room_for(&self, positions: usize, count: usize) -> bool {
-        let in_use = self.rows.lock().unwrap_or_else(|e| e.into_inner()).leased.iter().filter(|&&l| l).count();
-        let rows = self.allocated.max(in_use + count);
+        let (in_use, kept) = {
+            let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+            let in_use = rows.leased.iter().filter(|&&l| l).count();
+            (in_use, rows.leased.iter().rposition(|&l| l).map_or(0, |r| r + 1))
+        };
+        let rows = kept.max(in_use + count);
         let capacity = self.capacity.max(round_up(positions)).min(self.max_capacity);
         rows * capacity * self.bytes_per_position() <= self.budget_bytes
     }
@@ -144,6 +150,7 @@ impl KvPool {
     /// top, away from the generating ones, which `move_down` keeps packed at the bottom, so a
     /// prompt being fed is not carried through the batched decode steps.
     pub fn lease(&mut self) -> Result<RowLease> {
+        self.drop_free_top_rows()?;
         let row = {
             let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
             let row = match rows.leased.iter().rposition(|&l| !l) {
@@ -206,7 +213,26 @@ impl KvPool {
         if positions > self.max_capacity {
             bail!("{positions} positions exceed the model's context of {}", self.max_capacity);
         }
+        // Rows nobody holds above the leased ones would grow too, for nothing.
+        self.drop_free_top_rows()?;
         self.resize(self.allocated, round_up(positions).min(self.max_capacity))
+    }
+
+    /// Drops the rows above the highest leased one (rows are the buffers' outermost dimension,
+    /// so only those can go), so that a burst's rows do not stay counted against the budget.
+    fn drop_free_top_rows(&mut self) -> Result<()> {
+        let kept = {
+            let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
+            let kept = rows.leased.iter().rposition(|&l| l).map_or(0, |r| r + 1);
+            if kept >= self.allocated {
+                return Ok(());
+            }
+            rows.leased.truncate(kept);
+            rows.len.truncate(kept);
+            rows.written.truncate(kept);
+            kept
+        };
+        self.resize(kept, self.capacity)
     }
 
     fn resize(&mut self, rows: usize, capacity: usize) -> Result<()> {
@@ -405,6 +431,20 @@ mod tests {
         pool.move_down(&mut c, 0);
         assert_eq!(c.row(), 0);
         assert_eq!(pool.lease().unwrap().row(), 2);
+    }
+
+    #[test]
+    fn rows_left_by_a_burst_do_not_count_against_a_long_prompt() {
+        // 32 bytes per position; the budget holds one row of 1024 positions, or four of 256.
+        let mut pool = KvPool::new(1, 1, 4, 8192, 32 * 1024);
+        let burst: Vec<RowLease> = (0..4).map(|_| pool.lease().unwrap()).collect();
+        assert!(!pool.has_room_for(1000, 1), "four rows are held");
+        drop(burst);
+        assert!(pool.has_room_for(1000, 1), "the burst is over");
+        let long = pool.lease().unwrap();
+        assert_eq!(long.row(), 0);
+        pool.ensure_capacity(1000).unwrap();
+        assert_eq!(pool.allocated_bytes(), 32 * 1024);
     }
 
     #[test]
