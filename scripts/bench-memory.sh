@@ -2,7 +2,8 @@
 # Peak and after-idle resident size of chatd and llama-server on one fixed workload (the 8-client
 # chatbench mix, a 10-turn chat, 200 short requests with n 1-4), default settings; see
 # scripts/bench_memory.py. Builds llama-server once (scripts/build-llama-server.sh) unless
-# --skip-llama. Run it on a quiet machine.
+# --skip-llama. Run it on a quiet machine. With --soak-minutes M (and --skip-llama), issue 13's
+# scenario instead: two clients of short, n > 1 and long requests for M minutes.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

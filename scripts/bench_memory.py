@@ -98,6 +98,33 @@ def phases(base, model, python, splits_n):
     [t.join() for t in workers]
 
 
+def soak(base, model, minutes):
+    """Issue 13's scenario: two clients for `minutes`, mostly short answers, some with n 2-4,
+    some long (600-1,500 tokens), as an OpenAI client test suite sends them."""
+    end = time.time() + minutes * 60
+    counter = iter(range(10**9))
+    lock = threading.Lock()
+
+    def worker():
+        while time.time() < end:
+            with lock:
+                i = next(counter)
+            kind = i % 10
+            body = {"model": model, "messages": [{"role": "user", "content": f"Tell me about topic {i}."}],
+                    "temperature": 0.8, "seed": i}
+            if kind < 7:
+                body["max_tokens"] = 16 + i % 48
+            elif kind < 9:
+                body.update(n=2 + i % 3, max_tokens=64)
+            else:
+                body.update(max_tokens=600 + (i * 97) % 900, ignore_eos=True)
+            post(base, body)
+
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    [t.start() for t in workers]
+    [t.join() for t in workers]
+
+
 def wait_ready(base, proc):
     for _ in range(1200):
         if proc.poll() is not None:
@@ -112,7 +139,7 @@ def wait_ready(base, proc):
     raise SystemExit("the server did not become ready")
 
 
-def measure(name, command, base, model, python, health):
+def measure(name, command, base, model, python, health, soak_minutes=0):
     log = open(f"/tmp/chatd-bench-memory-{name}.log", "w")
     proc = subprocess.Popen(command, stdout=log, stderr=log, env=dict(os.environ, CHATD_CONFIG="/dev/null"))
     try:
@@ -121,7 +148,10 @@ def measure(name, command, base, model, python, health):
         sampler = Sampler(proc.pid, base + "/health" if health else None)
         sampler.start()
         started = time.time()
-        phases(base, model, python, splits_n=not health)
+        if soak_minutes:
+            soak(base, model, soak_minutes)
+        else:
+            phases(base, model, python, splits_n=not health)
         took = time.time() - started
         sampler.stop.set()
         sampler.join()
@@ -143,19 +173,23 @@ def main():
     p.add_argument("--gguf")
     p.add_argument("--python", default=sys.executable)
     p.add_argument("--chatd-arg", action="append", default=[])
+    p.add_argument("--soak-minutes", type=float, default=0,
+                   help="instead of the fixed workload: two clients of short, n > 1 and long requests for this long")
     a = p.parse_args()
     results = []
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     chatd = [str(ROOT / "target/release/chatd"), "--model", a.model, "--listen", f"127.0.0.1:{port}",
              "--threads", str(a.threads), *a.chatd_arg]
-    results.append(measure("chatd", chatd, base, Path(a.model).name, a.python, health=True))
+    results.append(measure("chatd", chatd, base, Path(a.model).name, a.python, health=True,
+                           soak_minutes=a.soak_minutes))
     if a.llama_server:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         # Its defaults: the model's context (8,192), parallel slots chosen by llama-server.
         llama = [a.llama_server, "-m", a.gguf, "-t", str(a.threads), "--host", "127.0.0.1", "--port", str(port)]
-        results.append(measure("llama-server", llama, base, "default", a.python, health=False))
+        results.append(measure("llama-server", llama, base, "default", a.python, health=False,
+                               soak_minutes=a.soak_minutes))
     mib = lambda kib: kib / 1024
     print(f"\n{'server':<14} {'ready':>8} {'peak':>8} {'after 5 s idle':>15} {'load s':>7}   (MiB)")
     for r in results:
