@@ -8,6 +8,9 @@
 #   scripts/build-llama-server.sh --gguf     fetch (or reuse) the GGUF and print its path
 #   scripts/build-llama-server.sh --status   print the build state; exit 0 when built
 #   scripts/build-llama-server.sh --version  print the llama-cpp-python version whose llama.cpp is used
+#   scripts/build-llama-server.sh --src      print the llama.cpp source tree (convert_hf_to_gguf.py,
+#                                            models/ggml-vocab-*.gguf, models/templates/*.jinja)
+# Beside llama-server it builds llama-bench and llama-quantize (scripts/perf-models.sh uses them).
 #
 # Concurrent callers serialize on a lock file: a second caller waits for the running build and then
 # reuses it. The build runs under `nice -n 19` with -j${LLAMA_BUILD_JOBS:-2}; its log is
@@ -27,6 +30,7 @@ SRC_PARENT="$CACHE/src"
 SRC="$SRC_PARENT/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION/vendor/llama.cpp"
 BUILD="$CACHE/build-llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION"
 BIN="$BUILD/bin/llama-server"
+TOOLS=(llama-server llama-bench llama-quantize)
 STAMP="$BUILD/.built-ok"
 LOG="$CACHE/llama-server-build.log"
 LOCK="$CACHE/llama-server-build.lock"
@@ -82,7 +86,14 @@ EOF
   echo "$out"
 }
 
-do_build() {
+# Every tool built and the stamp written.
+built() {
+  [ -f "$STAMP" ] || return 1
+  local t
+  for t in "${TOOLS[@]}"; do [ -x "$BUILD/bin/$t" ] || return 1; done
+}
+
+fetch_source() {
   if [ ! -f "$SRC/CMakeLists.txt" ]; then
     mkdir -p "$CACHE/dl" "$SRC_PARENT"
     local tgz="$CACHE/dl/llama_cpp_python-$LLAMA_CPP_PYTHON_VERSION.tar.gz"
@@ -95,6 +106,10 @@ do_build() {
     fi
     tar -xzf "$tgz" -C "$SRC_PARENT"
   fi
+}
+
+do_build() {
+  fetch_source
   local cmake
   cmake="$(find_cmake)"
   # Portable build (no -march=native) with the x86 extensions this CPU has. AMX stays off: its
@@ -116,8 +131,8 @@ do_build() {
   )
   log "configuring: $cmake -S $SRC -B $BUILD ${flags[*]}"
   nice -n 19 "$cmake" -S "$SRC" -B "$BUILD" "${flags[@]}"
-  log "building llama-server with -j$JOBS (nice -n 19)"
-  nice -n 19 "$cmake" --build "$BUILD" --config Release --target llama-server -j "$JOBS"
+  log "building ${TOOLS[*]} with -j$JOBS (nice -n 19)"
+  nice -n 19 "$cmake" --build "$BUILD" --config Release --target "${TOOLS[@]}" -j "$JOBS"
   "$BIN" --version
   date -u +%FT%TZ >"$STAMP"
 }
@@ -131,8 +146,13 @@ case "${1:-}" in
     fetch_gguf
     exit 0
     ;;
+  --src)
+    fetch_source >&2
+    echo "$SRC"
+    exit 0
+    ;;
   --status)
-    if [ -f "$STAMP" ] && [ -x "$BIN" ]; then
+    if built; then
       echo "built: $BIN (finished $(cat "$STAMP"))"
       exit 0
     fi
@@ -145,12 +165,12 @@ case "${1:-}" in
     ;;
   ""|--build) ;;
   *)
-    echo "usage: $0 [--build|--gguf|--status|--version]" >&2
+    echo "usage: $0 [--build|--gguf|--src|--status|--version]" >&2
     exit 2
     ;;
 esac
 
-if [ -f "$STAMP" ] && [ -x "$BIN" ]; then
+if built; then
   echo "$BIN"
   exit 0
 fi
@@ -159,7 +179,7 @@ if ! flock -n 9; then
   log "another llama-server build is running (log: $LOG); waiting for it"
   flock 9
 fi
-if [ -f "$STAMP" ] && [ -x "$BIN" ]; then
+if built; then
   echo "$BIN"
   exit 0
 fi

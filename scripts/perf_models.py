@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Builds random-weight models with the real shapes of popular small chat models, for benchmarks.
+
+Speed depends on shapes and formats, not on weight values, so these stand in for the real models
+without a model hub. For each shape, in OUT/<shape>/:
+  hf/           transformers `from_config` (seed 0, bfloat16) with the real config, tokenizer
+                (from llama.cpp's models/ggml-vocab-*.gguf) and chat template
+                (llama.cpp's models/templates/*.jinja);
+  genai-int4/   onnxruntime-genai's model builder, int4 for CPU (its defaults: block 32, accuracy
+                level 4), the folder chatd and onnxruntime-genai both run;
+  q4_0.gguf     llama.cpp's convert_hf_to_gguf.py (f16), then `llama-quantize --pure ... q4_0`.
+Each step is skipped when its output exists. Driven by scripts/perf-models.sh.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# The real configs (config.json of the Instruct models on the Hugging Face hub), and the vocab
+# and template files in llama.cpp's tree that carry their tokenizers and chat templates.
+SHAPES = {
+    "qwen2.5-0.5b": {
+        "config": {
+            "architectures": ["Qwen2ForCausalLM"],
+            "attention_dropout": 0.0,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "hidden_act": "silu",
+            "hidden_size": 896,
+            "initializer_range": 0.02,
+            "intermediate_size": 4864,
+            "max_position_embeddings": 32768,
+            "max_window_layers": 21,
+            "model_type": "qwen2",
+            "num_attention_heads": 14,
+            "num_hidden_layers": 24,
+            "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000.0,
+            "sliding_window": 32768,
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": 151936,
+        },
+        "generation": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643},
+        "vocab": "ggml-vocab-qwen2.gguf",
+        "template": "Qwen-Qwen2.5-7B-Instruct.jinja",
+    },
+    "llama-3.2-1b": {
+        "config": {
+            "architectures": ["LlamaForCausalLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": 128000,
+            "eos_token_id": [128001, 128008, 128009],
+            "head_dim": 64,
+            "hidden_act": "silu",
+            "hidden_size": 2048,
+            "initializer_range": 0.02,
+            "intermediate_size": 8192,
+            "max_position_embeddings": 131072,
+            "mlp_bias": False,
+            "model_type": "llama",
+            "num_attention_heads": 32,
+            "num_hidden_layers": 16,
+            "num_key_value_heads": 8,
+            "pretraining_tp": 1,
+            "rms_norm_eps": 1e-05,
+            "rope_scaling": {
+                "factor": 32.0,
+                "high_freq_factor": 4.0,
+                "low_freq_factor": 1.0,
+                "original_max_position_embeddings": 8192,
+                "rope_type": "llama3",
+            },
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "vocab_size": 128256,
+        },
+        "generation": {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]},
+        "vocab": "ggml-vocab-llama-bpe.gguf",
+        "template": "meta-llama-Llama-3.2-3B-Instruct.jinja",
+    },
+}
+
+
+def log(*a):
+    print("[perf-models]", *a, file=sys.stderr, flush=True)
+
+
+def make_hf(shape, spec, llama_src, out):
+    """The transformers folder: random weights, real config, tokenizer and template."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").exists() and list(out.glob("*.safetensors")):
+        return
+    log(f"{shape}: random weights with the real config -> {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    spec_config = dict(spec["config"])
+    model_type = spec_config.pop("model_type")
+    config = AutoConfig.for_model(model_type, **spec_config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(tmp)
+    (tmp / "generation_config.json").write_text(json.dumps(spec["generation"], indent=2))
+    models = llama_src / "models"
+    tokenizer = AutoTokenizer.from_pretrained(str(models), gguf_file=spec["vocab"])
+    tokenizer.chat_template = (models / "templates" / spec["template"]).read_text()
+    tokenizer.save_pretrained(tmp)
+    drop_tokens_beyond_vocab(tmp, spec["config"]["vocab_size"])
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def drop_tokens_beyond_vocab(folder, vocab_size):
+    """transformers' GGUF reader adds an `<|endoftext|>` past Llama 3's 128,256 ids, which the
+    real tokenizer does not have (and llama.cpp's converter refuses)."""
+    path = folder / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer.get("added_tokens", []) if t["id"] < vocab_size]
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False))
+
+
+def make_genai(shape, hf, out, python):
+    if (out / "genai_config.json").exists():
+        return
+    log(f"{shape}: onnxruntime-genai builder, int4 for CPU -> {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cache = out.with_name("builder-cache")
+    subprocess.run(
+        [python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp), "-p", "int4", "-e", "cpu",
+         "-c", str(cache)],
+        check=True,
+    )
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def make_gguf(shape, hf, out, llama_src, quantize, python):
+    if out.exists():
+        return
+    f16 = out.with_name("f16.gguf")
+    if not f16.exists():
+        log(f"{shape}: convert_hf_to_gguf.py -> {f16}")
+        subprocess.run(
+            [python, str(llama_src / "convert_hf_to_gguf.py"), str(hf), "--outtype", "f16", "--outfile",
+             str(f16) + ".tmp"],
+            check=True,
+        )
+        os.replace(str(f16) + ".tmp", f16)
+    log(f"{shape}: llama-quantize --pure q4_0 -> {out}")
+    subprocess.run([quantize, "--pure", str(f16), str(out) + ".tmp", "q4_0"], check=True)
+    os.replace(str(out) + ".tmp", out)
+    f16.unlink()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--llama-src", required=True, type=Path)
+    p.add_argument("--quantize", help="llama-quantize; without it no GGUF is made")
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
+    args = p.parse_args()
+    python = sys.executable
+    for shape in args.shapes.split(","):
+        if shape not in SHAPES:
+            sys.exit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        base = args.out / shape
+        hf = base / "hf"
+        make_hf(shape, SHAPES[shape], args.llama_src, hf)
+        make_genai(shape, hf, base / "genai-int4", python)
+        if args.quantize:
+            make_gguf(shape, hf, base / "q4_0.gguf", args.llama_src, args.quantize, python)
+        print(base)
+
+
+if __name__ == "__main__":
+    main()
