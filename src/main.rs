@@ -127,6 +127,8 @@ fn serve(config: Config, args: &[String], inherited: Result<Option<TcpListener>,
     log::info!("serving {name} on http://{}", server.local_addr());
 
     let mut shown = String::new();
+    // While the model sleeps this loop feeds the watchdog, so it ticks at least as often.
+    let tick = notifier.watchdog().map_or(TICK, |every| (every / 2).min(TICK));
     loop {
         crossbeam_channel::select! {
             recv(signal_rx) -> signal => match signal {
@@ -138,7 +140,7 @@ fn serve(config: Config, args: &[String], inherited: Result<Option<TcpListener>,
                     service = wake(&config, &server, &notifier);
                 }
             },
-            default(TICK) => {
+            default(tick) => {
                 if service.is_some() && server.release_if_idle(|| service = None) {
                     sleep(&server, &notifier);
                     shown.clear();

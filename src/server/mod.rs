@@ -7,8 +7,6 @@ mod routes;
 mod slot;
 mod sse;
 
-pub use slot::Phase;
-
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -194,11 +192,6 @@ impl Server {
         self.shared.slot.set_failed(why);
     }
 
-    /// Where the model is.
-    pub fn phase(&self) -> Phase {
-        self.shared.slot.current().0
-    }
-
     /// Receives a message each time a request finds the model asleep.
     pub fn wake_calls(&self) -> &crossbeam_channel::Receiver<()> {
         &self.wake_calls
@@ -225,11 +218,6 @@ impl Server {
         crate::memory::give_back_freed();
         self.shared.slot.released();
         true
-    }
-
-    /// How long requests wait for the model to load.
-    pub fn set_load_wait(&self, wait: Duration) {
-        self.shared.slot.set_wait(wait);
     }
 
     /// The settings in force (they change on reload).

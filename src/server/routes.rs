@@ -115,6 +115,9 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
     match path {
         "/v1/chat/completions" | "/v1/completions" => {
             let endpoint = if path == "/v1/chat/completions" { Endpoint::Chat } else { Endpoint::Completion };
+            if let Some(form) = form_content_type(&request) {
+                return respond_error(request, &ApiError::unsupported_media_type(&form));
+            }
             // Counted before it takes the model, so the model cannot be put to sleep under it.
             shared.in_flight.fetch_add(1, Ordering::SeqCst);
             let outcome = match shared.slot.acquire() {
@@ -288,9 +291,6 @@ fn generate(
     mut request: Request,
     endpoint: Endpoint,
 ) -> Outcome {
-    if let Some(form) = form_content_type(&request) {
-        return respond_error(request, &ApiError::unsupported_media_type(&form));
-    }
     let body = match read_body(&mut request, config.max_body_bytes, config.idle_timeout) {
         Ok(body) => body,
         Err(e) => return respond_error(request, &e),

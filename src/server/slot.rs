@@ -135,10 +135,6 @@ impl<T> ModelSlot<T> {
         self.changed.notify_all();
     }
 
-    pub fn set_wait(&self, wait: Duration) {
-        self.lock().wait = wait;
-    }
-
     /// Starts releasing the model when nothing has used it for `idle` and `busy` (requests
     /// being answered) is 0. Returns the slot's hold on it, for the caller to drop outside the
     /// lock (dropping the engine joins its thread) before it calls `released`.
