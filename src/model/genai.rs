@@ -35,6 +35,9 @@ pub struct GenaiConfig {
     present_key: String,
     present_value: String,
     pub intra_op_threads: Option<usize>,
+    /// The execution provider the folder was built for (`provider_options` names it: "cuda",
+    /// "dml", "webgpu"...); `None` for a CPU build.
+    pub built_for: Option<String>,
 }
 
 impl GenaiConfig {
@@ -86,6 +89,7 @@ impl GenaiConfig {
             present_key: name("outputs", "present_key_names", "present.%d.key"),
             present_value: name("outputs", "present_value_names", "present.%d.value"),
             intra_op_threads: threads,
+            built_for: built_for(&decoder["session_options"]),
         })
     }
 }
@@ -174,8 +178,8 @@ impl GenaiModel {
                 if outlet.name().contains("past") {
                     ensure!(
                         *ty == ort::value::TensorElementType::Float32,
-                        "only float32 KV caches are supported, {} is {ty:?}",
-                        outlet.name()
+                        "{}",
+                        kv_type_refusal(outlet.name(), &format!("{ty:?}"), config.built_for.as_deref())
                     );
                     let dims: &[i64] = shape;
                     if dims.len() == 4 && dims[1] > 0 && dims[1] as usize != info.num_kv_heads {
@@ -382,6 +386,26 @@ impl GenaiModel {
     }
 }
 
+/// The provider a builder wrote into `session_options.provider_options` (e.g.
+/// `[{"cuda": {...}}]`), if any.
+fn built_for(session_options: &Value) -> Option<String> {
+    let first = session_options.get("provider_options")?.as_array()?.first()?.as_object()?;
+    first.keys().next().cloned()
+}
+
+/// Why a folder whose KV cache is not float32 cannot run here, and what to build instead.
+fn kv_type_refusal(input: &str, ty: &str, built_for: Option<&str>) -> String {
+    let built = match built_for {
+        Some(provider) => format!("this folder was built for {provider} (genai_config.json's provider_options)"),
+        None => "this folder's KV cache is not float32".to_owned(),
+    };
+    format!(
+        "{built}: {input} is {ty}, and chatd runs the genai layout with float32 keys and values on the CPU. Build a \
+         CPU folder from the Hugging Face model: python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 \
+         -e cpu (or use the Optimum layout)"
+    )
+}
+
 /// Opens the decoder with the `logit_positions` input added (see that module), or as it is
 /// when the edit does not apply: very large single-file models (the edit holds a copy of the
 /// file in memory while loading) and graphs without a node making the logits.
@@ -450,5 +474,22 @@ impl std::ops::DerefMut for AlignedBuf {
     fn deref_mut(&mut self) -> &mut [f32] {
         // SAFETY: as in `deref`, borrowed mutably.
         unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast(), self.len) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_built_for_a_gpu_is_named_with_how_to_build_one_for_the_cpu() {
+        let cuda = serde_json::json!({"log_id": "onnxruntime-genai", "provider_options": [{"cuda": {"enable_cuda_graph": "0"}}]});
+        assert_eq!(built_for(&cuda).as_deref(), Some("cuda"));
+        let cpu = serde_json::json!({"log_id": "onnxruntime-genai", "provider_options": []});
+        assert_eq!(built_for(&cpu), None);
+        let m = kv_type_refusal("past_key_values.0.key", "Float16", Some("cuda"));
+        assert!(m.contains("built for cuda") && m.contains("Float16") && m.contains("-e cpu"), "{m}");
+        let m = kv_type_refusal("past_key_values.0.key", "Float16", None);
+        assert!(m.contains("not float32") && m.contains("-e cpu"), "{m}");
     }
 }
