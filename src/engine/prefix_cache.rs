@@ -74,9 +74,7 @@ impl PrefixCache {
         self.bytes += size;
         self.entries.push(Entry { tokens, snapshot, last_used: self.clock });
     }
-}
 
-impl PrefixCache {
     /// Drops the least recently used entries until at most `bytes` are held.
     fn evict_to(&mut self, bytes: usize) {
         while self.bytes > bytes {

@@ -303,7 +303,6 @@ impl Scheduler {
                     if self.memory_held {
                         if let Some(parked) = self.parked.take() {
                             stash(&self.model, &mut self.prefix, parked);
-                            self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
                         }
                         self.model.release_idle_memory();
                         self.prefix.shrink_for_idle();

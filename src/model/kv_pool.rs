@@ -20,6 +20,17 @@ struct Rows {
     written: Vec<bool>,
 }
 
+impl Rows {
+    fn in_use(&self) -> usize {
+        self.leased.iter().filter(|&&l| l).count()
+    }
+
+    /// Rows up to the highest leased one: those the buffers must keep.
+    fn kept(&self) -> usize {
+        self.leased.iter().rposition(|&l| l).map_or(0, |r| r + 1)
+    }
+}
+
 pub struct KvPool {
     rows: Arc<Mutex<Rows>>,
     /// Rows allocated in the buffers.
@@ -120,7 +131,7 @@ impl KvPool {
 
     /// Bytes of the rows leased now (the rest of the allocation is free for new sequences).
     pub fn used_bytes(&self) -> usize {
-        let leased = self.rows.lock().unwrap_or_else(|e| e.into_inner()).leased.iter().filter(|&&l| l).count();
+        let leased = self.rows.lock().unwrap_or_else(|e| e.into_inner()).in_use();
         leased * self.capacity * self.bytes_per_position()
     }
 
@@ -138,8 +149,7 @@ impl KvPool {
     pub fn has_room_for(&self, positions: usize, count: usize) -> bool {
         let (in_use, kept) = {
             let rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-            let in_use = rows.leased.iter().filter(|&&l| l).count();
-            (in_use, rows.leased.iter().rposition(|&l| l).map_or(0, |r| r + 1))
+            (rows.in_use(), rows.kept())
         };
         let rows = kept.max(in_use + count);
         let capacity = self.capacity.max(round_up(positions)).min(self.max_capacity);
@@ -202,7 +212,8 @@ impl KvPool {
         self.capacity = 0;
         self.generation += 1;
         drop(rows);
-        give_back_freed_memory();
+        // What a burst's requests freed on the heap (bodies, logits, JSON) goes back too.
+        crate::memory::give_back_freed();
     }
 
     /// Makes every row hold at least `positions` positions.
@@ -223,7 +234,7 @@ impl KvPool {
     fn drop_free_top_rows(&mut self) -> Result<()> {
         let kept = {
             let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
-            let kept = rows.leased.iter().rposition(|&l| l).map_or(0, |r| r + 1);
+            let kept = rows.kept();
             if kept >= self.allocated {
                 return Ok(());
             }
@@ -362,17 +373,6 @@ impl KvPool {
 
 fn round_up(positions: usize) -> usize {
     positions.div_ceil(BLOCK).max(1) * BLOCK
-}
-
-/// Returns freed heap memory to the system: the pool's own buffers are unmapped when dropped,
-/// but what a burst's requests freed on the heap (bodies, logits, JSON) stays with glibc until
-/// it is trimmed.
-fn give_back_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks and trims the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 #[cfg(test)]
