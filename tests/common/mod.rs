@@ -158,7 +158,8 @@ impl Daemon {
     /// Sends bytes as they are and reads the reply until the server closes the connection.
     pub fn raw(&self, bytes: &[u8]) -> Reply {
         let mut stream = TcpStream::connect(&self.addr).expect("connecting to chatd");
-        stream.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        // A hang detector only: a non-streamed long answer on a busy 2-core box takes minutes.
+        stream.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
         stream.write_all(bytes).unwrap();
         let mut data = Vec::new();
         let _ = stream.read_to_end(&mut data);
