@@ -199,6 +199,11 @@ impl Service {
         let handle = self.frontend.submit(&self.engine, &parsed).map_err(CallError::Api)?;
         let mut collector = Collector::new(&parsed);
         let mut pieces = 0;
+        if let (Some(echo), Some(on_text)) = (&parsed.echo, on_text.as_mut())
+            && !on_text(echo)
+        {
+            return Err(CallError::Cancelled { pieces });
+        }
         loop {
             match handle.recv() {
                 Some(Event::Done { usage, .. }) => return Ok(collector.finish(&usage, self.frontend.tokenizer())),

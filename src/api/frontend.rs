@@ -3,6 +3,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::ApiError;
+use super::compat;
 use super::params::{Fields, wrong_type};
 use super::tools::{self, ToolMode};
 use crate::constraint::{self, Compiler, Prepared, Spec};
@@ -72,6 +73,8 @@ pub struct ParsedRequest {
     pub logprobs: bool,
     /// Whether the answer may be, or must be, a tool call.
     pub tools: ToolMode,
+    /// The prompt's text, to put before each choice's text (`echo` on `/v1/completions`).
+    pub echo: Option<String>,
     pub generate: GenerateRequest,
 }
 
@@ -149,7 +152,7 @@ impl Frontend {
         };
         // Taken out whole, so that the messages reach the template without being copied.
         let messages = obj.shift_remove("messages");
-        let f = Fields { obj: &obj };
+        let f = Fields::new(&obj);
         let limits = self.limits();
         let model = match f.str("model")? {
             Some(name) if name != self.served_name => return Err(ApiError::model_not_found(name)),
@@ -162,6 +165,10 @@ impl Frontend {
         let prompt = match endpoint {
             Endpoint::Chat => self.chat_prompt(messages, &f, &limits, tools_value, &tool_mode)?,
             Endpoint::Completion => self.completion_prompt(&f, &limits)?,
+        };
+        let echo = match endpoint {
+            Endpoint::Completion => self.echo(&f, &prompt)?,
+            Endpoint::Chat => None,
         };
         let prompt_param = endpoint.prompt_param();
         let context = self.info.context_length;
@@ -205,13 +212,13 @@ impl Frontend {
                         "`stream_options` is only allowed when `stream` is true",
                     ));
                 }
-                Fields { obj: opts }
-                    .bool("include_usage")
-                    .map_err(|mut e| {
-                        e.param = Some("stream_options.include_usage".into());
-                        e
-                    })?
-                    .unwrap_or(false)
+                let opts = Fields::new(opts);
+                let include = opts.bool("include_usage").map_err(|mut e| {
+                    e.param = Some("stream_options.include_usage".into());
+                    e
+                })?;
+                compat::refuse_unread(&opts, "stream_options.")?;
+                include.unwrap_or(false)
             }
             Some(other) => return Err(wrong_type("stream_options", "an object", other)),
         };
@@ -246,8 +253,17 @@ impl Frontend {
             logprobs: logprobs.then_some(top_logprobs),
             deadline: f.number("timeout", 0.001, 86_400.0)?.map(std::time::Duration::from_secs_f32),
             constraint,
+            keep_stop: f.bool("include_stop_str_in_output")?.unwrap_or(false)
+                | f.bool("no_stop_trim")?.unwrap_or(false),
         };
-        Ok(ParsedRequest { endpoint, model, stream, include_usage, logprobs, tools: tool_mode, generate })
+        if echo.is_some() && logprobs {
+            return Err(ApiError::invalid(
+                "echo",
+                "`echo` with `logprobs` would need the prompt's log-probabilities, which chatd does not compute",
+            ));
+        }
+        compat::refuse_unread(&f, "")?;
+        Ok(ParsedRequest { endpoint, model, stream, include_usage, logprobs, tools: tool_mode, echo, generate })
     }
 
     /// Hands a parsed request to the engine, mapping refusals to API errors.
@@ -385,13 +401,30 @@ impl Frontend {
                 "this model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions",
             )
         })?;
-        let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(true);
+        let continue_final = f.bool("continue_final_message")?.unwrap_or(false);
+        let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(!continue_final);
+        if continue_final && add_generation_prompt {
+            return Err(ApiError::invalid(
+                "continue_final_message",
+                "`continue_final_message` continues the last message, so `add_generation_prompt` must be false",
+            ));
+        }
+        let kwargs = match f.get("chat_template_kwargs") {
+            None => None,
+            Some(v @ Value::Object(_)) => Some(v),
+            Some(other) => return Err(wrong_type("chat_template_kwargs", "an object", other)),
+        };
         // Converting tools for the template costs as much as parsing them: only for templates
         // that use them.
         let tools = tools.filter(|_| self.template_has_tools);
-        let text = template.render(&Value::Array(normalized), tools, add_generation_prompt).map_err(|e| {
-            ApiError::invalid("messages", format!("the model's chat template rejected the messages: {e}"))
-        })?;
+        let last = continue_final.then(|| final_message_text(&normalized)).transpose()?;
+        let mut text =
+            template.render(&Value::Array(normalized), tools, add_generation_prompt, kwargs).map_err(|e| {
+                ApiError::invalid("messages", format!("the model's chat template rejected the messages: {e}"))
+            })?;
+        if let Some(last) = last {
+            cut_after_final_message(&mut text, &last)?;
+        }
         self.encode_prompt(&text, Endpoint::Chat, limits)
     }
 
@@ -460,6 +493,21 @@ impl Frontend {
             return Err(ApiError::invalid("prompt", "`prompt` must not be empty"));
         }
         Ok(ids)
+    }
+
+    /// The prompt's text when `echo` asks for it: as sent, or decoded from token ids.
+    fn echo(&self, f: &Fields<'_>, prompt: &[u32]) -> Result<Option<String>, ApiError> {
+        if !f.bool("echo")?.unwrap_or(false) {
+            return Ok(None);
+        }
+        let text = match f.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                items[0].as_str().unwrap_or_default().to_owned()
+            }
+            _ => self.tokenizer.decode(prompt).map_err(|e| ApiError::internal(format!("{e:#}")))?,
+        };
+        Ok(Some(text))
     }
 
     fn token_id(&self, v: &Value, param: &str) -> Result<u32, ApiError> {
@@ -570,6 +618,34 @@ fn response_format(format: &Value, max_bytes: usize) -> Result<Option<Spec>, Api
 }
 
 /// Puts `text` at the start of the system message, adding one if there is none.
+/// The text of the last message, which `continue_final_message` continues: it must be the
+/// assistant's and hold text.
+fn final_message_text(messages: &[Value]) -> Result<String, ApiError> {
+    let last = messages.last().expect("messages are not empty");
+    let text = last.get("content").and_then(Value::as_str).unwrap_or_default().trim();
+    if last.get("role").and_then(Value::as_str) != Some("assistant") || text.is_empty() {
+        return Err(ApiError::invalid(
+            "continue_final_message",
+            "`continue_final_message` needs the last message to be the assistant's, with text to continue",
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+/// Cuts the rendered prompt right after the last message's text, dropping what the template
+/// puts after a finished turn (its end-of-turn marker), as transformers does for
+/// `continue_final_message`.
+fn cut_after_final_message(text: &mut String, last: &str) -> Result<(), ApiError> {
+    let at = text.rfind(last).ok_or_else(|| {
+        ApiError::invalid(
+            "continue_final_message",
+            "the chat template does not render the last message's text as it is, so it cannot be continued",
+        )
+    })?;
+    text.truncate(at + last.len());
+    Ok(())
+}
+
 fn add_system_text(messages: &mut Vec<Value>, text: &str) {
     match messages.first_mut() {
         Some(Value::Object(first)) if first.get("role").and_then(Value::as_str) == Some("system") => {

@@ -2,6 +2,7 @@
 //! events shaped into OpenAI responses. Shared by the HTTP server and the C ABI, so both
 //! accept exactly the same JSON and fail with the same error classes. No sockets here.
 
+mod compat;
 mod error;
 mod frontend;
 mod params;

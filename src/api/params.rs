@@ -1,17 +1,34 @@
 //! Typed reads of optional request fields, each failing with a 400 that names the field.
 
+use std::cell::RefCell;
+
 use serde_json::{Map, Value};
 
 use super::ApiError;
 
+/// A request object's fields, remembering which ones were read, so that what nothing read can
+/// be refused by name instead of ignored (see `compat::refuse_unread`).
 pub(super) struct Fields<'a> {
-    pub obj: &'a Map<String, Value>,
+    obj: &'a Map<String, Value>,
+    read: RefCell<Vec<&'a str>>,
 }
 
 impl<'a> Fields<'a> {
+    pub fn new(obj: &'a Map<String, Value>) -> Self {
+        Self { obj, read: RefCell::new(Vec::new()) }
+    }
+
     /// The field, treating an explicit `null` as absent (clients send both).
     pub fn get(&self, key: &str) -> Option<&'a Value> {
-        self.obj.get(key).filter(|v| !v.is_null())
+        let (name, value) = self.obj.get_key_value(key)?;
+        self.read.borrow_mut().push(name);
+        Some(value).filter(|v| !v.is_null())
+    }
+
+    /// Fields given (not `null`) that no `get` has asked for.
+    pub fn unread(&self) -> impl Iterator<Item = (&'a str, &'a Value)> {
+        let read = self.read.borrow().clone();
+        self.obj.iter().filter(move |(k, v)| !v.is_null() && !read.contains(&k.as_str())).map(|(k, v)| (k.as_str(), v))
     }
 
     pub fn bool(&self, key: &str) -> Result<Option<bool>, ApiError> {

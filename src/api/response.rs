@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 
 use super::tools::{self, ToolCall, ToolMode};
 use super::{Endpoint, ParsedRequest};
-use crate::engine::{Event, FinishReason, Usage};
+use crate::engine::{Event, FinishReason, Matched, Usage};
 use crate::sampling::TokenLogprobs;
 use crate::text::Tokenizer;
 
@@ -119,6 +119,19 @@ fn finish_json(reason: Option<FinishReason>) -> Value {
     reason.map_or(Value::Null, |r| Value::String(r.as_str().into()))
 }
 
+/// What stopped a choice, as both peers name it: SGLang's `matched_stop` (the end token's id
+/// too) and vLLM's `stop_reason` (null for the model's own end token).
+fn add_matched(choice: &mut Value, matched: Option<&Matched>) {
+    let (sglang, vllm) = match matched {
+        None => (Value::Null, Value::Null),
+        Some(Matched::Eos(id)) => (json!(id), Value::Null),
+        Some(Matched::Token(id)) => (json!(id), json!(id)),
+        Some(Matched::Text(stop)) => (json!(stop), json!(stop)),
+    };
+    choice["matched_stop"] = sglang;
+    choice["stop_reason"] = vllm;
+}
+
 fn call_id() -> String {
     let mut rng = crate::sampling::Rng::from_entropy();
     format!("call_{:016x}", rng.next_u64())
@@ -128,6 +141,7 @@ fn call_id() -> String {
 struct Choice {
     text: String,
     finish: Option<FinishReason>,
+    matched: Option<Matched>,
     logprobs: Vec<TokenLogprobs>,
 }
 
@@ -139,7 +153,8 @@ pub struct Collector {
 
 impl Collector {
     pub fn new(request: &ParsedRequest) -> Self {
-        let choices = (0..request.generate.n).map(|_| Choice::default()).collect();
+        let echo = request.echo.clone().unwrap_or_default();
+        let choices = (0..request.generate.n).map(|_| Choice { text: echo.clone(), ..Choice::default() }).collect();
         Self { meta: Meta::new(request), choices }
     }
 
@@ -151,9 +166,10 @@ impl Collector {
                     c.logprobs.extend(logprobs);
                 }
             }
-            Event::Finished { choice, reason } => {
+            Event::Finished { choice, reason, matched } => {
                 if let Some(c) = self.choices.get_mut(choice) {
                     c.finish = Some(reason);
+                    c.matched = matched;
                 }
             }
             Event::Done { .. } | Event::Error(_) => {}
@@ -174,7 +190,7 @@ impl Collector {
             .map(|(index, c)| {
                 let logprobs = meta.logprobs_json(&c.logprobs, tokenizer, 0);
                 let call = if c.finish == Some(FinishReason::Stop) { meta.tool_call(&c.text) } else { None };
-                match (meta.endpoint, call) {
+                let mut choice = match (meta.endpoint, call) {
                     (Endpoint::Chat, Some((content, call))) => json!({
                         "index": index,
                         "message": {
@@ -198,7 +214,9 @@ impl Collector {
                         "logprobs": logprobs,
                         "finish_reason": finish_json(c.finish),
                     }),
-                }
+                };
+                add_matched(&mut choice, c.matched.as_ref());
+                choice
             })
             .collect();
         json!({
@@ -254,10 +272,11 @@ impl StreamEncoder {
         obj.to_string()
     }
 
-    /// Chunks to send before any text: the assistant role of each choice (chat only).
-    pub fn start(&self) -> Vec<String> {
-        match self.meta.endpoint {
-            Endpoint::Chat => (0..self.offsets.len())
+    /// Chunks to send before any text: the assistant role of each choice (chat), or the
+    /// echoed prompt (completions with `echo`).
+    pub fn start(&mut self, request: &ParsedRequest, tokenizer: &Tokenizer) -> Vec<String> {
+        match (self.meta.endpoint, &request.echo) {
+            (Endpoint::Chat, _) => (0..self.offsets.len())
                 .map(|index| {
                     self.chunk(
                         json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
@@ -265,7 +284,10 @@ impl StreamEncoder {
                     )
                 })
                 .collect(),
-            Endpoint::Completion => Vec::new(),
+            (Endpoint::Completion, Some(prompt)) => {
+                (0..self.offsets.len()).map(|index| self.content_chunk(index, prompt, &[], tokenizer)).collect()
+            }
+            (Endpoint::Completion, None) => Vec::new(),
         }
     }
 
@@ -287,7 +309,7 @@ impl StreamEncoder {
                 }
                 vec![self.content_chunk(*choice, text, logprobs, tokenizer)]
             }
-            Event::Finished { choice, reason } => {
+            Event::Finished { choice, reason, matched } => {
                 let mut chunks = Vec::new();
                 let mut reason = json!(reason.as_str());
                 if let Some(Some((text, logprobs))) = self.held.get_mut(*choice).map(Option::take) {
@@ -314,12 +336,13 @@ impl StreamEncoder {
                         None => {}
                     }
                 }
-                let choice = match self.meta.endpoint {
+                let mut choice = match self.meta.endpoint {
                     Endpoint::Chat => json!({"index": choice, "delta": {}, "logprobs": null, "finish_reason": reason}),
                     Endpoint::Completion => {
                         json!({"index": choice, "text": "", "logprobs": null, "finish_reason": reason})
                     }
                 };
+                add_matched(&mut choice, matched.as_ref());
                 chunks.push(self.chunk(json!([choice]), None));
                 chunks
             }

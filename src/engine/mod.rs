@@ -22,7 +22,9 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::model::{Model, ModelInfo};
 use crate::text::Tokenizer;
 
-pub use request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, RequestHandle, Timings, Usage};
+pub use request::{
+    EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Matched, RequestHandle, Timings, Usage,
+};
 
 /// Limits of the engine; every queue and every set of sequences is bounded by these.
 #[derive(Clone, Debug)]

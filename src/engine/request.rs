@@ -30,6 +30,9 @@ pub struct GenerateRequest {
     pub deadline: Option<Duration>,
     /// A compiled constraint every choice's output must follow.
     pub constraint: Option<Prepared>,
+    /// Keep a matched stop string at the end of the text (vLLM's `include_stop_str_in_output`,
+    /// SGLang's `no_stop_trim`) instead of cutting it off.
+    pub keep_stop: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +56,17 @@ impl FinishReason {
             FinishReason::Deadline => "timeout",
         }
     }
+}
+
+/// What ended a choice with `FinishReason::Stop`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Matched {
+    /// One of the model's end-of-sequence tokens.
+    Eos(u32),
+    /// One of the request's `stop_token_ids`.
+    Token(u32),
+    /// One of the request's `stop` strings.
+    Text(String),
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,8 +97,9 @@ pub struct Timings {
 pub enum Event {
     /// New text for a choice: always complete UTF-8, never part of a stop string.
     Text { choice: usize, text: String, logprobs: Vec<TokenLogprobs> },
-    /// A choice has ended; its text is complete.
-    Finished { choice: usize, reason: FinishReason },
+    /// A choice has ended; its text is complete. `matched` says what stopped it, when a token
+    /// or stop string did.
+    Finished { choice: usize, reason: FinishReason, matched: Option<Matched> },
     /// All choices have ended.
     Done { usage: Usage, timings: Timings },
     /// The request failed or was refused inside the engine; no more events follow.

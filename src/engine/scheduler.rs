@@ -770,7 +770,11 @@ fn end(group: &mut Group, reason: FinishReason) {
         }
         // Still reading its prompt: every choice ends with no text.
         State::Prefill { .. } => {
-            group.events.extend((0..group.job.request.n).map(|choice| Event::Finished { choice, reason }));
+            group.events.extend((0..group.job.request.n).map(|choice| Event::Finished {
+                choice,
+                reason,
+                matched: None,
+            }));
         }
         State::Done => {}
     }

@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use super::request::{Event, FinishReason, GenerateRequest, Timings};
+use super::request::{Event, FinishReason, GenerateRequest, Matched, Timings};
 use super::speculation::Drafter;
 use crate::constraint::{Constraint, Next};
 use crate::model::KvCache;
@@ -97,7 +97,7 @@ impl Sequence {
             if let Next::Complete = constraint.mask(&mut self.logits)? {
                 timings.sampling += started.elapsed();
                 let rest = self.stop.finish();
-                self.finish(FinishReason::Stop, rest, events);
+                self.finish(FinishReason::Stop, None, rest, events);
                 return Ok(());
             }
         }
@@ -120,7 +120,8 @@ impl Sequence {
             // The end token itself has no text; what the stop matcher held back is real text.
             self.pending_logprobs.retain(|lp| lp.token != token);
             let rest = self.stop.finish();
-            self.finish(FinishReason::Stop, rest, events);
+            let matched = if is_eos { Matched::Eos(token) } else { Matched::Token(token) };
+            self.finish(FinishReason::Stop, Some(matched), rest, events);
             return Ok(());
         }
         let started = Instant::now();
@@ -129,15 +130,18 @@ impl Sequence {
         if let Some(piece) = piece {
             match self.stop.push(&piece) {
                 StopOutcome::Continue(text) => self.emit(text, events),
-                StopOutcome::Stopped(text) => {
-                    self.finish(FinishReason::Stop, text, events);
+                StopOutcome::Stopped(mut text, stop) => {
+                    if request.keep_stop {
+                        text.push_str(&stop);
+                    }
+                    self.finish(FinishReason::Stop, Some(Matched::Text(stop)), text, events);
                     return Ok(());
                 }
             }
         }
         if self.constraint.as_ref().is_some_and(Constraint::is_complete) {
             let rest = self.stop.finish();
-            self.finish(FinishReason::Stop, rest, events);
+            self.finish(FinishReason::Stop, None, rest, events);
             return Ok(());
         }
         // The next step would feed `token` into the cache, after the prompt and every earlier
@@ -145,7 +149,7 @@ impl Sequence {
         // the draft).
         if self.generated >= request.max_tokens || request.prompt.len() + self.generated >= rules.context_length {
             let rest = self.stop.finish();
-            self.finish(FinishReason::Length, rest, events);
+            self.finish(FinishReason::Length, None, rest, events);
         }
         Ok(())
     }
@@ -153,7 +157,7 @@ impl Sequence {
     /// Ends the sequence from outside (cancel, deadline), releasing any held-back text.
     pub fn end(&mut self, reason: FinishReason, events: &mut Vec<Event>) {
         let rest = self.stop.finish();
-        self.finish(reason, rest, events);
+        self.finish(reason, None, rest, events);
     }
 
     fn emit(&mut self, text: String, events: &mut Vec<Event>) {
@@ -169,12 +173,12 @@ impl Sequence {
         events.push(Event::Text { choice: self.choice, text, logprobs });
     }
 
-    fn finish(&mut self, reason: FinishReason, text: String, events: &mut Vec<Event>) {
+    fn finish(&mut self, reason: FinishReason, matched: Option<Matched>, text: String, events: &mut Vec<Event>) {
         if !text.is_empty() || !self.pending_logprobs.is_empty() {
             let logprobs = std::mem::take(&mut self.pending_logprobs);
             events.push(Event::Text { choice: self.choice, text, logprobs });
         }
         self.finished = Some(reason);
-        events.push(Event::Finished { choice: self.choice, reason });
+        events.push(Event::Finished { choice: self.choice, reason, matched });
     }
 }

@@ -356,7 +356,7 @@ fn generate(
     }
     let mut encoder = StreamEncoder::new(&parsed);
     let Ok(mut sse) = SseWriter::start(request) else { return gone(None) };
-    for chunk in encoder.start() {
+    for chunk in encoder.start(&parsed, tokenizer) {
         if sse.event(&chunk).is_err() {
             return gone(None);
         }

@@ -12,8 +12,8 @@ pub struct StopMatcher {
 pub enum StopOutcome {
     /// Text safe to send now (possibly empty).
     Continue(String),
-    /// A stop string was found: the text before it, after which generation ends.
-    Stopped(String),
+    /// A stop string was found: the text before it, and the stop string; generation ends.
+    Stopped(String, String),
 }
 
 impl StopMatcher {
@@ -28,10 +28,11 @@ impl StopMatcher {
         }
         self.held.push_str(piece);
         // The earliest stop string wins, as if the text had been scanned from the start.
-        if let Some(at) = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min() {
+        if let Some((at, stop)) = self.stops.iter().filter_map(|s| Some((self.held.find(s.as_str())?, s))).min() {
             let before = self.held[..at].to_owned();
+            let stop = stop.clone();
             self.held.clear();
-            return StopOutcome::Stopped(before);
+            return StopOutcome::Stopped(before, stop);
         }
         let keep = self.longest_partial_stop();
         let release = self.held.len() - keep;
@@ -73,7 +74,7 @@ mod tests {
         for p in pieces {
             match m.push(p) {
                 StopOutcome::Continue(t) => out.push_str(&t),
-                StopOutcome::Stopped(t) => {
+                StopOutcome::Stopped(t, _) => {
                     out.push_str(&t);
                     return (out, true);
                 }

@@ -43,14 +43,19 @@ impl ChatTemplate {
         messages: &serde_json::Value,
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
+        kwargs: Option<&serde_json::Value>,
     ) -> Result<String, Error> {
         let template = self.env.get_template(NAME)?;
+        // As transformers' `apply_chat_template(**kwargs)`: extra variables (`enable_thinking`,
+        // ...), which never replace the ones named here.
+        let extra = kwargs.map_or(Value::UNDEFINED, |k| Value::from(Serde(k)));
         template.render(context! {
             messages => Value::from(Serde(messages)),
             tools => tools.map(|t| Value::from(Serde(t))),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
+            ..extra
         })
     }
 }
@@ -138,7 +143,7 @@ mod tests {
     fn france_prompt_renders_to_the_pinned_37_token_ids() {
         let (template, tok) = smollm_template();
         let messages = json!([{"role": "user", "content": "What is the capital of France?"}]);
-        let prompt = template.render(&messages, None, true).unwrap();
+        let prompt = template.render(&messages, None, true, None).unwrap();
         assert_eq!(
             prompt,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
@@ -154,7 +159,7 @@ mod tests {
     fn system_message_replaces_the_default_and_generation_prompt_is_optional() {
         let (template, _) = smollm_template();
         let messages = json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]);
-        let prompt = template.render(&messages, None, false).unwrap();
+        let prompt = template.render(&messages, None, false, None).unwrap();
         assert_eq!(prompt, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n");
     }
 
@@ -169,10 +174,11 @@ mod tests {
                 &json!([{"role": "user", "content": "  hi  "}]),
                 Some(&json!([{"type": "function", "function": {"name": "f"}}])),
                 true,
+                None,
             )
             .unwrap();
         assert_eq!(out, "HI|1 tools: f<s>");
-        let err = t.render(&json!([{"role": "system", "content": "x"}]), None, true).unwrap_err();
+        let err = t.render(&json!([{"role": "system", "content": "x"}]), None, true, None).unwrap_err();
         assert!(err.to_string().contains("no system"), "{err}");
     }
 
@@ -180,7 +186,18 @@ mod tests {
     fn trim_and_lstrip_blocks_match_jinja2_defaults_of_hugging_face() {
         let source = "{% for m in messages %}\n    {{ m.content }}\n{% endfor %}";
         let t = ChatTemplate::new(source, None, None).unwrap();
-        assert_eq!(t.render(&json!([{"content": "a"}, {"content": "b"}]), None, true).unwrap(), "    a\n    b\n");
+        assert_eq!(t.render(&json!([{"content": "a"}, {"content": "b"}]), None, true, None).unwrap(), "    a\n    b\n");
+    }
+
+    #[test]
+    fn template_kwargs_add_variables_but_replace_none_of_the_named_ones() {
+        let source = "{% if enable_thinking is defined and not enable_thinking %}no-think {% endif %}\
+            {{ messages | length }} {{ add_generation_prompt }}";
+        let t = ChatTemplate::new(source, None, None).unwrap();
+        let messages = json!([{"role": "user", "content": "a"}]);
+        assert_eq!(t.render(&messages, None, true, None).unwrap(), "1 True");
+        let kwargs = json!({"enable_thinking": false, "messages": [], "add_generation_prompt": false});
+        assert_eq!(t.render(&messages, None, true, Some(&kwargs)).unwrap(), "no-think 1 True");
     }
 
     #[test]

@@ -6,6 +6,7 @@ import pathlib
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -49,6 +50,16 @@ def start_chatd(model_dir, log_name):
             proc.kill()
             raise RuntimeError("chatd did not become healthy in 60 s")
         time.sleep(0.1)
+
+
+def post_json(base, path, body):
+    """POSTs `body` as JSON; returns (status, parsed answer), errors included."""
+    request = urllib.request.Request(base + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
 
 
 def stop(proc):
