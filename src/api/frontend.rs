@@ -4,9 +4,10 @@ use serde_json::Value;
 
 use super::ApiError;
 use super::compat;
+use super::constraints;
 use super::params::{Fields, wrong_type};
 use super::tools::{self, ToolMode};
-use crate::constraint::{self, Compiler, Prepared, Spec};
+use crate::constraint::{Compiler, Prepared, Spec};
 use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError};
 use crate::model::ModelInfo;
 use crate::sampling::SamplingParams;
@@ -323,23 +324,9 @@ impl Frontend {
         tools: Option<&Value>,
         limits: &Limits,
     ) -> Result<Option<Prepared>, ApiError> {
-        let mut given: Vec<(&str, Spec)> = Vec::new();
-        if let Some(rx) = f.str("regex")? {
-            given.push(("regex", Spec::Regex(rx.to_owned())));
-        }
-        if let Some(format) = f.get("response_format")
-            && let Some(spec) = response_format(format, limits.max_constraint_bytes)?
-        {
-            given.push(("response_format", spec));
-        }
-        if let Some(text) = f.str("ebnf")? {
-            given.push(("ebnf", Spec::Gbnf(text.to_owned())));
-        }
-        if let Some(text) = f.str("grammar")? {
-            given.push(("grammar", Spec::Lark(text.to_owned())));
-        }
+        let mut given = constraints::given(f, limits.max_constraint_bytes)?;
         if let ToolMode::Forced(names) = mode {
-            given.push(("tool_choice", Spec::JsonSchema(tools::call_schema(tools, names))));
+            given.push(("tool_choice".to_owned(), Spec::JsonSchema(tools::call_schema(tools, names))));
         }
         let (field, spec) = match given.len() {
             0 => return Ok(None),
@@ -347,18 +334,18 @@ impl Frontend {
             _ => {
                 let names: Vec<String> = given.iter().map(|(n, _)| format!("`{n}`")).collect();
                 return Err(ApiError::invalid(
-                    given[1].0,
+                    given[1].0.as_str(),
                     format!("only one constraint per request, but {} were given", names.join(" and ")),
                 ));
             }
         };
         let compiler = self.constraints.as_ref().map_err(|e| {
-            ApiError::invalid(field, format!("constrained decoding is unavailable for this model's tokenizer: {e}"))
+            ApiError::invalid(&field, format!("constrained decoding is unavailable for this model's tokenizer: {e}"))
         })?;
         compiler
             .compile(&spec, limits.max_constraint_bytes)
             .map(Some)
-            .map_err(|e| ApiError::invalid(field, format!("invalid `{field}`: {e}")))
+            .map_err(|e| ApiError::invalid(&field, format!("invalid `{field}`: {e}")))
     }
 
     fn chat_prompt(
@@ -592,32 +579,6 @@ impl Frontend {
     }
 }
 
-/// `response_format` as a constraint (`None` for plain text); a schema over `max_bytes` is
-/// refused before it is copied.
-fn response_format(format: &Value, max_bytes: usize) -> Result<Option<Spec>, ApiError> {
-    let kind = format.get("type").and_then(Value::as_str);
-    match kind {
-        Some("text") => Ok(None),
-        Some("json_object") => Ok(Some(Spec::JsonObject)),
-        Some("json_schema") => match format.get("json_schema").and_then(|s| s.get("schema")) {
-            Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
-                constraint::check_size(constraint::json_len(schema), max_bytes)
-                    .map_err(|e| ApiError::invalid("response_format", format!("invalid `response_format`: {e}")))?;
-                Ok(Some(Spec::JsonSchema(schema.clone())))
-            }
-            _ => Err(ApiError::invalid(
-                "response_format",
-                "`response_format` of type json_schema needs `json_schema.schema`, a JSON schema object",
-            )),
-        },
-        _ => Err(ApiError::invalid(
-            "response_format",
-            "`response_format.type` must be \"text\", \"json_object\" or \"json_schema\"",
-        )),
-    }
-}
-
-/// Puts `text` at the start of the system message, adding one if there is none.
 /// The text of the last message, which `continue_final_message` continues: it must be the
 /// assistant's and hold text.
 fn final_message_text(messages: &[Value]) -> Result<String, ApiError> {
@@ -646,6 +607,7 @@ fn cut_after_final_message(text: &mut String, last: &str) -> Result<(), ApiError
     Ok(())
 }
 
+/// Puts `text` at the start of the system message, adding one if there is none.
 fn add_system_text(messages: &mut Vec<Value>, text: &str) {
     match messages.first_mut() {
         Some(Value::Object(first)) if first.get("role").and_then(Value::as_str) == Some("system") => {

@@ -3,6 +3,7 @@
 //! accept exactly the same JSON and fail with the same error classes. No sockets here.
 
 mod compat;
+mod constraints;
 mod error;
 mod frontend;
 mod params;

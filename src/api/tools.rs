@@ -91,7 +91,11 @@ fn name_of(tool: &Value) -> &str {
 /// (as OpenAI's strict function calling does): left open, a small model keeps inventing keys.
 /// The schemas are copied only here, once the prompt has been found to fit.
 pub fn call_schema(tools: Option<&Value>, names: &[String]) -> Value {
-    let one = |t: &Value| {
+    // A schema with references (`$ref: "#/$defs/..."`, what nested pydantic models give) is
+    // moved whole under the root's `$defs` and its references rewritten to point into it, so
+    // that they resolve from the call schema's root.
+    let mut defs = serde_json::Map::new();
+    let mut one = |index: usize, t: &Value| {
         let mut arguments = match &t["function"]["parameters"] {
             Value::Null => json!({"type": "object"}),
             p => p.clone(),
@@ -101,6 +105,12 @@ pub fn call_schema(tools: Option<&Value>, names: &[String]) -> Value {
         {
             schema.entry("additionalProperties").or_insert(Value::Bool(false));
         }
+        if has_local_ref(&arguments) {
+            let key = format!("tool{index}");
+            rebase_refs(&mut arguments, &format!("#/$defs/{key}"));
+            defs.insert(key.clone(), arguments);
+            arguments = json!({"$ref": format!("#/$defs/{key}")});
+        }
         json!({
             "type": "object",
             "properties": {"name": {"const": name_of(t)}, "arguments": arguments},
@@ -109,9 +119,40 @@ pub fn call_schema(tools: Option<&Value>, names: &[String]) -> Value {
         })
     };
     let chosen: Vec<&Value> = tool_list(tools).iter().filter(|t| names.iter().any(|n| n == name_of(t))).collect();
-    match chosen.as_slice() {
-        [tool] => one(tool),
-        _ => json!({"anyOf": chosen.into_iter().map(one).collect::<Vec<_>>()}),
+    let mut schema = match chosen.as_slice() {
+        [tool] => one(0, tool),
+        _ => json!({"anyOf": chosen.into_iter().enumerate().map(|(i, t)| one(i, t)).collect::<Vec<_>>()}),
+    };
+    if !defs.is_empty() {
+        schema["$defs"] = Value::Object(defs);
+    }
+    schema
+}
+
+/// Whether `schema` holds a `$ref` into itself (`#...`).
+fn has_local_ref(schema: &Value) -> bool {
+    match schema {
+        Value::Object(map) => {
+            map.iter().any(|(k, v)| (k == "$ref" && v.as_str().is_some_and(|r| r.starts_with('#'))) || has_local_ref(v))
+        }
+        Value::Array(items) => items.iter().any(has_local_ref),
+        _ => false,
+    }
+}
+
+/// Rewrites every `$ref: "#/..."` in `schema` to `"{base}/..."` (and `"#"` to `base`).
+fn rebase_refs(schema: &mut Value, base: &str) {
+    match schema {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                match value {
+                    Value::String(r) if key == "$ref" && r.starts_with('#') => *r = format!("{base}{}", &r[1..]),
+                    _ => rebase_refs(value, base),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|v| rebase_refs(v, base)),
+        _ => {}
     }
 }
 

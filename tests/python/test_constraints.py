@@ -265,3 +265,42 @@ def test_bad_constraints_get_400_and_serving_goes_on(chatd_genai, body, param, n
     with urllib.request.urlopen(urllib.request.Request(chatd_genai + "/v1/chat/completions", json.dumps(good).encode(),
                                                        {"Content-Type": "application/json"}), timeout=60) as r:
         assert r.status == 200
+
+
+# What a pydantic model with a nested model gives as its JSON schema (model_json_schema()).
+ORDER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "place_order",
+        "parameters": {
+            "$defs": {
+                "Item": {"type": "object", "properties": {"sku": {"type": "string", "maxLength": 12},
+                                                          "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+                         "required": ["sku", "qty"], "title": "Item", "additionalProperties": False},
+            },
+            "type": "object",
+            "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}, "maxItems": 2},
+                           "note": {"type": "string", "maxLength": 24}},
+            "required": ["items"],
+            "title": "Order",
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "place_order"}}])
+def test_forced_tools_with_refs_are_valid(client, choice):
+    # Before the fix every such request was a 400 ("Pointer '/$defs/Item' does not exist").
+    calls = 0
+    for seed, subject in enumerate(SUBJECTS[:4]):
+        r = ask(client, f"Order something about {subject}.", 0.7, seed, tools=[WEATHER_TOOL, ORDER_TOOL],
+                tool_choice=choice, max_tokens=96)
+        c = r.choices[0]
+        if c.finish_reason == "length":
+            continue
+        assert c.finish_reason == "tool_calls", (c.finish_reason, c.message)
+        [call] = c.message.tool_calls
+        schema = ORDER_TOOL["function"]["parameters"] if call.function.name == "place_order" else TOOL_SCHEMAS[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+        calls += call.function.name == "place_order"
+    assert calls > 0 or choice == "required"

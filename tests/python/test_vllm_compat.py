@@ -146,8 +146,8 @@ def test_chat_template_kwargs_are_taken(chatd):
         ("prompt_logprobs", 1),  # vLLM: logprobs of the prompt tokens, not computed here
         ("skip_special_tokens", False),  # vLLM: special tokens in the text; chatd always skips them
         ("return_token_ids", True),  # vLLM: token ids in the choices
-        ("structured_outputs", {"regex": "a"}),  # vLLM's spelling of constraints, not taken yet
-        ("guided_json", {"type": "object"}),  # older vLLM
+        ("stop_regex", "a+"),  # llama.cpp / SGLang: stop at a regex match, not implemented
+        ("chat_template", "{{ messages }}"),  # vLLM: a template from the request, not taken
         ("no_such_field", 1),
     ],
 )
@@ -175,3 +175,51 @@ def test_stream_options_fields_are_checked_too(chatd):
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     status, answer = post_json(chatd, "/v1/chat/completions", body)
     assert status == 400 and answer["error"]["param"] == "stream_options.continuous_usage_stats"
+
+
+YES_NO = ["yes", "no", "maybe"]
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("body", [
+    {"structured_outputs": {"choice": YES_NO}},  # vLLM StructuredOutputsParams.choice
+    {"guided_choice": YES_NO},  # vLLM before structured_outputs
+    {"structured_outputs": {"regex": "(yes|no|maybe)"}},
+    {"structured_outputs": {"grammar": 'root ::= "yes" | "no" | "maybe"'}},  # vLLM takes GBNF-style EBNF
+])
+def test_vllm_structured_output_choices(client, body):
+    for subject in ["cats", "the sea", "trains"]:
+        r = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Do you like {subject}?"}], temperature=0.7,
+            max_tokens=8, extra_body=body)
+        assert r.choices[0].finish_reason == "stop"
+        assert r.choices[0].message.content in YES_NO
+
+
+@pytest.mark.parametrize("body", [
+    {"structured_outputs": {"json": PERSON}},
+    {"structured_outputs": {"json": json.dumps(PERSON)}},  # vLLM also takes the schema as JSON text
+    {"guided_json": PERSON},
+])
+def test_vllm_structured_output_json(client, body):
+    import jsonschema
+
+    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Invent a person."}],
+                                       temperature=0, max_tokens=48, extra_body=body)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"choice": ["b"]}, "regex": "a"}, "structured_outputs.choice"),
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+])
+def test_vllm_structured_outputs_refusals_name_the_field(chatd, body, param):
+    # One constraint per request, as chatd's own fields; kinds chatd lacks are named.
+    status, answer = post_json(chatd, "/v1/chat/completions", {"messages": FRANCE, "max_tokens": 1, **body})
+    assert status == 400, answer
+    assert answer["error"]["param"] == param, answer
