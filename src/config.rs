@@ -145,6 +145,12 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
     ("api-keys-file", "CHATD_API_KEYS_FILE", "PATH", "file of accepted API keys, one per line; unset = no keys"),
     ("auth-health", "CHATD_AUTH_HEALTH", "BOOL", "whether /health needs an API key too [false]"),
     ("auth-metrics", "CHATD_AUTH_METRICS", "BOOL", "whether /metrics needs an API key too [false]"),
+    (
+        "cors-origins",
+        "CHATD_CORS_ORIGINS",
+        "LIST",
+        "web origins (https://app.local,...) browsers may call the API from, or *; empty = no CORS [empty]",
+    ),
 ];
 
 pub fn usage() -> String {
@@ -363,6 +369,10 @@ impl Config {
             "api-keys-file" => self.server.api_keys_file = Some(PathBuf::from(value)),
             "auth-health" => self.server.auth_health = boolean(value)?,
             "auth-metrics" => self.server.auth_metrics = boolean(value)?,
+            "cors-origins" => {
+                self.server.cors_origins =
+                    value.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_owned).collect()
+            }
             _ => return Err("unknown setting".into()),
         }
         Ok(())

@@ -238,3 +238,71 @@ fn each_sampling_parameter_has_its_effect() {
     assert_eq!(v["usage"]["completion_tokens"], 50);
     assert_eq!(v["choices"][0]["finish_reason"], "length");
 }
+
+#[test]
+fn tokenize_detokenize_and_apply_template_agree_with_the_chat_endpoint() {
+    let d = shared();
+    // llama-server's field names.
+    let t = d.post("/tokenize", &json!({"content": "Hello world, hello chatd."})).json();
+    let ids = t["tokens"].as_array().unwrap().clone();
+    assert!(ids.len() > 3 && t["count"] == ids.len(), "{t}");
+    assert_eq!(d.post("/detokenize", &json!({"tokens": ids})).json()["content"], "Hello world, hello chatd.");
+    let pieces = d.post("/tokenize", &json!({"content": "Hello world, hello chatd.", "with_pieces": true})).json();
+    let joined: String = pieces["tokens"].as_array().unwrap().iter().map(|p| p["piece"].as_str().unwrap()).collect();
+    assert_eq!(joined, "Hello world, hello chatd.");
+    // The chat endpoint's prompt, three ways: rendered then tokenized, vLLM's chat tokenize,
+    // and the usage of a real completion.
+    let prompt =
+        d.post("/apply-template", &json!({"messages": user(FRANCE)})).json()["prompt"].as_str().unwrap().to_owned();
+    assert!(prompt.contains(FRANCE) && prompt.ends_with("assistant\n"), "{prompt}");
+    let counted = d.post("/tokenize", &json!({"prompt": prompt, "add_special_tokens": false})).json();
+    let chat_form = d.post("/tokenize", &json!({"model": "smollm2-135m-instruct", "messages": user(FRANCE)})).json();
+    assert_eq!(counted["tokens"], chat_form["tokens"]);
+    assert_eq!(chat_form["count"], 37);
+    assert_eq!(chat_form["max_model_len"], d.get("/v1/models").json()["data"][0]["max_model_len"]);
+    // Refusals name the field, as everywhere.
+    assert_eq!(d.post("/detokenize", &json!({"tokens": [1, 99_999_999]})).error(400)["param"], "tokens");
+    assert_eq!(d.post("/tokenize", &json!({"content": "x", "nope": 1})).error(400)["param"], "nope");
+    assert_eq!(d.post("/tokenize", &json!({})).error(400)["param"], "content");
+    d.get("/tokenize").error(405);
+}
+
+fn with_origin(d: &common::Daemon, method: &str, path: &str, origin: &str, body: &str) -> common::Reply {
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\n\
+         Access-Control-Request-Headers: authorization, content-type\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        d.addr,
+        body.len()
+    );
+    d.raw(format!("{head}{body}").as_bytes())
+}
+
+#[test]
+fn cors_is_off_by_default_and_answers_allowed_origins_only() {
+    let body = json!({"messages": user(FRANCE), "max_tokens": 2}).to_string();
+    // Off: a preflight is a 405, and no answer carries CORS headers.
+    let d = shared();
+    assert_eq!(with_origin(d, "OPTIONS", "/v1/chat/completions", "http://app.local", "").status, 405);
+    let r = with_origin(d, "POST", "/v1/chat/completions", "http://app.local", &body);
+    assert_eq!((r.status, r.header("access-control-allow-origin")), (200, None));
+
+    let d = common::Daemon::start(&["--cors-origins", "http://app.local, http://other.local"]);
+    let pre = with_origin(&d, "OPTIONS", "/v1/chat/completions", "http://app.local", "");
+    assert_eq!(pre.status, 204, "{}", pre.body);
+    assert_eq!(pre.header("access-control-allow-origin"), Some("http://app.local"));
+    assert_eq!(pre.header("access-control-allow-methods"), Some("POST, OPTIONS"));
+    assert_eq!(pre.header("access-control-allow-headers"), Some("authorization, content-type"));
+    let r = with_origin(&d, "POST", "/v1/chat/completions", "http://other.local", &body);
+    assert_eq!((r.status, r.header("access-control-allow-origin")), (200, Some("http://other.local")));
+    let streamed = json!({"messages": user(FRANCE), "max_tokens": 2, "stream": true}).to_string();
+    let r = with_origin(&d, "POST", "/v1/chat/completions", "http://app.local", &streamed);
+    assert_eq!(r.header("access-control-allow-origin"), Some("http://app.local"));
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+    // Errors carry it too, so the page can read them; other origins get nothing.
+    let r = with_origin(&d, "POST", "/v1/chat/completions", "http://app.local", "{");
+    assert_eq!((r.status, r.header("access-control-allow-origin")), (400, Some("http://app.local")));
+    let r = with_origin(&d, "OPTIONS", "/v1/chat/completions", "http://evil.local", "");
+    assert_eq!((r.status, r.header("access-control-allow-origin")), (405, None));
+    assert_eq!(with_origin(&d, "GET", "/health", "http://evil.local", "").header("access-control-allow-origin"), None);
+}

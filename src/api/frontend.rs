@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::ApiError;
 use super::compat;
 use super::constraints;
-use super::params::{Fields, wrong_type};
+use super::params::{self, Fields, wrong_type};
 use super::tools::{self, ToolMode};
 use crate::constraint::{Compiler, Prepared, Spec};
 use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError};
@@ -143,28 +143,23 @@ impl Frontend {
 
     /// Parses and validates a request body for `endpoint`.
     pub fn parse(&self, endpoint: Endpoint, body: &[u8]) -> Result<ParsedRequest, ApiError> {
-        let value: Value = serde_json::from_slice(body).map_err(|e| {
-            ApiError::bad_json(format!(
-                "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
-            ))
-        })?;
-        let Value::Object(mut obj) = value else {
-            return Err(ApiError::bad_json("The request body must be a JSON object."));
-        };
+        let mut obj = params::object(body)?;
         // Taken out whole, so that the messages reach the template without being copied.
         let messages = obj.shift_remove("messages");
         let f = Fields::new(&obj);
         let limits = self.limits();
-        let model = match f.str("model")? {
-            Some(name) if name != self.served_name => return Err(ApiError::model_not_found(name)),
-            _ => self.served_name.clone(),
-        };
+        let model = self.model(&f)?;
         let (tool_mode, tools_value) = match endpoint {
             Endpoint::Chat => self.tools(&f)?,
             Endpoint::Completion => (ToolMode::None, None),
         };
         let prompt = match endpoint {
-            Endpoint::Chat => self.chat_prompt(messages, &f, &limits, tools_value, &tool_mode)?,
+            Endpoint::Chat => {
+                let text = self.chat_text(messages, &f, &limits, tools_value, &tool_mode)?;
+                // The template writes the BOS itself: none is added unless asked (as vLLM).
+                let add_special = f.bool("add_special_tokens")?.unwrap_or(false);
+                self.encode_prompt(&text, "messages", &limits, add_special)?
+            }
             Endpoint::Completion => self.completion_prompt(&f, &limits)?,
         };
         let echo = match endpoint {
@@ -289,8 +284,16 @@ impl Frontend {
         }
     }
 
+    /// The served model's name; a request naming another is a 404.
+    pub(super) fn model(&self, f: &Fields<'_>) -> Result<String, ApiError> {
+        match f.str("model")? {
+            Some(name) if name != self.served_name => Err(ApiError::model_not_found(name)),
+            _ => Ok(self.served_name.clone()),
+        }
+    }
+
     /// `tools` (each a function with a name) and `tool_choice`.
-    fn tools<'a>(&self, f: &Fields<'a>) -> Result<(ToolMode, Option<&'a Value>), ApiError> {
+    pub(super) fn tools<'a>(&self, f: &Fields<'a>) -> Result<(ToolMode, Option<&'a Value>), ApiError> {
         let tools = match f.get("tools") {
             None => None,
             Some(Value::Array(items)) if items.len() > tools::MAX_TOOLS => {
@@ -348,14 +351,15 @@ impl Frontend {
             .map_err(|e| ApiError::invalid(&field, format!("invalid `{field}`: {e}")))
     }
 
-    fn chat_prompt(
+    /// The chat request's messages rendered by the model's template.
+    pub(super) fn chat_text(
         &self,
         messages: Option<Value>,
         f: &Fields<'_>,
         limits: &Limits,
         tools: Option<&Value>,
         mode: &ToolMode,
-    ) -> Result<Vec<u32>, ApiError> {
+    ) -> Result<String, ApiError> {
         let messages = match messages {
             None | Some(Value::Null) => return Err(ApiError::invalid("messages", "`messages` is required")),
             Some(Value::Array(list)) if list.is_empty() => {
@@ -412,18 +416,26 @@ impl Frontend {
         if let Some(last) = last {
             cut_after_final_message(&mut text, &last)?;
         }
-        self.encode_prompt(&text, Endpoint::Chat, limits)
+        Ok(text)
     }
 
     /// The prompt's tokens, or `context_length_exceeded` without tokenizing more of it than
     /// needed to know (see `Tokenizer::encode_within`).
-    fn encode_prompt(&self, text: &str, endpoint: Endpoint, limits: &Limits) -> Result<Vec<u32>, ApiError> {
+    /// `add_special`: with what the tokenizer's post-processor adds around a text (a BOS).
+    pub(super) fn encode_prompt(
+        &self,
+        text: &str,
+        param: &str,
+        limits: &Limits,
+        add_special: bool,
+    ) -> Result<Vec<u32>, ApiError> {
         let budget = self.prompt_budget(limits);
-        match self.tokenizer.encode_within(text, budget).map_err(|e| ApiError::internal(format!("{e:#}")))? {
+        let encoded = self.tokenizer.encode_within(text, budget, add_special);
+        match encoded.map_err(|e| ApiError::internal(format!("{e:#}")))? {
             Encoded::Ids(ids) => Ok(ids),
-            Encoded::TooLong { tokens, exact: true } => Err(self.prompt_too_long(endpoint, limits, tokens.to_string())),
+            Encoded::TooLong { tokens, exact: true } => Err(self.prompt_too_long(param, limits, tokens.to_string())),
             Encoded::TooLong { tokens, exact: false } => {
-                Err(self.prompt_too_long(endpoint, limits, format!("at least {tokens}")))
+                Err(self.prompt_too_long(param, limits, format!("at least {tokens}")))
             }
         }
     }
@@ -436,8 +448,7 @@ impl Frontend {
     }
 
     /// `context_length_exceeded` for a prompt of `tokens` tokens (a count, or "at least N").
-    fn prompt_too_long(&self, endpoint: Endpoint, limits: &Limits, tokens: String) -> ApiError {
-        let param = endpoint.prompt_param();
+    fn prompt_too_long(&self, param: &str, limits: &Limits, tokens: String) -> ApiError {
         let limit = if limits.max_prompt_tokens > 0 && limits.max_prompt_tokens < self.info.context_length {
             format!("This server accepts at most {} prompt tokens", limits.max_prompt_tokens)
         } else {
@@ -456,15 +467,17 @@ impl Frontend {
             None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
             Some(p) => p,
         };
+        // As vLLM: a text prompt gets what the tokenizer's post-processor adds (Llama's BOS).
+        let add_special = f.bool("add_special_tokens")?.unwrap_or(true);
         let ids = match prompt {
-            Value::String(s) => self.encode_prompt(s, Endpoint::Completion, limits)?,
+            Value::String(s) => self.encode_prompt(s, "prompt", limits, add_special)?,
             Value::Array(items) if items.len() == 1 && items[0].is_string() => {
-                self.encode_prompt(items[0].as_str().unwrap_or_default(), Endpoint::Completion, limits)?
+                self.encode_prompt(items[0].as_str().unwrap_or_default(), "prompt", limits, add_special)?
             }
             Value::Array(items) if items.iter().all(Value::is_number) => {
                 let ids: Vec<u32> = items.iter().map(|v| self.token_id(v, "prompt")).collect::<Result<_, _>>()?;
                 if ids.len() > self.prompt_budget(limits) {
-                    return Err(self.prompt_too_long(Endpoint::Completion, limits, ids.len().to_string()));
+                    return Err(self.prompt_too_long("prompt", limits, ids.len().to_string()));
                 }
                 ids
             }
@@ -497,7 +510,7 @@ impl Frontend {
         Ok(Some(text))
     }
 
-    fn token_id(&self, v: &Value, param: &str) -> Result<u32, ApiError> {
+    pub(super) fn token_id(&self, v: &Value, param: &str) -> Result<u32, ApiError> {
         match v.as_u64() {
             Some(id) if (id as usize) < self.info.vocab_size => Ok(id as u32),
             _ => Err(ApiError::invalid(

@@ -8,6 +8,7 @@ mod error;
 mod frontend;
 mod params;
 mod response;
+mod tokens;
 pub mod tools;
 
 pub use error::ApiError;

@@ -119,6 +119,19 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// A request body, which must be a JSON object.
+pub(super) fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_json(format!(
+            "We could not parse the JSON body of your request ({e}). The body must be a JSON object."
+        ))
+    })?;
+    match value {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(ApiError::bad_json("The request body must be a JSON object.")),
+    }
+}
+
 pub(super) fn wrong_type(key: &str, expected: &str, got: &Value) -> ApiError {
     let kind = match got {
         Value::Null => "null",

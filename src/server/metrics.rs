@@ -89,20 +89,6 @@ pub(crate) struct Gauges {
     pub memory: super::routes::MemoryUse,
 }
 
-/// The endpoints counted by name; anything else is "other", so that scanners probing random
-/// paths cannot grow the label set.
-pub(crate) fn endpoint_label(path: &str) -> &'static str {
-    match path {
-        "/v1/chat/completions" => "/v1/chat/completions",
-        "/v1/completions" => "/v1/completions",
-        "/v1/models" => "/v1/models",
-        p if p.starts_with("/v1/models/") => "/v1/models/{id}",
-        "/health" => "/health",
-        "/metrics" => "/metrics",
-        _ => "other",
-    }
-}
-
 impl Metrics {
     pub fn new() -> Self {
         Self {

@@ -3,6 +3,7 @@
 
 mod auth;
 mod metrics;
+mod route;
 mod routes;
 mod slot;
 mod sse;
@@ -47,6 +48,8 @@ pub struct ServerConfig {
     pub log_prompts: bool,
     /// Release the model after this long without requests, and load it again for the next one.
     pub idle_unload: Option<Duration>,
+    /// Web origins whose pages may call the API (CORS); `*` for any; empty: no CORS headers.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             auth_metrics: false,
             log_prompts: false,
             idle_unload: None,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -258,6 +262,7 @@ impl Server {
             note("auth_metrics", config.auth_metrics != new.auth_metrics);
             note("log_prompts", config.log_prompts != new.log_prompts);
             note("idle_unload_s", config.idle_unload != new.idle_unload);
+            note("cors_origins", config.cors_origins != new.cors_origins);
             let (listen, threads) = (config.listen.clone(), config.http_threads);
             *config = new.clone();
             // Fixed at start.

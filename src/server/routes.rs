@@ -5,7 +5,8 @@ use std::time::Instant;
 use serde_json::{Value, json};
 use tiny_http::{Header, Method, Request, Response};
 
-use super::metrics::{Gauges, endpoint_label};
+use super::metrics::Gauges;
+use super::route::Route;
 use super::slot::{Phase, Unavailable};
 use super::sse::SseWriter;
 use super::{Ready, ServerConfig, Shared};
@@ -15,6 +16,12 @@ use crossbeam_channel::RecvTimeoutError;
 
 use crate::api::{ApiError, Collector, Endpoint, Frontend, StreamEncoder};
 use crate::engine::{Event, RequestHandle, Timings, Usage};
+
+thread_local! {
+    /// The `Access-Control-Allow-Origin` value for the request this thread is answering, when
+    /// `cors_origins` allows the page it comes from; every response written adds it.
+    static CORS_ORIGIN: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
 
 /// Numbers requests in the log.
 static REQUEST_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -41,9 +48,12 @@ pub(super) fn handle(shared: &Shared, request: Request) {
     let method = request.method().clone();
     let path = request.url().split('?').next().unwrap_or("").to_owned();
     let id = REQUEST_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let origin = allowed_origin(&shared.config().cors_origins, &request);
+    CORS_ORIGIN.with(|o| *o.borrow_mut() = origin);
     let outcome = route(shared, request, &method, &path);
+    CORS_ORIGIN.with(|o| *o.borrow_mut() = None);
     let elapsed = started.elapsed();
-    shared.metrics.record(endpoint_label(&path), outcome.status, elapsed, outcome.usage, outcome.timings);
+    shared.metrics.record(Route::label_of(&path), outcome.status, elapsed, outcome.usage, outcome.timings);
     // Only once counted: a scrape that sees nothing in flight sees every request.
     if outcome.in_flight {
         shared.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
@@ -71,9 +81,16 @@ pub(super) fn handle(shared: &Shared, request: Request) {
 
 fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outcome {
     let config = shared.config();
-    let open = match path {
-        "/health" => !config.auth_health,
-        "/metrics" => !config.auth_metrics,
+    let route = Route::of(path);
+    // A browser's preflight carries no API key; it is answered for allowed origins only.
+    if let (Method::Options, Some(route)) = (method, route)
+        && CORS_ORIGIN.with(|o| o.borrow().is_some())
+    {
+        return respond_preflight(request, route);
+    }
+    let open = match route {
+        Some(Route::Health) => !config.auth_health,
+        Some(Route::Metrics) => !config.auth_metrics,
         _ => false,
     };
     let keys = shared.keys();
@@ -87,24 +104,16 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
         }
     }
     drop(keys);
-    let allowed = match path {
-        "/v1/chat/completions" | "/v1/completions" => "POST",
-        "/v1/models" | "/health" | "/metrics" => "GET",
-        p if p.starts_with("/v1/models/") => "GET",
-        _ => return respond_error(request, &ApiError::not_found(path)),
-    };
+    let Some(route) = route else { return respond_error(request, &ApiError::not_found(path)) };
+    let allowed = route.method();
     if method.as_str() != allowed {
         let err = ApiError::method_not_allowed(method.as_str(), path, allowed);
         let mut outcome = respond_with(request, err.status, &err.to_json(), &[("Allow", allowed)]);
         outcome.note = Some(err.message);
         return outcome;
     }
-    match path {
-        "/metrics" => return respond_metrics(shared, request),
-        "/health" => return respond_health(shared, request),
-        _ => {}
-    }
-    if shared.draining.load(Ordering::SeqCst) {
+    // Health and metrics answer while draining: the supervisor watches the drain through them.
+    if !matches!(route, Route::Health | Route::Metrics) && shared.draining.load(Ordering::SeqCst) {
         return respond_with(
             request,
             503,
@@ -112,22 +121,19 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
             &[("Connection", "close"), ("Retry-After", "5")],
         );
     }
-    match path {
-        "/v1/chat/completions" | "/v1/completions" => {
-            let endpoint = if path == "/v1/chat/completions" { Endpoint::Chat } else { Endpoint::Completion };
-            if let Some(form) = form_content_type(&request) {
-                return respond_error(request, &ApiError::unsupported_media_type(&form));
-            }
-            // Counted before it takes the model, so the model cannot be put to sleep under it.
-            shared.in_flight.fetch_add(1, Ordering::SeqCst);
-            let outcome = match shared.slot.acquire() {
-                Ok(ready) => generate(&config, &ready, &shared.body_bytes, request, endpoint),
-                Err(e) => respond_error(request, &unavailable(e)),
-            };
-            shared.slot.release();
-            Outcome { in_flight: true, ..outcome }
+    match route {
+        Route::ChatCompletions | Route::Completions => {
+            let endpoint = if route == Route::ChatCompletions { Endpoint::Chat } else { Endpoint::Completion };
+            with_model(shared, request, |ready, request| {
+                generate(&config, ready, &shared.body_bytes, request, endpoint)
+            })
         }
-        _ => respond_models(shared, request, path),
+        Route::Tokenize | Route::Detokenize | Route::ApplyTemplate => {
+            with_model(shared, request, |ready, request| text_tool(&config, ready, &shared.body_bytes, request, route))
+        }
+        Route::Models | Route::Model => respond_models(shared, request, path),
+        Route::Health => respond_health(shared, request),
+        Route::Metrics => respond_metrics(shared, request),
     }
 }
 
@@ -284,6 +290,40 @@ fn read_body(request: &mut Request, limit: usize, timeout: Duration) -> Result<V
     Ok(body)
 }
 
+/// Answers a JSON request that needs the model, with `answer`, once the model is ready.
+fn with_model(shared: &Shared, request: Request, answer: impl FnOnce(&Ready, Request) -> Outcome) -> Outcome {
+    if let Some(form) = form_content_type(&request) {
+        return respond_error(request, &ApiError::unsupported_media_type(&form));
+    }
+    // Counted before it takes the model, so the model cannot be put to sleep under it.
+    shared.in_flight.fetch_add(1, Ordering::SeqCst);
+    let outcome = match shared.slot.acquire() {
+        Ok(ready) => answer(&ready, request),
+        Err(e) => respond_error(request, &unavailable(e)),
+    };
+    shared.slot.release();
+    Outcome { in_flight: true, ..outcome }
+}
+
+/// `/tokenize`, `/detokenize`, `/apply-template`: the model's tokenizer and template alone.
+fn text_tool(config: &ServerConfig, ready: &Ready, held: &AtomicUsize, mut request: Request, route: Route) -> Outcome {
+    let body = match read_body(&mut request, config.max_body_bytes, config.idle_timeout) {
+        Ok(body) => body,
+        Err(e) => return respond_error(request, &e),
+    };
+    let _held = Held::new(held, body.capacity());
+    let frontend = &ready.frontend;
+    let answer = match route {
+        Route::Tokenize => frontend.tokenize(&body),
+        Route::Detokenize => frontend.detokenize(&body),
+        _ => frontend.apply_template(&body),
+    };
+    match answer {
+        Ok(value) => respond_json(request, 200, &value),
+        Err(e) => respond_error(request, &e),
+    }
+}
+
 fn generate(
     config: &ServerConfig,
     ready: &Ready,
@@ -355,7 +395,8 @@ fn generate(
         }
     }
     let mut encoder = StreamEncoder::new(&parsed);
-    let Ok(mut sse) = SseWriter::start(request) else { return gone(None) };
+    let cors: String = cors_headers().iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
+    let Ok(mut sse) = SseWriter::start(request, &cors) else { return gone(None) };
     for chunk in encoder.start(&parsed, tokenizer) {
         if sse.event(&chunk).is_err() {
             return gone(None);
@@ -547,12 +588,55 @@ fn respond_metrics(shared: &Shared, request: Request) -> Outcome {
         ("provider", provider.as_str()),
     ];
     let text = shared.metrics.render(&info, &gauges);
-    let response = Response::from_string(text).with_header(
+    let mut response = Response::from_string(text).with_header(
         Header::from_bytes(&b"Content-Type"[..], &b"text/plain; version=0.0.4; charset=utf-8"[..])
             .expect("static header"),
     );
+    add_headers(&mut response, &[]);
     let _ = request.respond(response);
     Outcome::status(200)
+}
+
+/// The origin to allow for `request`: its `Origin` header, when `origins` lists it or `*`.
+fn allowed_origin(origins: &[String], request: &Request) -> Option<String> {
+    let origin = request.headers().iter().find(|h| h.field.equiv("Origin"))?.value.as_str();
+    origins.iter().any(|o| o == "*" || o == origin).then(|| origin.to_owned())
+}
+
+/// The CORS headers every response to an allowed origin carries.
+fn cors_headers() -> Vec<(&'static str, String)> {
+    CORS_ORIGIN.with(|o| match &*o.borrow() {
+        Some(origin) => vec![("Access-Control-Allow-Origin", origin.clone()), ("Vary", "Origin".to_owned())],
+        None => Vec::new(),
+    })
+}
+
+/// 204 to a CORS preflight: the route's method, the headers the page asked to send.
+fn respond_preflight(request: Request, route: Route) -> Outcome {
+    let asked = request.headers().iter().find(|h| h.field.equiv("Access-Control-Request-Headers"));
+    let headers = asked.map_or("Authorization, Content-Type".to_owned(), |h| h.value.as_str().to_owned());
+    let methods = format!("{}, OPTIONS", route.method());
+    let mut response = Response::empty(204);
+    add_headers(
+        &mut response,
+        &[
+            ("Access-Control-Allow-Methods", methods.as_str()),
+            ("Access-Control-Allow-Headers", headers.as_str()),
+            ("Access-Control-Max-Age", "600"),
+        ],
+    );
+    let _ = request.respond(response);
+    Outcome::status(204)
+}
+
+/// Adds `headers`, and the CORS headers of the request being answered, to `response`.
+fn add_headers<R: Read>(response: &mut Response<R>, headers: &[(&str, &str)]) {
+    let cors = cors_headers();
+    for (name, value) in headers.iter().copied().chain(cors.iter().map(|(n, v)| (*n, v.as_str()))) {
+        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
+            response.add_header(h);
+        }
+    }
 }
 
 fn respond_error(request: Request, error: &ApiError) -> Outcome {
@@ -570,11 +654,7 @@ fn respond_with(request: Request, status: u16, body: &Value, headers: &[(&str, &
     let mut response = Response::from_string(body.to_string())
         .with_status_code(status)
         .with_header(Header::from_bytes(&b"Content-Type"[..], &b"application/json"[..]).expect("static header"));
-    for (name, value) in headers {
-        if let Ok(h) = Header::from_bytes(name.as_bytes(), value.as_bytes()) {
-            response.add_header(h);
-        }
-    }
+    add_headers(&mut response, headers);
     let _ = request.respond(response);
     Outcome::status(status)
 }

@@ -10,14 +10,15 @@ pub(crate) struct SseWriter {
 }
 
 impl SseWriter {
-    pub fn start(request: tiny_http::Request) -> io::Result<Self> {
+    /// Starts the stream; `headers` are more header lines, each ending in CRLF.
+    pub fn start(request: tiny_http::Request, headers: &str) -> io::Result<Self> {
         let http11 = *request.http_version() >= tiny_http::HTTPVersion(1, 1);
         let mut out = request.into_writer();
         let framing = if http11 { "Transfer-Encoding: chunked\r\n" } else { "Connection: close\r\n" };
         let version = if http11 { "1.1" } else { "1.0" };
         write!(
             out,
-            "HTTP/{version} 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n{framing}\r\n"
+            "HTTP/{version} 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Accel-Buffering: no\r\n{headers}{framing}\r\n"
         )?;
         out.flush()?;
         Ok(Self { out, chunked: http11 })

@@ -43,13 +43,14 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// Encodes `text` as [`Tokenizer::encode`] does, unless it certainly has more than `budget`
-    /// tokens: then it stops early and says how many it has at least. A text longer than
+    /// Encodes `text` as [`Tokenizer::encode`] does (with the tokens the tokenizer's
+    /// post-processor adds around a text, such as a BOS, when `add_special`), unless it
+    /// certainly has more than `budget` tokens: then it stops early and says how many it has at least. A text longer than
     /// `budget` tokens of the longest kind is refused before any tokenizer work; a text of
     /// several chunks is counted chunk by chunk and abandoned once over the budget; only a text
     /// that may fit is tokenized whole. So a refusal costs at most the tokenization of about
     /// `budget` tokens, whatever the text's size.
-    pub fn encode_within(&self, text: &str, budget: usize) -> Result<Encoded> {
+    pub fn encode_within(&self, text: &str, budget: usize, add_special: bool) -> Result<Encoded> {
         if let Some(per_token) = self.max_bytes_per_token {
             let at_least = text.len().div_ceil(per_token);
             if at_least > budget {
@@ -68,7 +69,8 @@ impl Tokenizer {
                 }
             }
         }
-        let ids = self.encode(text)?;
+        let encoding = self.inner.encode(text, add_special).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let ids = encoding.get_ids().to_vec();
         Ok(if ids.len() > budget { Encoded::TooLong { tokens: ids.len(), exact: true } } else { Encoded::Ids(ids) })
     }
 
@@ -229,6 +231,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn add_special_adds_what_the_post_processor_says() {
+        // SmolLM2's tokenizer with the post-processor of a Llama-3-style one (BOS first).
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-instruct");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap()).unwrap();
+        json["post_processor"] = serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|im_start|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|im_start|>": {"id": "<|im_start|>", "ids": [1], "tokens": ["<|im_start|>"]}},
+        });
+        let out = std::env::temp_dir().join(format!("chatd-bos-{}", std::process::id()));
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::write(out.join("tokenizer.json"), json.to_string()).unwrap();
+        let tok = Tokenizer::load(&out).unwrap();
+        std::fs::remove_dir_all(&out).unwrap();
+        let Encoded::Ids(plain) = tok.encode_within("Hello", 10, false).unwrap() else { panic!() };
+        let Encoded::Ids(with) = tok.encode_within("Hello", 10, true).unwrap() else { panic!() };
+        assert_eq!(with[0], 1);
+        assert_eq!(&with[1..], &plain[..]);
+    }
+
+    #[test]
     fn special_tokens_and_template_come_from_the_config() {
         let tok = smollm_tokenizer();
         assert_eq!(tok.bos_token.as_deref(), Some("<|im_start|>"));
@@ -294,9 +319,9 @@ pub(crate) mod tests {
         let tok = smollm_tokenizer();
         for text in awkward_texts() {
             let whole = tok.encode(&text).unwrap();
-            assert_eq!(tok.encode_within(&text, whole.len()).unwrap(), Encoded::Ids(whole.clone()));
+            assert_eq!(tok.encode_within(&text, whole.len(), false).unwrap(), Encoded::Ids(whole.clone()));
             for budget in [whole.len() - 1, whole.len() / 2, 10] {
-                match tok.encode_within(&text, budget).unwrap() {
+                match tok.encode_within(&text, budget, false).unwrap() {
                     Encoded::TooLong { tokens, exact } => {
                         assert!(tokens > budget && tokens <= whole.len() && (!exact || tokens == whole.len()))
                     }
@@ -313,7 +338,7 @@ pub(crate) mod tests {
         assert_eq!(tok.max_bytes_per_token, Some(81));
         let many_spaces = format!("\n{}", " ".repeat(80)).repeat(100);
         assert_eq!(tok.encode(&many_spaces).unwrap().len(), 100);
-        assert_eq!(tok.encode_within(&many_spaces, 99).unwrap(), Encoded::TooLong { tokens: 100, exact: false });
+        assert_eq!(tok.encode_within(&many_spaces, 99, false).unwrap(), Encoded::TooLong { tokens: 100, exact: false });
     }
 
     #[test]
