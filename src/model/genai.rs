@@ -64,6 +64,23 @@ impl GenaiConfig {
             Ok(d) => d,
             Err(_) => get_usize(decoder, "hidden_size")? / num_heads,
         };
+        // The builder keeps only some of generation_config.json's keys in `search` (it drops
+        // Qwen2.5's repetition_penalty): the model's own file, when beside, has the last word,
+        // as in the Optimum layout.
+        let generation = match dir.join("generation_config.json") {
+            p if p.exists() => read_json(&p)?,
+            _ => Value::Null,
+        };
+        let mut sampling = search.clone();
+        if let (Value::Object(into), Value::Object(from)) = (&mut sampling, &generation) {
+            into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        let mut eos_token_ids = ids_of(model.get("eos_token_id"));
+        for id in ids_of(generation.get("eos_token_id")) {
+            if !eos_token_ids.contains(&id) {
+                eos_token_ids.push(id);
+            }
+        }
         let info = ModelInfo {
             name: super::config::folder_name(dir),
             vocab_size: get_usize(model, "vocab_size")?,
@@ -71,9 +88,9 @@ impl GenaiConfig {
             num_layers: get_usize(decoder, "num_hidden_layers")?,
             num_kv_heads: get_usize(decoder, "num_key_value_heads").unwrap_or(num_heads),
             head_dim,
-            eos_token_ids: ids_of(model.get("eos_token_id")),
+            eos_token_ids,
             bos_token_id: ids_of(model.get("bos_token_id")).first().copied(),
-            defaults: GenerationDefaults::from_json(search),
+            defaults: GenerationDefaults::from_json(&sampling),
         };
         let threads =
             decoder["session_options"].get("intra_op_num_threads").and_then(Value::as_u64).map(|n| n as usize);
@@ -491,5 +508,21 @@ mod tests {
         assert!(m.contains("built for cuda") && m.contains("Float16") && m.contains("-e cpu"), "{m}");
         let m = kv_type_refusal("past_key_values.0.key", "Float16", None);
         assert!(m.contains("not float32") && m.contains("-e cpu"), "{m}");
+    }
+
+    #[test]
+    fn generation_config_beside_genai_config_has_the_last_word_on_sampling() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-instruct-genai");
+        let dir = std::env::temp_dir().join(format!("chatd-genai-gen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(shared.join("genai_config.json"), dir.join("genai_config.json")).unwrap();
+        let alone = GenaiConfig::read(&dir).unwrap().info;
+        let generation = r#"{"do_sample": true, "temperature": 0.7, "repetition_penalty": 1.05, "eos_token_id": [2, 7]}"#;
+        std::fs::write(dir.join("generation_config.json"), generation).unwrap();
+        let both = GenaiConfig::read(&dir).unwrap().info;
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(alone.defaults.repetition_penalty, 1.0);
+        assert_eq!((both.defaults.temperature, both.defaults.repetition_penalty), (0.7, 1.05));
+        assert!(both.eos_token_ids.contains(&7) && both.eos_token_ids.starts_with(&alone.eos_token_ids));
     }
 }
