@@ -146,6 +146,12 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
     ("auth-health", "CHATD_AUTH_HEALTH", "BOOL", "whether /health needs an API key too [false]"),
     ("auth-metrics", "CHATD_AUTH_METRICS", "BOOL", "whether /metrics needs an API key too [false]"),
     (
+        "sse-keepalive-s",
+        "CHATD_SSE_KEEPALIVE_S",
+        "SECS",
+        "a comment line on a stream that has sent nothing for this long (a long prompt); 0 = never [15]",
+    ),
+    (
         "cors-origins",
         "CHATD_CORS_ORIGINS",
         "LIST",
@@ -337,6 +343,12 @@ impl Config {
             "request-timeout-s" => self.engine.request_timeout = seconds(value)?,
             "idle-unload-s" => {
                 self.server.idle_unload = match value.trim() {
+                    "0" => None,
+                    _ => Some(seconds(value)?),
+                }
+            }
+            "sse-keepalive-s" => {
+                self.server.sse_keepalive = match value.trim() {
                     "0" => None,
                     _ => Some(seconds(value)?),
                 }

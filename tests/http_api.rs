@@ -306,3 +306,38 @@ fn cors_is_off_by_default_and_answers_allowed_origins_only() {
     assert_eq!((r.status, r.header("access-control-allow-origin")), (405, None));
     assert_eq!(with_origin(&d, "GET", "/health", "http://evil.local", "").header("access-control-allow-origin"), None);
 }
+
+#[test]
+fn a_long_prompt_gets_keep_alive_comments_before_its_first_token() {
+    use std::io::BufRead;
+    let d = common::Daemon::start(&["--sse-keepalive-s", "0.05"]);
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(60);
+    let body = json!({"messages": user(&long), "max_tokens": 4, "stream": true});
+    let sent = std::time::Instant::now();
+    let (_stream, mut reader) = common::open_stream(&d, &body);
+    let (mut comments, mut first_token_after) = (0, None);
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        let text = line.trim_end();
+        if text == ": keep-alive" && first_token_after.is_none() {
+            comments += 1;
+        }
+        if text.starts_with("data: ") && text.contains("\"content\":\"") && !text.contains("\"content\":\"\"") {
+            first_token_after.get_or_insert(sent.elapsed());
+        }
+        if text == "data: [DONE]" {
+            break;
+        }
+        line.clear();
+    }
+    let waited = first_token_after.expect("a token came");
+    eprintln!("first token after {waited:?}, {comments} keep-alives before it");
+    // Keep-alives are due every 50 ms of silence: a prompt that took 4 intervals to read must
+    // have had some (on a machine fast enough to read it sooner there is nothing to check).
+    if waited > std::time::Duration::from_millis(200) {
+        assert!(comments > 0, "no keep-alive in {waited:?} before the first token");
+    }
+    // The openai client and every SSE parser skip comment lines: the data is the same.
+    let r = d.post("/v1/chat/completions", &json!({"messages": user(FRANCE), "max_tokens": 4, "stream": true}));
+    assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
+}

@@ -172,7 +172,7 @@ impl Collector {
                     c.matched = matched;
                 }
             }
-            Event::Done { .. } | Event::Error(_) => {}
+            Event::Started | Event::Done { .. } | Event::Error(_) => {}
         }
     }
 
@@ -346,7 +346,7 @@ impl StreamEncoder {
                 chunks.push(self.chunk(json!([choice]), None));
                 chunks
             }
-            Event::Done { .. } | Event::Error(_) => Vec::new(),
+            Event::Started | Event::Done { .. } | Event::Error(_) => Vec::new(),
         }
     }
 

@@ -91,10 +91,13 @@ pub struct Timings {
     pub total: Duration,
 }
 
-/// What the engine reports about a request, in order: text pieces and finishes per choice,
-/// then exactly one `Done` (or one `Error`).
+/// What the engine reports about a request, in order: `Started` (unless refused from the
+/// queue), text pieces and finishes per choice, then exactly one `Done` (or one `Error`).
 #[derive(Clone, Debug)]
 pub enum Event {
+    /// The request has left the queue and its prompt is being read: it can no longer be
+    /// refused as overloaded or timed out in the queue.
+    Started,
     /// New text for a choice: always complete UTF-8, never part of a stop string.
     Text { choice: usize, text: String, logprobs: Vec<TokenLogprobs> },
     /// A choice has ended; its text is complete. `matched` says what stopped it, when a token

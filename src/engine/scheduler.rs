@@ -373,6 +373,7 @@ impl Scheduler {
                 }
             };
             let state = State::Prefill { cache, fed: cached };
+            let _ = job.events.send(Event::Started);
             let deadline = job.queued_at + job.request.deadline.unwrap_or(self.config.request_timeout);
             self.running += n;
             self.groups.push(Group { job, deadline, state, timings, first_token: false, cached, events: Vec::new() });

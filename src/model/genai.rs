@@ -517,7 +517,8 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::copy(shared.join("genai_config.json"), dir.join("genai_config.json")).unwrap();
         let alone = GenaiConfig::read(&dir).unwrap().info;
-        let generation = r#"{"do_sample": true, "temperature": 0.7, "repetition_penalty": 1.05, "eos_token_id": [2, 7]}"#;
+        let generation =
+            r#"{"do_sample": true, "temperature": 0.7, "repetition_penalty": 1.05, "eos_token_id": [2, 7]}"#;
         std::fs::write(dir.join("generation_config.json"), generation).unwrap();
         let both = GenaiConfig::read(&dir).unwrap().info;
         std::fs::remove_dir_all(&dir).unwrap();

@@ -48,6 +48,9 @@ pub struct ServerConfig {
     pub log_prompts: bool,
     /// Release the model after this long without requests, and load it again for the next one.
     pub idle_unload: Option<Duration>,
+    /// A stream that has sent nothing for this long gets a comment line, so that proxies and
+    /// clients with idle timeouts keep it through a long prompt; `None`: never.
+    pub sse_keepalive: Option<Duration>,
     /// Web origins whose pages may call the API (CORS); `*` for any; empty: no CORS headers.
     pub cors_origins: Vec<String>,
 }
@@ -67,6 +70,7 @@ impl Default for ServerConfig {
             auth_metrics: false,
             log_prompts: false,
             idle_unload: None,
+            sse_keepalive: Some(Duration::from_secs(15)),
             cors_origins: Vec::new(),
         }
     }
@@ -263,6 +267,7 @@ impl Server {
             note("log_prompts", config.log_prompts != new.log_prompts);
             note("idle_unload_s", config.idle_unload != new.idle_unload);
             note("cors_origins", config.cors_origins != new.cors_origins);
+            note("sse_keepalive_s", config.sse_keepalive != new.sse_keepalive);
             let (listen, threads) = (config.listen.clone(), config.http_threads);
             *config = new.clone();
             // Fixed at start.

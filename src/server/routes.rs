@@ -364,9 +364,10 @@ fn generate(
         respond_error(request, &error);
         gone(None)
     };
-    // Nothing is sent before the first event, so a request refused while queued still gets its
-    // own status (429, 504) rather than an error inside a 200 stream.
-    let first = match next_event(&handle, &client) {
+    // Nothing is sent before the first event (`Started` once the request leaves the queue), so a
+    // request refused while queued still gets its own status (429, 504) rather than an error
+    // inside a 200 stream; a stream starts then, and keep-alives cover its prompt's reading.
+    let first = match next_event(&handle, &client, || true) {
         Next::Event(Event::Error(e)) => return respond_error(request, &Frontend::engine_error(&e)),
         Next::Event(e) => e,
         Next::Gone => return gone_early(request),
@@ -387,7 +388,7 @@ fn generate(
                 Event::Error(e) => return respond_error(request, &Frontend::engine_error(&e)),
                 other => collector.add(other),
             }
-            event = match next_event(&handle, &client) {
+            event = match next_event(&handle, &client, || true) {
                 Next::Event(e) => e,
                 Next::Gone => return gone_early(request),
                 Next::Dropped => return respond_error(request, &ApiError::internal("the engine dropped the request")),
@@ -431,7 +432,8 @@ fn generate(
                 }
             }
         }
-        event = match next_event(&handle, &client) {
+        let keep_alive = config.sse_keepalive;
+        event = match next_event(&handle, &client, || keep_alive.is_none_or(|every| sse.keep_alive(every).is_ok())) {
             Next::Event(e) => e,
             Next::Gone => return gone(None),
             Next::Dropped => {
@@ -501,13 +503,16 @@ enum Next {
 
 /// The request's next event, watching the client's connection meanwhile (at least every
 /// `CLIENT_POLL`, also while events keep coming).
-fn next_event(handle: &RequestHandle, client: &Client) -> Next {
+/// The request's next event; while none comes, `idle` runs every `CLIENT_POLL` (false: the
+/// client is gone).
+fn next_event(handle: &RequestHandle, client: &Client, mut idle: impl FnMut() -> bool) -> Next {
     loop {
         if client.due() && client.gone() {
             return Next::Gone;
         }
         match handle.recv_timeout(CLIENT_POLL) {
             Ok(event) => return Next::Event(event),
+            Err(RecvTimeoutError::Timeout) if !idle() => return Next::Gone,
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return Next::Dropped,
         }
