@@ -189,7 +189,14 @@ impl Collector {
             .enumerate()
             .map(|(index, c)| {
                 let logprobs = meta.logprobs_json(&c.logprobs, tokenizer, 0);
-                let call = if c.finish == Some(FinishReason::Stop) { meta.tool_call(&c.text) } else { None };
+                let forced = matches!(meta.tools, ToolMode::Forced(_));
+                let call = match c.finish {
+                    Some(FinishReason::Stop) => meta.tool_call(&c.text),
+                    // Cut off by max_tokens: the call so far, where a whole one would be.
+                    Some(FinishReason::Length) if forced => tools::forced_parts(&c.text, false)
+                        .map(|(name, arguments)| (String::new(), ToolCall { name, arguments: arguments.to_owned() })),
+                    _ => None,
+                };
                 let mut choice = match (meta.endpoint, call) {
                     (Endpoint::Chat, Some((content, call))) => json!({
                         "index": index,
@@ -200,7 +207,14 @@ impl Collector {
                             "tool_calls": [tools::call_json(&call, &call_id())],
                         },
                         "logprobs": logprobs,
-                        "finish_reason": "tool_calls",
+                        "finish_reason": if c.finish == Some(FinishReason::Stop) { json!("tool_calls") } else { finish_json(c.finish) },
+                    }),
+                    // A forced call's text is never content, even when too little of it came.
+                    (Endpoint::Chat, None) if forced => json!({
+                        "index": index,
+                        "message": {"role": "assistant", "content": null, "refusal": null},
+                        "logprobs": logprobs,
+                        "finish_reason": finish_json(c.finish),
                     }),
                     (Endpoint::Chat, None) => json!({
                         "index": index,
@@ -231,30 +245,43 @@ impl Collector {
     }
 }
 
+/// What a choice's stream holds back.
+enum Pending {
+    /// Nothing: text streams as it comes.
+    Free,
+    /// Text that may still turn out to be a tool call (`tool_choice` "auto").
+    MaybeCall(String, Vec<TokenLogprobs>),
+    /// A forced call: its text so far, its id, and how many bytes of its arguments were sent
+    /// (`None` until its name is complete and its head chunk went out).
+    Forced { text: String, id: String, sent: Option<usize> },
+}
+
 /// Turns a request's events into the JSON payloads of server-sent events, in OpenAI's order:
 /// a first chunk with the role (chat), content chunks, a chunk with `finish_reason` per
-/// choice, and a usage chunk when asked for. A choice that is (or may be) a tool call holds
-/// its text back until it is known; a call is then sent as `delta.tool_calls` (name and id,
-/// then the arguments) with `finish_reason: "tool_calls"`.
+/// choice, and a usage chunk when asked for. A forced tool call streams as OpenAI's and vLLM's
+/// do: a head `delta.tool_calls` (id, type, name, empty arguments) once the name is complete,
+/// then the arguments piece by piece. A choice that may be a call (`tool_choice` "auto") holds
+/// its text back until it is known; a call is then sent as head and arguments at once.
 pub struct StreamEncoder {
     meta: Meta,
     include_usage: bool,
     /// Bytes of text sent per choice (the legacy endpoint's `text_offset`).
     offsets: Vec<usize>,
-    /// Text held back per choice while it may be a tool call; `None` once streaming freely.
-    held: Vec<Option<(String, Vec<TokenLogprobs>)>>,
+    pending: Vec<Pending>,
 }
 
 impl StreamEncoder {
     pub fn new(request: &ParsedRequest) -> Self {
         let n = request.generate.n;
-        let hold = request.endpoint == Endpoint::Chat && request.tools != ToolMode::None;
-        Self {
-            meta: Meta::new(request),
-            include_usage: request.include_usage,
-            offsets: vec![0; n],
-            held: (0..n).map(|_| hold.then(|| (String::new(), Vec::new()))).collect(),
-        }
+        let chat = request.endpoint == Endpoint::Chat;
+        let pending = (0..n)
+            .map(|_| match &request.tools {
+                ToolMode::Forced(_) if chat => Pending::Forced { text: String::new(), id: call_id(), sent: None },
+                ToolMode::Auto if chat => Pending::MaybeCall(String::new(), Vec::new()),
+                _ => Pending::Free,
+            })
+            .collect();
+        Self { meta: Meta::new(request), include_usage: request.include_usage, offsets: vec![0; n], pending }
     }
 
     fn chunk(&self, choices: Value, usage: Option<Value>) -> String {
@@ -295,45 +322,45 @@ impl StreamEncoder {
     /// for text held back).
     pub fn encode(&mut self, event: &Event, tokenizer: &Tokenizer) -> Vec<String> {
         match event {
-            Event::Text { choice, text, logprobs } => {
-                if let Some(Some((held, held_logprobs))) = self.held.get_mut(*choice) {
-                    held.push_str(text);
-                    held_logprobs.extend(logprobs.iter().cloned());
-                    let forced = matches!(self.meta.tools, ToolMode::Forced(_));
-                    if forced || tools::could_be_call(held) {
-                        return Vec::new();
-                    }
-                    // Not a call after all: send what was held, and stream from now on.
-                    let (text, logprobs) = self.held[*choice].take().expect("held");
-                    return vec![self.content_chunk(*choice, &text, &logprobs, tokenizer)];
-                }
-                vec![self.content_chunk(*choice, text, logprobs, tokenizer)]
-            }
+            Event::Text { choice, text, logprobs } => self.text(*choice, text, logprobs, tokenizer),
             Event::Finished { choice, reason, matched } => {
                 let mut chunks = Vec::new();
                 let mut reason = json!(reason.as_str());
-                if let Some(Some((text, logprobs))) = self.held.get_mut(*choice).map(Option::take) {
-                    let call = if reason == "stop" { self.meta.tool_call(&text) } else { None };
-                    match call {
-                        Some((content, call)) => {
-                            if !content.is_empty() {
-                                chunks.push(self.content_chunk(*choice, &content, &[], tokenizer));
+                let pending =
+                    self.pending.get_mut(*choice).map_or(Pending::Free, |p| std::mem::replace(p, Pending::Free));
+                match pending {
+                    Pending::Free => {}
+                    Pending::MaybeCall(text, logprobs) => {
+                        let call = if reason == "stop" { self.meta.tool_call(&text) } else { None };
+                        match call {
+                            Some((content, call)) => {
+                                if !content.is_empty() {
+                                    chunks.push(self.content_chunk(*choice, &content, &[], tokenizer));
+                                }
+                                chunks.push(self.call_head(*choice, &call_id(), &call.name));
+                                chunks.push(self.call_arguments(*choice, &call.arguments));
+                                reason = json!("tool_calls");
                             }
-                            let id = call_id();
-                            let head = json!({"index": 0, "id": id, "type": "function", "function": {"name": call.name, "arguments": ""}});
-                            let args = json!({"index": 0, "function": {"arguments": call.arguments}});
-                            for delta in [head, args] {
-                                chunks.push(self.chunk(
-                                    json!([{"index": choice, "delta": {"tool_calls": [delta]}, "logprobs": null, "finish_reason": null}]),
-                                    None,
-                                ));
+                            None if !text.is_empty() => {
+                                chunks.push(self.content_chunk(*choice, &text, &logprobs, tokenizer))
                             }
-                            reason = json!("tool_calls");
+                            None => {}
                         }
-                        None if !text.is_empty() => {
-                            chunks.push(self.content_chunk(*choice, &text, &logprobs, tokenizer))
+                    }
+                    Pending::Forced { text, id, sent } => {
+                        let complete = reason == "stop";
+                        if let Some((name, arguments)) = tools::forced_parts(&text, complete) {
+                            if sent.is_none() {
+                                chunks.push(self.call_head(*choice, &id, &name));
+                            }
+                            let rest = &arguments[sent.unwrap_or(0).min(arguments.len())..];
+                            if !rest.is_empty() {
+                                chunks.push(self.call_arguments(*choice, rest));
+                            }
+                            if complete {
+                                reason = json!("tool_calls");
+                            }
                         }
-                        None => {}
                     }
                 }
                 let mut choice = match self.meta.endpoint {
@@ -348,6 +375,59 @@ impl StreamEncoder {
             }
             Event::Started | Event::Done { .. } | Event::Error(_) => Vec::new(),
         }
+    }
+
+    fn text(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprobs], tokenizer: &Tokenizer) -> Vec<String> {
+        match self.pending.get_mut(choice) {
+            Some(Pending::MaybeCall(held, held_logprobs)) => {
+                held.push_str(text);
+                held_logprobs.extend(logprobs.iter().cloned());
+                if tools::could_be_call(held) {
+                    return Vec::new();
+                }
+                // Not a call after all: send what was held, and stream from now on.
+                let (text, logprobs) = (std::mem::take(held), std::mem::take(held_logprobs));
+                self.pending[choice] = Pending::Free;
+                vec![self.content_chunk(choice, &text, &logprobs, tokenizer)]
+            }
+            Some(Pending::Forced { text: so_far, id, sent }) => {
+                so_far.push_str(text);
+                let Some((name, arguments)) = tools::forced_parts(so_far, false) else { return Vec::new() };
+                // The last `}` may close the call rather than its arguments: it waits for the
+                // next piece, or for the finish.
+                let ready = arguments.len() - usize::from(arguments.ends_with('}'));
+                let (id, done, first) = (id.clone(), sent.unwrap_or(0), sent.is_none());
+                let piece = arguments[done.min(ready)..ready].to_owned();
+                *sent = Some(ready.max(done));
+                let mut chunks = Vec::new();
+                if first {
+                    chunks.push(self.call_head(choice, &id, &name));
+                }
+                if !piece.is_empty() {
+                    chunks.push(self.call_arguments(choice, &piece));
+                }
+                chunks
+            }
+            _ => vec![self.content_chunk(choice, text, logprobs, tokenizer)],
+        }
+    }
+
+    /// The first chunk of a call: its id, type and name, with empty arguments.
+    fn call_head(&self, choice: usize, id: &str, name: &str) -> String {
+        let head = json!({"index": 0, "id": id, "type": "function", "function": {"name": name, "arguments": ""}});
+        self.chunk(
+            json!([{"index": choice, "delta": {"tool_calls": [head]}, "logprobs": null, "finish_reason": null}]),
+            None,
+        )
+    }
+
+    /// A piece of a call's arguments.
+    fn call_arguments(&self, choice: usize, piece: &str) -> String {
+        let args = json!({"index": 0, "function": {"arguments": piece}});
+        self.chunk(
+            json!([{"index": choice, "delta": {"tool_calls": [args]}, "logprobs": null, "finish_reason": null}]),
+            None,
+        )
     }
 
     fn content_chunk(&mut self, index: usize, text: &str, logprobs: &[TokenLogprobs], tokenizer: &Tokenizer) -> String {

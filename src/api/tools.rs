@@ -167,9 +167,31 @@ pub fn system_prompt(tools: &Value) -> String {
     )
 }
 
-/// The call in a forced output (the whole output is the call's JSON object).
+/// The call in a forced output so far: `{"name":"...","arguments":...}`, which the constraint
+/// generates in that order and without free whitespace. `None` until the name is complete;
+/// then the name and the arguments' text so far, exactly as generated. When the output is
+/// `complete`, the call's closing brace is left out and the arguments must be a JSON object.
+pub fn forced_parts(text: &str, complete: bool) -> Option<(String, &str)> {
+    const KEY: &str = "\"arguments\"";
+    let key = text.find(KEY)?;
+    let after_key = &text[key + KEY.len()..];
+    let colon = after_key.find(':')?;
+    let head = format!("{}}}", text[..key].trim_end().trim_end_matches(',').trim_end());
+    let name = serde_json::from_str::<Value>(&head).ok()?.get("name")?.as_str()?.to_owned();
+    let mut arguments = after_key[colon + 1..].trim_start();
+    if complete {
+        arguments = arguments.trim_end().strip_suffix('}')?.trim_end();
+        serde_json::from_str::<Map<String, Value>>(arguments).ok()?;
+    }
+    Some((name, arguments))
+}
+
+/// The call in a complete forced output (the whole output is the call's JSON object), its
+/// arguments as generated.
 pub fn parse_forced(text: &str) -> Option<ToolCall> {
-    call_from_json(&serde_json::from_str(text.trim()).ok()?)
+    forced_parts(text, true)
+        .map(|(name, arguments)| ToolCall { name, arguments: arguments.to_owned() })
+        .or_else(|| call_from_json(&serde_json::from_str(text.trim()).ok()?))
 }
 
 /// A call in a free output, with the content before it.
@@ -226,6 +248,28 @@ mod tests {
         assert!(detect("Paris is the capital.").is_none());
         assert!(detect("{\"not\": \"a call\"}").is_none());
         assert!(could_be_call("  <tool") && could_be_call("{") && !could_be_call("Hello"));
+    }
+
+    #[test]
+    fn forced_output_is_split_into_name_and_arguments_as_it_grows() {
+        assert_eq!(forced_parts("{\"name\":\"get_wea", false), None);
+        assert_eq!(forced_parts("{\"name\":\"f\",\"arguments\":{\"ci", false), Some(("f".into(), "{\"ci")));
+        let whole = "{\"name\":\"f\",\"arguments\":{\"city\":\"P\\u00e9\"}}";
+        assert_eq!(forced_parts(whole, true), Some(("f".into(), "{\"city\":\"P\\u00e9\"}")));
+        assert_eq!(parse_forced(whole).unwrap().arguments, "{\"city\":\"P\\u00e9\"}");
+        assert_eq!(forced_parts("{\"name\":\"f\",\"arguments\":{\"ci", true), None);
+    }
+
+    #[test]
+    fn references_of_forced_tools_resolve_from_the_root() {
+        let tools = json!([{"type": "function", "function": {"name": "t", "parameters": {
+            "$defs": {"Item": {"type": "object"}}, "type": "object",
+            "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}, "self": {"$ref": "#"}}}}}]);
+        let schema = call_schema(Some(&tools), &["t".to_owned()]);
+        assert_eq!(schema["properties"]["arguments"], json!({"$ref": "#/$defs/tool0"}));
+        let moved = &schema["$defs"]["tool0"];
+        assert_eq!(moved["properties"]["items"]["items"]["$ref"], "#/$defs/tool0/$defs/Item");
+        assert_eq!(moved["properties"]["self"]["$ref"], "#/$defs/tool0");
     }
 
     #[test]

@@ -304,3 +304,30 @@ def test_forced_tools_with_refs_are_valid(client, choice):
         jsonschema.validate(json.loads(call.function.arguments), schema)
         calls += call.function.name == "place_order"
     assert calls > 0 or choice == "required"
+
+
+def test_forced_calls_stream_their_arguments_and_are_cut_off_alike(client):
+    """A forced call streams as OpenAI's and vLLM's: the head (id, name) first, then the
+    arguments in pieces as they are generated; cut off by max_tokens, the partial call comes
+    where a whole one would, with finish_reason "length" and no content, streamed or not."""
+    base = {"model": "smollm2-135m-instruct-genai", "temperature": 0,
+            "messages": [{"role": "user", "content": "Order two items for a birthday party."}],
+            "tools": [ORDER_TOOL], "tool_choice": {"type": "function", "function": {"name": "place_order"}}}
+    whole = client.chat.completions.create(**base, max_tokens=96).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    arguments = whole.message.tool_calls[0].function.arguments
+    content, calls, finish = stream_text(client, **base, max_tokens=96)
+    assert (content, finish) == ("", "tool_calls")
+    assert calls[0].id and calls[0].function.name == "place_order" and calls[0].function.arguments == ""
+    pieces = [c.function.arguments for c in calls[1:]]
+    assert len(pieces) > 2, pieces  # streamed as generated, not in one piece at the end
+    assert "".join(pieces) == arguments
+
+    cut = client.chat.completions.create(**base, max_tokens=12).choices[0]
+    assert cut.finish_reason == "length" and cut.message.content is None
+    partial = cut.message.tool_calls[0].function.arguments
+    assert cut.message.tool_calls[0].function.name == "place_order"
+    assert arguments.startswith(partial) and len(partial) < len(arguments)
+    content, calls, finish = stream_text(client, **base, max_tokens=12)
+    assert (content, finish) == ("", "length")
+    assert "".join(c.function.arguments or "" for c in calls) == partial
