@@ -6,7 +6,7 @@ use super::ApiError;
 use super::compat;
 use super::constraints;
 use super::params::{self, Fields, wrong_type};
-use super::tools::{self, ToolMode};
+use super::tools::{self, ToolMode, ToolsIn};
 use crate::constraint::{Compiler, Prepared, Spec};
 use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError};
 use crate::model::ModelInfo;
@@ -79,15 +79,21 @@ pub struct ParsedRequest {
     pub generate: GenerateRequest,
 }
 
+/// A chat template and where it takes the request's tools.
+struct Template {
+    jinja: ChatTemplate,
+    tools_in: ToolsIn,
+}
+
 /// Turns OpenAI request bodies into engine requests for one served model: parsing, validation,
 /// chat template, tokenization, and the context-length check.
 pub struct Frontend {
     served_name: String,
     info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
-    template: Option<ChatTemplate>,
-    /// Whether the chat template renders `tools` itself (else chatd adds a tool prompt).
-    template_has_tools: bool,
+    template: Option<Template>,
+    /// The model's template for requests with tools, when it ships one of its own.
+    tool_use_template: Option<Template>,
     /// Compiles constraints; the error says why this tokenizer cannot have any.
     constraints: Result<Compiler, String>,
     /// Replaced on reload (SIGHUP); read once per request.
@@ -97,15 +103,15 @@ pub struct Frontend {
 impl Frontend {
     pub fn new(engine: &Engine, served_name: Option<String>, limits: Limits) -> anyhow::Result<Self> {
         let tokenizer = engine.tokenizer().clone();
-        let template = match &tokenizer.chat_template {
-            Some(source) => {
-                Some(ChatTemplate::new(source, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?)
-            }
-            None => None,
+        let compile = |source: &Option<String>| -> anyhow::Result<Option<Template>> {
+            let Some(source) = source else { return Ok(None) };
+            let jinja = ChatTemplate::new(source, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?;
+            Ok(Some(Template { jinja, tools_in: ToolsIn::of(source) }))
         };
+        let template = compile(&tokenizer.chat_template)?;
+        let tool_use_template = compile(&tokenizer.tool_use_template)?;
         let info = engine.info().clone();
         let served_name = served_name.unwrap_or_else(|| info.name.clone());
-        let template_has_tools = tokenizer.chat_template.as_deref().is_some_and(|t| t.contains("tools"));
         let constraints = Compiler::new(&tokenizer, &info.eos_token_ids, info.vocab_size).map_err(|e| {
             log::warn!("constrained decoding is unavailable: {e:#}");
             format!("{e:#}")
@@ -115,7 +121,7 @@ impl Frontend {
             info,
             tokenizer,
             template,
-            template_has_tools,
+            tool_use_template,
             constraints,
             limits: std::sync::RwLock::new(limits),
         })
@@ -380,18 +386,26 @@ impl Frontend {
         };
         let mut normalized =
             messages.into_iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect::<Result<Vec<_>, _>>()?;
-        if let Some(tools) = tools
-            && *mode != ToolMode::None
-            && !self.template_has_tools
-        {
-            add_system_text(&mut normalized, &tools::system_prompt(tools));
-        }
-        let template = self.template.as_ref().ok_or_else(|| {
+        // As transformers: the model's tool-use template when tools are given and it has one.
+        // With `tool_choice: "none"` the tools reach only a template that takes the variable.
+        let offered = tools.filter(|_| *mode != ToolMode::None);
+        let template = match offered {
+            Some(_) => self.tool_use_template.as_ref().or(self.template.as_ref()),
+            None => self.template.as_ref(),
+        };
+        let template = template.ok_or_else(|| {
             ApiError::invalid(
                 "messages",
                 "this model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions",
             )
         })?;
+        match (offered, template.tools_in) {
+            (Some(tools), ToolsIn::Nowhere) => add_system_text(&mut normalized, &tools::system_prompt(tools)),
+            (Some(tools), ToolsIn::SystemMessage) => {
+                add_system_field(&mut normalized, "tools", tools::system_message_tools(tools))
+            }
+            _ => {}
+        }
         let continue_final = f.bool("continue_final_message")?.unwrap_or(false);
         let add_generation_prompt = f.bool("add_generation_prompt")?.unwrap_or(!continue_final);
         if continue_final && add_generation_prompt {
@@ -407,10 +421,10 @@ impl Frontend {
         };
         // Converting tools for the template costs as much as parsing them: only for templates
         // that use them.
-        let tools = tools.filter(|_| self.template_has_tools);
+        let tools = tools.filter(|_| template.tools_in == ToolsIn::Variable);
         let last = continue_final.then(|| final_message_text(&normalized)).transpose()?;
         let mut text =
-            template.render(&Value::Array(normalized), tools, add_generation_prompt, kwargs).map_err(|e| {
+            template.jinja.render(&Value::Array(normalized), tools, add_generation_prompt, kwargs).map_err(|e| {
                 ApiError::invalid("messages", format!("the model's chat template rejected the messages: {e}"))
             })?;
         if let Some(last) = last {
@@ -618,6 +632,16 @@ fn cut_after_final_message(text: &mut String, last: &str) -> Result<(), ApiError
     })?;
     text.truncate(at + last.len());
     Ok(())
+}
+
+/// Sets `field` of the system message, adding an empty one if there is none.
+fn add_system_field(messages: &mut Vec<Value>, field: &str, value: String) {
+    if messages.first().and_then(|m| m.get("role")).and_then(Value::as_str) != Some("system") {
+        messages.insert(0, serde_json::json!({"role": "system", "content": ""}));
+    }
+    if let Some(Value::Object(system)) = messages.first_mut() {
+        system.insert(field.to_owned(), Value::String(value));
+    }
 }
 
 /// Puts `text` at the start of the system message, adding one if there is none.

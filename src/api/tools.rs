@@ -156,6 +156,50 @@ fn rebase_refs(schema: &mut Value, base: &str) {
     }
 }
 
+/// Where a chat template takes the request's `tools`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolsIn {
+    /// The `tools` variable, as Hugging Face passes it (Qwen, Llama 3.x, Hermes, ...).
+    Variable,
+    /// A JSON text in the system message's `tools` field (Phi-4-mini's `message['tools']`).
+    SystemMessage,
+    /// Nowhere: chatd puts its own tool instructions in the system message.
+    Nowhere,
+}
+
+impl ToolsIn {
+    /// Reads a template's source: a `tools` name of its own (not `message.tools`, not part of
+    /// a longer name) is the variable; otherwise a message's `tools` field.
+    pub fn of(template: &str) -> ToolsIn {
+        let bytes = template.as_bytes();
+        let is_name = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+        let mut message_field = false;
+        for (at, _) in template.match_indices("tools") {
+            let before = at.checked_sub(1).map(|i| bytes[i]);
+            let after = bytes.get(at + "tools".len()).copied();
+            if before.is_some_and(is_name) || after.is_some_and(is_name) {
+                continue;
+            }
+            let field = template[..at].ends_with("message.")
+                || template[..at].ends_with("message['")
+                || template[..at].ends_with("message[\"");
+            if field {
+                message_field = true;
+            } else if !matches!(before, Some(b'.' | b'\'' | b'"')) {
+                return ToolsIn::Variable;
+            }
+        }
+        if message_field { ToolsIn::SystemMessage } else { ToolsIn::Nowhere }
+    }
+}
+
+/// The tools as Phi-4-mini's documentation puts them in the system message: a JSON text of
+/// the function objects.
+pub fn system_message_tools(tools: &Value) -> String {
+    let functions: Vec<&Value> = tool_list(Some(tools)).iter().map(|t| &t["function"]).collect();
+    serde_json::to_string(&functions).unwrap_or_default()
+}
+
 /// Instructions for templates that ignore `tools` (Hermes-style, as Hugging Face's tool-use
 /// templates write them), put in front of the system message.
 pub fn system_prompt(tools: &Value) -> String {
@@ -270,6 +314,19 @@ mod tests {
         let moved = &schema["$defs"]["tool0"];
         assert_eq!(moved["properties"]["items"]["items"]["$ref"], "#/$defs/tool0/$defs/Item");
         assert_eq!(moved["properties"]["self"]["$ref"], "#/$defs/tool0");
+    }
+
+    #[test]
+    fn templates_say_where_they_take_tools() {
+        assert_eq!(ToolsIn::of("{% if tools %}{{ tools | tojson }}{% endif %}"), ToolsIn::Variable);
+        assert_eq!(ToolsIn::of("{%- if tools is defined and tools -%}"), ToolsIn::Variable);
+        let phi4 = "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and \
+                    message['tools'] is not none %}{{ '<|tool|>' + message['tools'] + '<|/tool|>' }}{% endif %}{% endfor %}";
+        assert_eq!(ToolsIn::of(phi4), ToolsIn::SystemMessage);
+        assert_eq!(ToolsIn::of("{{ ns.tools_prefix }}{{ message.content }}"), ToolsIn::Nowhere);
+        assert_eq!(ToolsIn::of("{{ messages[0].content }}"), ToolsIn::Nowhere);
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        assert_eq!(system_message_tools(&tools), r#"[{"name":"f","parameters":{"type":"object"}}]"#);
     }
 
     #[test]

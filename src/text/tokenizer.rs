@@ -11,6 +11,9 @@ pub struct Tokenizer {
     max_bytes_per_token: Option<usize>,
     /// Jinja source of the chat template, when the model ships one.
     pub chat_template: Option<String>,
+    /// The template for requests with tools, when the model ships a separate one (the
+    /// `tool_use` entry of a list of named templates, or `additional_chat_templates/tool_use.jinja`).
+    pub tool_use_template: Option<String>,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
 }
@@ -30,6 +33,7 @@ impl Tokenizer {
             max_bytes_per_token: input_bytes_per_token(&inner),
             inner,
             chat_template: chat_template_in(dir, &config)?,
+            tool_use_template: tool_use_template_in(dir, &config)?,
             bos_token: special_token(&config, "bos_token"),
             eos_token: special_token(&config, "eos_token"),
         })
@@ -200,16 +204,29 @@ fn chat_template_in(dir: &Path, config: &serde_json::Value) -> Result<Option<Str
     }
 }
 
+/// The tool-use template, as transformers looks for it: a file beside, else the list entry.
+fn tool_use_template_in(dir: &Path, config: &serde_json::Value) -> Result<Option<String>> {
+    let path = dir.join("additional_chat_templates").join("tool_use.jinja");
+    match std::fs::read_to_string(&path) {
+        Ok(template) => Ok(Some(template)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(named_template(config, "tool_use")),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
 /// `chat_template` is a string, or a list of named templates of which "default" is the chat one.
 fn chat_template_of(config: &serde_json::Value) -> Option<String> {
     match config.get("chat_template")? {
         serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(list) => list
-            .iter()
-            .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
-            .and_then(|t| t.get("template")?.as_str().map(str::to_owned)),
-        _ => None,
+        _ => named_template(config, "default"),
     }
+}
+
+/// The entry `name` of a `chat_template` given as a list of `{"name", "template"}`.
+fn named_template(config: &serde_json::Value, name: &str) -> Option<String> {
+    let list = config.get("chat_template")?.as_array()?;
+    let entry = list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))?;
+    entry.get("template")?.as_str().map(str::to_owned)
 }
 
 /// A special token is written either as a string or as an AddedToken object with `content`.

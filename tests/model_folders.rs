@@ -1,0 +1,114 @@
+//! Model folders as today's exporters and hubs write them: templates in their several forms,
+//! and where a template takes the request's tools. Each folder is the shared SmolLM2 model
+//! (files linked) with a tokenizer config or template of another family's shape.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Daemon, model_dir, user};
+use serde_json::{Value, json};
+
+/// A folder linking the shared model's files, with `tokenizer_config.json` replaced by
+/// `config` and `extra` files written beside.
+fn folder(name: &str, config: &Value, extra: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("chatd-folder-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["config.json", "generation_config.json", "model.onnx", "tokenizer.json", "special_tokens_map.json"] {
+        std::os::unix::fs::symlink(model_dir().join(file), dir.join(file)).unwrap();
+    }
+    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+    for (path, text) in extra {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+fn tokenizer_config(template: Value) -> Value {
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir().join("tokenizer_config.json")).unwrap()).unwrap();
+    match template {
+        Value::Null => config.as_object_mut().unwrap().remove("chat_template"),
+        t => config.as_object_mut().unwrap().insert("chat_template".into(), t),
+    };
+    config
+}
+
+const WEATHER: &str = r#"[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]"#;
+
+fn rendered(d: &Daemon, body: Value) -> String {
+    let r = d.post("/apply-template", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["prompt"].as_str().unwrap().to_owned()
+}
+
+fn remove(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_list_of_named_templates_uses_tool_use_when_tools_are_given() {
+    // transformers: `chat_template` as [{"name", "template"}]; "tool_use" is chosen for tools.
+    let config = tokenizer_config(json!([
+        {"name": "default", "template": "D:{{ messages[0]['content'] }}"},
+        {"name": "tool_use", "template": "T{{ tools | length }}:{{ messages[0]['content'] }}"},
+    ]));
+    let dir = folder("list", &config, &[]);
+    let d = Daemon::start_with_model(&dir, &[]);
+    let tools: Value = serde_json::from_str(WEATHER).unwrap();
+    assert_eq!(rendered(&d, json!({"messages": user("hi")})), "D:hi");
+    assert_eq!(rendered(&d, json!({"messages": user("hi"), "tools": tools})), "T1:hi");
+    drop(d);
+    remove(&dir);
+}
+
+#[test]
+fn tool_use_template_in_its_own_file_is_found() {
+    // transformers 4.5x save_pretrained: additional_chat_templates/tool_use.jinja.
+    let config = tokenizer_config(Value::Null);
+    let dir = folder(
+        "files",
+        &config,
+        &[
+            ("chat_template.jinja", "D:{{ messages[0]['content'] }}"),
+            ("additional_chat_templates/tool_use.jinja", "T:{{ tools[0]['function']['name'] }}"),
+        ],
+    );
+    let d = Daemon::start_with_model(&dir, &[]);
+    let tools: Value = serde_json::from_str(WEATHER).unwrap();
+    assert_eq!(rendered(&d, json!({"messages": user("hi")})), "D:hi");
+    assert_eq!(rendered(&d, json!({"messages": user("hi"), "tools": tools})), "T:get_weather");
+    drop(d);
+    remove(&dir);
+}
+
+#[test]
+fn a_template_reading_message_tools_gets_them_in_the_system_message() {
+    // Phi-4-mini-instruct's template: the tools as a JSON text in the system message's `tools`.
+    let phi4 = "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and \
+                message['tools'] is not none %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + \
+                message['tools'] + '<|/tool|>' + '<|end|>' }}{% else %}{{ '<|' + message['role'] + '|>' + \
+                message['content'] + '<|end|>' }}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}\
+                {% else %}{{ eos_token }}{% endif %}";
+    let dir = folder("phi4", &tokenizer_config(json!(phi4)), &[]);
+    let d = Daemon::start_with_model(&dir, &[]);
+    let tools: Value = serde_json::from_str(WEATHER).unwrap();
+    let prompt = rendered(&d, json!({"messages": user("Weather in Rome?"), "tools": tools}));
+    let expected = r#"<|system|><|tool|>[{"name":"get_weather","parameters":{"type":"object","properties":{"city":{"type":"string"}}}}]<|/tool|><|end|><|user|>Weather in Rome?<|end|><|assistant|>"#;
+    assert_eq!(prompt, expected);
+    // Without tools, or with tool_choice "none", the template sees none.
+    assert_eq!(rendered(&d, json!({"messages": user("hi")})), "<|user|>hi<|end|><|assistant|>");
+    let none = rendered(&d, json!({"messages": user("hi"), "tools": tools, "tool_choice": "none"}));
+    assert_eq!(none, "<|user|>hi<|end|><|assistant|>");
+    // And a forced call still works through it.
+    let v = d.chat(
+        json!({"messages": user("Weather in Rome?"), "tools": tools, "tool_choice": "required", "max_tokens": 40}),
+    );
+    let choice = &v["choices"][0];
+    assert!(choice["finish_reason"] == "tool_calls" || choice["finish_reason"] == "length", "{v}");
+    drop(d);
+    remove(&dir);
+}
