@@ -20,7 +20,7 @@ use serde_json::Value;
 use super::config::{GenerationDefaults, ids_of, read_json};
 use super::kv_pool::{KvPool, RowLease};
 use super::runtime::{self, RuntimeOptions};
-use super::{ModelInfo, logit_positions};
+use super::{ModelInfo, logit_positions, proto};
 
 /// What `genai_config.json` says about the decoder.
 pub struct GenaiConfig {
@@ -38,6 +38,9 @@ pub struct GenaiConfig {
     /// The execution provider the folder was built for (`provider_options` names it: "cuda",
     /// "dml", "webgpu"...); `None` for a CPU build.
     pub built_for: Option<String>,
+    /// `sliding_window` of the decoder section: the attention window the model was trained
+    /// with, which the graph may or may not apply (see `limit_to_window`).
+    pub sliding_window: Option<usize>,
 }
 
 impl GenaiConfig {
@@ -107,6 +110,10 @@ impl GenaiConfig {
             present_value: name("outputs", "present_value_names", "present.%d.value"),
             intra_op_threads: threads,
             built_for: built_for(&decoder["session_options"]),
+            sliding_window: match &decoder["sliding_window"] {
+                Value::Number(n) => n.as_u64().map(|w| w as usize),
+                section => section.get("window_size").and_then(Value::as_u64).map(|w| w as usize),
+            },
         })
     }
 }
@@ -426,11 +433,12 @@ fn kv_type_refusal(input: &str, ty: &str, built_for: Option<&str>) -> String {
 /// Opens the decoder with the `logit_positions` input added (see that module), or as it is
 /// when the edit does not apply: very large single-file models (the edit holds a copy of the
 /// file in memory while loading) and graphs without a node making the logits.
-pub fn open(config: &GenaiConfig, options: &RuntimeOptions) -> Result<Session> {
+pub fn open(config: &mut GenaiConfig, options: &RuntimeOptions) -> Result<Session> {
     const EDIT_LIMIT: u64 = 256 << 20;
     let size = std::fs::metadata(&config.file).with_context(|| format!("reading {}", config.file.display()))?.len();
     if size <= EDIT_LIMIT {
         let bytes = std::fs::read(&config.file).with_context(|| format!("reading {}", config.file.display()))?;
+        limit_to_window(config, &proto::attention_windows(&bytes)?);
         match logit_positions::add_input(&bytes, &config.logits) {
             Ok(edited) => {
                 drop(bytes);
@@ -441,6 +449,25 @@ pub fn open(config: &GenaiConfig, options: &RuntimeOptions) -> Result<Session> {
         }
     }
     runtime::open_session(&config.file, options)
+}
+
+/// A folder whose config names a sliding window that the graph's attention does not apply
+/// (the builder writes Mistral's into genai_config.json, not into the graph): past the window
+/// the output would silently differ from the model's, so the context is cut to the window and
+/// longer requests get `context_length_exceeded`.
+fn limit_to_window(config: &mut GenaiConfig, graph_windows: &[i64]) {
+    let Some(window) = config.sliding_window else { return };
+    let applied = !graph_windows.is_empty() && graph_windows.iter().all(|&w| w > 0);
+    if applied || window >= config.info.context_length {
+        return;
+    }
+    log::warn!(
+        "genai_config.json names a sliding window of {window} tokens, but the graph's attention has none: past \
+         {window} tokens the output would differ from the model's, so prompts and completions are limited to \
+         {window} tokens (not {})",
+        config.info.context_length
+    );
+    config.info.context_length = window;
 }
 
 fn check(status: ort::sys::OrtStatusPtr) -> Result<()> {
@@ -525,5 +552,21 @@ mod tests {
         assert_eq!(alone.defaults.repetition_penalty, 1.0);
         assert_eq!((both.defaults.temperature, both.defaults.repetition_penalty), (0.7, 1.05));
         assert!(both.eos_token_ids.contains(&7) && both.eos_token_ids.starts_with(&alone.eos_token_ids));
+    }
+
+    #[test]
+    fn a_window_the_graph_does_not_apply_limits_the_context() {
+        let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/smollm2-135m-instruct-genai");
+        let mut config = GenaiConfig::read(&shared).unwrap();
+        let context = config.info.context_length;
+        assert_eq!(config.sliding_window, None);
+        config.sliding_window = Some(64);
+        limit_to_window(&mut config, &[64, 64]);
+        assert_eq!(config.info.context_length, context);
+        limit_to_window(&mut config, &[-1, -1]);
+        assert_eq!(config.info.context_length, 64);
+        // The shared model's graph has GroupQueryAttention nodes without a window.
+        let windows = proto::attention_windows(&std::fs::read(&config.file).unwrap()).unwrap();
+        assert!(!windows.is_empty() && windows.iter().all(|&w| w == -1), "{windows:?}");
     }
 }

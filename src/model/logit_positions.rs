@@ -14,6 +14,8 @@
 
 use anyhow::{Context, Result, bail};
 
+use super::proto::*;
+
 /// The input the edit adds.
 pub const INPUT: &str = "chatd_logit_positions";
 const HIDDEN_AT: &str = "chatd_hidden_at_positions";
@@ -38,32 +40,6 @@ pub fn add_input(model: &[u8], logits: &str) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
-
-// Field numbers of onnx.proto3 that the edit reads or writes.
-const MODEL_GRAPH: u32 = 7;
-const GRAPH_NODE: u32 = 1;
-const GRAPH_INPUT: u32 = 11;
-const NODE_INPUT: u32 = 1;
-const NODE_OUTPUT: u32 = 2;
-const NODE_NAME: u32 = 3;
-const NODE_OP_TYPE: u32 = 4;
-const NODE_ATTRIBUTE: u32 = 5;
-const ATTRIBUTE_NAME: u32 = 1;
-const ATTRIBUTE_I: u32 = 3;
-const ATTRIBUTE_TYPE: u32 = 20;
-const ATTRIBUTE_TYPE_INT: u64 = 2;
-const VALUE_INFO_NAME: u32 = 1;
-const VALUE_INFO_TYPE: u32 = 2;
-const TYPE_TENSOR: u32 = 1;
-const TENSOR_ELEM_TYPE: u32 = 1;
-const TENSOR_SHAPE: u32 = 2;
-const SHAPE_DIM: u32 = 1;
-const DIM_PARAM: u32 = 2;
-const ELEM_INT64: u64 = 7;
-
-// Wire types.
-const VARINT: u8 = 0;
-const LEN: u8 = 2;
 
 fn edit_graph(graph: &[u8], logits: &str) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(graph.len() + 256);
@@ -158,88 +134,6 @@ fn positions_input() -> Vec<u8> {
     put_bytes(&mut info, VALUE_INFO_NAME, INPUT.as_bytes());
     put_bytes(&mut info, VALUE_INFO_TYPE, &ty);
     info
-}
-
-/// One field of a protobuf message: its number, wire type, payload (for length-delimited
-/// fields, the bytes inside) and the whole encoding (key included) for passing it through.
-struct Field<'a> {
-    number: u32,
-    wire: u8,
-    value: &'a [u8],
-    raw: &'a [u8],
-}
-
-fn fields(message: &[u8]) -> impl Iterator<Item = Result<Field<'_>>> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at >= message.len() {
-            return None;
-        }
-        let start = at;
-        let field = (|| {
-            let key = read_varint(message, &mut at)?;
-            let wire = (key & 7) as u8;
-            let number = u32::try_from(key >> 3).context("field number out of range")?;
-            let value = match wire {
-                VARINT => {
-                    let from = at;
-                    read_varint(message, &mut at)?;
-                    &message[from..at]
-                }
-                1 => take(message, &mut at, 8)?,
-                LEN => {
-                    let len = usize::try_from(read_varint(message, &mut at)?).context("length out of range")?;
-                    take(message, &mut at, len)?
-                }
-                5 => take(message, &mut at, 4)?,
-                other => bail!("unsupported protobuf wire type {other}"),
-            };
-            Ok(Field { number, wire, value, raw: &message[start..at] })
-        })();
-        if field.is_err() {
-            at = message.len();
-        }
-        Some(field)
-    })
-}
-
-fn take<'a>(message: &'a [u8], at: &mut usize, len: usize) -> Result<&'a [u8]> {
-    let end = at.checked_add(len).filter(|&e| e <= message.len()).context("truncated protobuf field")?;
-    let value = &message[*at..end];
-    *at = end;
-    Ok(value)
-}
-
-fn read_varint(message: &[u8], at: &mut usize) -> Result<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *message.get(*at).context("truncated protobuf varint")?;
-        *at += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    bail!("protobuf varint too long")
-}
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn put_varint_field(out: &mut Vec<u8>, number: u32, value: u64) {
-    put_varint(out, u64::from(number) << 3 | u64::from(VARINT));
-    put_varint(out, value);
-}
-
-fn put_bytes(out: &mut Vec<u8>, number: u32, bytes: &[u8]) {
-    put_varint(out, u64::from(number) << 3 | u64::from(LEN));
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
 }
 
 #[cfg(test)]

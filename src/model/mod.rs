@@ -8,6 +8,7 @@ mod kv_pool;
 mod logit_positions;
 mod optimum;
 mod pages;
+mod proto;
 pub mod runtime;
 
 use std::path::Path;
@@ -103,13 +104,13 @@ impl Model {
                     options.provider
                 );
             }
-            let config = genai::GenaiConfig::read(dir)?;
+            let mut config = genai::GenaiConfig::read(dir)?;
             let mut options = options.clone();
             if let (false, Some(threads)) = (options.intra_threads_set, config.intra_op_threads) {
                 options.intra_threads = threads;
             }
             let session =
-                genai::open(&config, &options).with_context(|| format!("loading {}", config.file.display()))?;
+                genai::open(&mut config, &options).with_context(|| format!("loading {}", config.file.display()))?;
             let model = genai::GenaiModel::new(session, &config, options.kv_cache_bytes)
                 .with_context(|| format!("reading the inputs and outputs of {}", config.file.display()))?;
             return Ok(Self { info: config.info, layout: Layout::Genai(model), provider: options.provider });
