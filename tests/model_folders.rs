@@ -112,3 +112,37 @@ fn a_template_reading_message_tools_gets_them_in_the_system_message() {
     drop(d);
     remove(&dir);
 }
+
+/// The shared genai-layout folder as the Hugging Face cache holds a snapshot: every file a
+/// symlink into `blobs/`, where files are named by their hash.
+fn hub_cache_snapshot() -> (PathBuf, PathBuf) {
+    let source = model_dir().parent().unwrap().join("smollm2-135m-instruct-genai");
+    let root = std::env::temp_dir().join(format!("chatd-hub-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (blobs, snapshot) = (root.join("blobs"), root.join("snapshots").join("0123abcd"));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for (i, entry) in std::fs::read_dir(&source).unwrap().flatten().enumerate() {
+        let blob = blobs.join(format!("{i:02}e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"));
+        // A hard link where the file system allows it (the blob is 86 MB), else a copy.
+        if std::fs::hard_link(entry.path(), &blob).is_err() {
+            std::fs::copy(entry.path(), &blob).unwrap();
+        }
+        let link = Path::new("../../blobs").join(blob.file_name().unwrap());
+        std::os::unix::fs::symlink(link, snapshot.join(entry.file_name())).unwrap();
+    }
+    (root, snapshot)
+}
+
+#[test]
+fn a_hugging_face_cache_snapshot_loads_and_answers_as_the_folder_does() {
+    // ONNX Runtime refuses external data reached through a symlink out of the model's folder;
+    // chatd reads it from the blobs the links point to.
+    let (root, snapshot) = hub_cache_snapshot();
+    let request = json!({"messages": user("What is the capital of France?"), "max_tokens": 12, "temperature": 0});
+    let from_cache = Daemon::start_with_model(&snapshot, &[]).chat(request.clone());
+    let from_folder =
+        Daemon::start_with_model(&model_dir().parent().unwrap().join("smollm2-135m-instruct-genai"), &[]).chat(request);
+    assert_eq!(from_cache["choices"][0]["message"], from_folder["choices"][0]["message"]);
+    remove(&root);
+}

@@ -7,6 +7,10 @@ use anyhow::{Context, Result, bail};
 pub(super) const MODEL_GRAPH: u32 = 7;
 pub(super) const GRAPH_NODE: u32 = 1;
 pub(super) const GRAPH_INPUT: u32 = 11;
+pub(super) const GRAPH_INITIALIZER: u32 = 5;
+pub(super) const TENSOR_EXTERNAL_DATA: u32 = 13;
+pub(super) const ENTRY_KEY: u32 = 1;
+pub(super) const ENTRY_VALUE: u32 = 2;
 pub(super) const NODE_INPUT: u32 = 1;
 pub(super) const NODE_OUTPUT: u32 = 2;
 pub(super) const NODE_NAME: u32 = 3;
@@ -111,6 +115,70 @@ pub(super) fn put_bytes(out: &mut Vec<u8>, number: u32, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// The `location` of every external-data initializer of the main graph, each once.
+pub(super) fn external_locations(model: &[u8]) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    edit_locations(model, &mut |location| {
+        if !found.iter().any(|l| l == location) {
+            found.push(location.to_owned());
+        }
+        None
+    })?;
+    Ok(found)
+}
+
+/// `model` with each external-data `location` of the main graph's initializers replaced by
+/// what `rename` gives for it (kept when it gives `None`).
+pub(super) fn rename_locations(model: &[u8], rename: &mut dyn FnMut(&str) -> Option<String>) -> Result<Vec<u8>> {
+    edit_locations(model, rename)
+}
+
+fn edit_locations(model: &[u8], rename: &mut dyn FnMut(&str) -> Option<String>) -> Result<Vec<u8>> {
+    // Each level is copied field by field; only the fields on the way to a location change.
+    let mut entry = |entry: &[u8]| -> Result<Vec<u8>> {
+        let mut key = &b""[..];
+        let mut value = None;
+        for field in fields(entry) {
+            let field = field?;
+            match field.number {
+                ENTRY_KEY => key = field.value,
+                ENTRY_VALUE => value = Some(field.value),
+                _ => {}
+            }
+        }
+        let renamed = match (key, value) {
+            (b"location", Some(v)) => rename(std::str::from_utf8(v).context("an external data location is not UTF-8")?),
+            _ => None,
+        };
+        Ok(match renamed {
+            Some(new) => {
+                let mut out = Vec::new();
+                put_bytes(&mut out, ENTRY_KEY, b"location");
+                put_bytes(&mut out, ENTRY_VALUE, new.as_bytes());
+                out
+            }
+            None => entry.to_vec(),
+        })
+    };
+    let mut tensor = |t: &[u8]| edit_fields(t, TENSOR_EXTERNAL_DATA, &mut entry);
+    let mut graph = |g: &[u8]| edit_fields(g, GRAPH_INITIALIZER, &mut tensor);
+    edit_fields(model, MODEL_GRAPH, &mut graph)
+}
+
+/// `message` with each length-delimited field `number` replaced by `inner` of it.
+fn edit_fields(message: &[u8], number: u32, inner: &mut dyn FnMut(&[u8]) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(message.len());
+    for field in fields(message) {
+        let field = field?;
+        if field.number == number && field.wire == LEN {
+            put_bytes(&mut out, number, &inner(field.value)?);
+        } else {
+            out.extend_from_slice(field.raw);
+        }
+    }
+    Ok(out)
+}
+
 /// The `local_window_size` of each `GroupQueryAttention` node of a serialized ModelProto (-1:
 /// none, as the attribute's default), in graph order.
 pub(super) fn attention_windows(model: &[u8]) -> Result<Vec<i64>> {
@@ -186,5 +254,33 @@ mod tests {
         let mut model = Vec::new();
         put_bytes(&mut model, MODEL_GRAPH, &graph);
         assert_eq!(attention_windows(&model).unwrap(), vec![4096, -1]);
+    }
+
+    #[test]
+    fn external_data_locations_are_found_and_renamed_leaving_the_rest() {
+        let tensor = |location: &str| {
+            let mut t = Vec::new();
+            put_bytes(&mut t, 8, b"weight");
+            for (k, v) in [("location", location), ("offset", "0")] {
+                let mut entry = Vec::new();
+                put_bytes(&mut entry, ENTRY_KEY, k.as_bytes());
+                put_bytes(&mut entry, ENTRY_VALUE, v.as_bytes());
+                put_bytes(&mut t, TENSOR_EXTERNAL_DATA, &entry);
+            }
+            t
+        };
+        let mut graph = Vec::new();
+        put_bytes(&mut graph, GRAPH_INITIALIZER, &tensor("model.onnx.data"));
+        put_bytes(&mut graph, GRAPH_INITIALIZER, &tensor("model.onnx.data"));
+        put_bytes(&mut graph, GRAPH_NODE, &gqa_node(None));
+        let mut model = Vec::new();
+        put_varint_field(&mut model, 1, 8);
+        put_bytes(&mut model, MODEL_GRAPH, &graph);
+        assert_eq!(external_locations(&model).unwrap(), vec!["model.onnx.data"]);
+        let renamed = rename_locations(&model, &mut |l| Some(format!("blob-of-{l}"))).unwrap();
+        assert_eq!(external_locations(&renamed).unwrap(), vec!["blob-of-model.onnx.data"]);
+        assert_eq!(attention_windows(&renamed).unwrap(), vec![-1]);
+        let same = rename_locations(&model, &mut |_| None).unwrap();
+        assert_eq!(same, model);
     }
 }

@@ -4,7 +4,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use ort::session::{Session, builder::GraphOptimizationLevel};
 
 /// How to run models: which runtime library, how many threads.
@@ -208,16 +208,66 @@ fn library_version(path: &Path) -> Option<String> {
 
 /// Opens a session with the options that measured fastest for decoder models on small CPUs.
 pub(crate) fn open_session(file: &Path, options: &RuntimeOptions) -> Result<Session> {
+    // A graph whose weights are in external files is small; one whose weights are inside may
+    // be gigabytes and has no external data to follow.
+    const GRAPH_ONLY: u64 = 256 << 20;
+    let size = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?.len();
+    let dir = file.parent().unwrap_or(Path::new("."));
+    if size <= GRAPH_ONLY && is_linked(dir, file) {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        return open_session_from_memory(&bytes, dir, options);
+    }
     Ok(builder(options)?.commit_from_file(file)?)
+}
+
+/// Whether `file` or its folder's entries are symlinks (the Hugging Face cache layout).
+fn is_linked(dir: &Path, file: &Path) -> bool {
+    let linked = |p: &Path| p.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink());
+    linked(file) || std::fs::read_dir(dir).is_ok_and(|entries| entries.flatten().any(|e| linked(&e.path())))
 }
 
 /// Like `open_session`, for a model already in memory whose external weights live in `dir`.
 pub(crate) fn open_session_from_memory(model: &[u8], dir: &Path, options: &RuntimeOptions) -> Result<Session> {
+    let (model, dir) = follow_linked_data(model, dir)?;
+    let model = model.as_ref();
     let dir = dir.to_str().context("the model folder's path is not UTF-8")?;
     let mut builder = builder(options)?
         .with_config_entry("session.model_external_initializers_file_folder_path", dir)
         .map_err(ort::Error::<()>::from)?;
     Ok(builder.commit_from_memory(model)?)
+}
+
+/// The model and the folder ONNX Runtime should read its external data from. ONNX Runtime
+/// refuses data files reached through a symlink out of the model's folder ("External data
+/// path escapes model directory"), which is every file of a Hugging Face cache snapshot (links
+/// into `blobs/`): then each data file is named by its target, in the targets' folder.
+fn follow_linked_data<'a>(model: &'a [u8], dir: &Path) -> Result<(std::borrow::Cow<'a, [u8]>, PathBuf)> {
+    use std::borrow::Cow;
+    let locations = super::proto::external_locations(model)?;
+    let home = dir.canonicalize().with_context(|| format!("reading {}", dir.display()))?;
+    let mut targets = Vec::new();
+    for location in &locations {
+        let path = dir.join(location);
+        targets.push(path.canonicalize().with_context(|| format!("reading {}", path.display()))?);
+    }
+    if targets.iter().all(|t| t.starts_with(&home)) {
+        return Ok((Cow::Borrowed(model), dir.to_path_buf()));
+    }
+    let folder = targets[0].parent().map(Path::to_path_buf).unwrap_or_default();
+    if let Some(other) = targets.iter().find(|t| t.parent() != Some(folder.as_path())) {
+        bail!(
+            "the model's external data files are links into different folders ({} and {}); ONNX Runtime reads them \
+             from one folder",
+            folder.display(),
+            other.display()
+        );
+    }
+    let renamed = super::proto::rename_locations(model, &mut |location| {
+        let index = locations.iter().position(|l| l == location)?;
+        targets[index].file_name().map(|n| n.to_string_lossy().into_owned())
+    })?;
+    log::info!("the model's external data is linked from {}: read from there", folder.display());
+    Ok((Cow::Owned(renamed), folder))
 }
 
 fn builder(options: &RuntimeOptions) -> Result<ort::session::builder::SessionBuilder> {
