@@ -176,6 +176,15 @@ impl Frontend {
         let context = self.info.context_length;
         let max_tokens_key =
             if f.get("max_completion_tokens").is_some() { "max_completion_tokens" } else { "max_tokens" };
+        // Clients that send both (the new name and the old) are fine while they agree.
+        if let (Some(new), Some(old)) = (f.get("max_completion_tokens"), f.get("max_tokens"))
+            && new != old
+        {
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("`max_tokens` ({old}) and `max_completion_tokens` ({new}) disagree; send one of them"),
+            ));
+        }
         let max_tokens = match f.int(max_tokens_key, 1, i64::MAX)? {
             Some(n) => {
                 let n = n as usize;

@@ -223,3 +223,13 @@ def test_vllm_structured_outputs_refusals_name_the_field(chatd, body, param):
     status, answer = post_json(chatd, "/v1/chat/completions", {"messages": FRANCE, "max_tokens": 1, **body})
     assert status == 400, answer
     assert answer["error"]["param"] == param, answer
+
+
+def test_max_tokens_and_max_completion_tokens_together(chatd):
+    # OpenAI renamed max_tokens; clients that send both get the limit while the two agree.
+    status, body = post_json(chatd, "/v1/chat/completions",
+                             {"messages": FRANCE, "max_tokens": 2, "max_completion_tokens": 2})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 2
+    status, body = post_json(chatd, "/v1/chat/completions",
+                             {"messages": FRANCE, "max_tokens": 2, "max_completion_tokens": 3})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
