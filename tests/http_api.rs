@@ -341,3 +341,22 @@ fn a_long_prompt_gets_keep_alive_comments_before_its_first_token() {
     let r = d.post("/v1/chat/completions", &json!({"messages": user(FRANCE), "max_tokens": 4, "stream": true}));
     assert_eq!(r.events().last().map(String::as_str), Some("[DONE]"));
 }
+
+#[test]
+fn tool_calls_in_the_history_need_json_object_arguments() {
+    let d = shared();
+    let history = |arguments: Value| {
+        json!({"max_tokens": 2, "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        ]})
+    };
+    assert_eq!(d.post("/v1/chat/completions", &history(json!("{\"city\": \"Paris\"}"))).status, 200);
+    assert_eq!(d.post("/v1/chat/completions", &history(json!({"city": "Paris"}))).status, 200);
+    for bad in [json!("{"), json!("[1]"), json!(7)] {
+        let e = d.post("/v1/chat/completions", &history(bad)).error(400);
+        assert_eq!(e["param"], "messages[1].tool_calls[0].function.arguments", "{e}");
+    }
+}

@@ -672,6 +672,9 @@ fn normalize_message(index: usize, message: Value) -> Result<Value, ApiError> {
         Value::Object(obj) => obj,
         other => return Err(wrong_type(&param, "an object", &other)),
     };
+    if let Some(calls) = obj.get_mut("tool_calls").filter(|c| !c.is_null()) {
+        parse_call_arguments(&format!("{param}.tool_calls"), calls)?;
+    }
     let role = match obj.get("role") {
         Some(Value::String(r)) => r.as_str(),
         Some(other) => return Err(wrong_type(&format!("{param}.role"), "a string", other)),
@@ -724,6 +727,29 @@ fn normalize_message(index: usize, message: Value) -> Result<Value, ApiError> {
     };
     obj.insert("content".into(), Value::String(joined));
     Ok(Value::Object(obj))
+}
+
+/// Checks the tool calls of a message in the history and turns each call's `arguments` (a
+/// JSON text, as OpenAI sends it) into the object it holds, as vLLM hands them to templates;
+/// arguments that are not a JSON object are a 400 naming the call.
+fn parse_call_arguments(param: &str, calls: &mut Value) -> Result<(), ApiError> {
+    let Value::Array(list) = calls else { return Err(wrong_type(param, "an array", calls)) };
+    for (i, call) in list.iter_mut().enumerate() {
+        let at = format!("{param}[{i}].function.arguments");
+        let Some(arguments) = call.get_mut("function").and_then(|f| f.get_mut("arguments")) else {
+            return Err(ApiError::invalid(at.clone(), format!("`{at}` is required")));
+        };
+        let parsed = match &*arguments {
+            Value::String(text) => serde_json::from_str::<Value>(text)
+                .map_err(|e| ApiError::invalid(at.clone(), format!("`{at}` is not valid JSON ({e})")))?,
+            _ => arguments.take(),
+        };
+        if !parsed.is_object() {
+            return Err(ApiError::invalid(at.clone(), format!("`{at}` must be a JSON object")));
+        }
+        *arguments = parsed;
+    }
+    Ok(())
 }
 
 /// Names every bad `logit_bias` key (the first 16, then how many more), so a client fixes them
