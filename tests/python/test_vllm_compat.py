@@ -233,3 +233,11 @@ def test_max_tokens_and_max_completion_tokens_together(chatd):
     status, body = post_json(chatd, "/v1/chat/completions",
                              {"messages": FRANCE, "max_tokens": 2, "max_completion_tokens": 3})
     assert status == 400 and body["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("prompt", [["One,", "Two,"], [[504, 3575], [504]]])
+def test_batch_prompts_are_refused_by_name(chatd, prompt):
+    # OpenAI and vLLM answer a list of prompts with one choice each; chatd takes one prompt per
+    # request (a string, a list of one string, or token ids) and says so instead of answering one.
+    status, body = post_json(chatd, "/v1/completions", {"prompt": prompt, "max_tokens": 1})
+    assert status == 400 and body["error"]["param"] == "prompt", body
