@@ -251,9 +251,10 @@ enum Pending {
     Free,
     /// Text that may still turn out to be a tool call (`tool_choice` "auto").
     MaybeCall(String, Vec<TokenLogprobs>),
-    /// A forced call: its text so far, its id, and how many bytes of its arguments were sent
-    /// (`None` until its name is complete and its head chunk went out).
-    Forced { text: String, id: String, sent: Option<usize> },
+    /// A forced call: its text so far, its id, where its arguments start in the text (`None`
+    /// until its name is complete and its head chunk went out), and how many bytes of them
+    /// were sent.
+    Forced { text: String, id: String, args_at: Option<usize>, sent: usize },
 }
 
 /// Turns a request's events into the JSON payloads of server-sent events, in OpenAI's order:
@@ -276,7 +277,9 @@ impl StreamEncoder {
         let chat = request.endpoint == Endpoint::Chat;
         let pending = (0..n)
             .map(|_| match &request.tools {
-                ToolMode::Forced(_) if chat => Pending::Forced { text: String::new(), id: call_id(), sent: None },
+                ToolMode::Forced(_) if chat => {
+                    Pending::Forced { text: String::new(), id: call_id(), args_at: None, sent: 0 }
+                }
                 ToolMode::Auto if chat => Pending::MaybeCall(String::new(), Vec::new()),
                 _ => Pending::Free,
             })
@@ -347,13 +350,13 @@ impl StreamEncoder {
                             None => {}
                         }
                     }
-                    Pending::Forced { text, id, sent } => {
+                    Pending::Forced { text, id, args_at, sent } => {
                         let complete = reason == "stop";
                         if let Some((name, arguments)) = tools::forced_parts(&text, complete) {
-                            if sent.is_none() {
+                            if args_at.is_none() {
                                 chunks.push(self.call_head(*choice, &id, &name));
                             }
-                            let rest = &arguments[sent.unwrap_or(0).min(arguments.len())..];
+                            let rest = &arguments[sent.min(arguments.len())..];
                             if !rest.is_empty() {
                                 chunks.push(self.call_arguments(*choice, rest));
                             }
@@ -390,17 +393,25 @@ impl StreamEncoder {
                 self.pending[choice] = Pending::Free;
                 vec![self.content_chunk(choice, &text, &logprobs, tokenizer)]
             }
-            Some(Pending::Forced { text: so_far, id, sent }) => {
+            Some(Pending::Forced { text: so_far, id, args_at, sent }) => {
                 so_far.push_str(text);
-                let Some((name, arguments)) = tools::forced_parts(so_far, false) else { return Vec::new() };
+                // The head is parsed once: after it, each piece only extends the arguments.
+                let head = match *args_at {
+                    Some(_) => None,
+                    None => {
+                        let Some((name, arguments)) = tools::forced_parts(so_far, false) else { return Vec::new() };
+                        *args_at = Some(so_far.len() - arguments.len());
+                        Some((id.clone(), name))
+                    }
+                };
+                let arguments = &so_far[args_at.unwrap_or(so_far.len())..];
                 // The last `}` may close the call rather than its arguments: it waits for the
                 // next piece, or for the finish.
                 let ready = arguments.len() - usize::from(arguments.ends_with('}'));
-                let (id, done, first) = (id.clone(), sent.unwrap_or(0), sent.is_none());
-                let piece = arguments[done.min(ready)..ready].to_owned();
-                *sent = Some(ready.max(done));
+                let piece = arguments[(*sent).min(ready)..ready].to_owned();
+                *sent = ready.max(*sent);
                 let mut chunks = Vec::new();
-                if first {
+                if let Some((id, name)) = head {
                     chunks.push(self.call_head(choice, &id, &name));
                 }
                 if !piece.is_empty() {
