@@ -123,7 +123,7 @@ extern "C" {
  *   "max_queue_wait_s" longest wait for a place, else CHAT_OVERLOADED (30)
  *   "request_timeout_s" deadline of requests without "timeout" (600)
  *   "workers", "prefill_chunk", "stream_slowdown", "speculative_tokens", "kv_cache_mb",
- *   "prefix_cache_mb",
+ *   "kv_cache_dtype", "prefix_cache_mb",
  *   "served_model_name": as the daemon's flags (see `chatd --help`)
  *   "log_level"        error|warn|info|debug|trace: log to stderr (default: no logging)
  * Server-only settings ("listen", "http_threads", "max_body_bytes", "idle_unload_s", ...) are

@@ -104,6 +104,12 @@ const SETTINGS: &[(&str, &str, &str, &str)] = &[
         "most memory for the genai layout's shared KV cache [auto: 2/5 of the memory available after loading, at most 1024]",
     ),
     (
+        "kv-cache-dtype",
+        "CHATD_KV_CACHE_DTYPE",
+        "TYPE",
+        "how the genai layout stores keys and values: float32, int8 (a quarter of the memory) or int4 [float32]",
+    ),
+    (
         "prefix-cache-mb",
         "CHATD_PREFIX_CACHE_MB",
         "N",
@@ -321,6 +327,7 @@ impl Config {
                 self.runtime.kv_cache_bytes = count(value, 1)? << 20;
                 self.kv_cache_set = true;
             }
+            "kv-cache-dtype" => self.runtime.kv_cache_dtype = value.parse()?,
             "provider" => self.runtime.provider = value.parse()?,
             "prefix-cache-mb" => {
                 self.engine.prefix_cache_bytes = count(value, 0)? << 20;

@@ -10,8 +10,8 @@ use serde_json::Value;
 use crate::api::{ApiError, Collector, Endpoint, Frontend};
 use crate::config::Config;
 use crate::engine::{Engine, Event};
-use crate::model::{Model, runtime};
-use crate::text::Tokenizer;
+use crate::model::{Model, kv_quant, runtime};
+use crate::text::{ChatTemplate, Tokenizer};
 
 /// Why a service could not be set up, by class (each is one C status).
 #[derive(Debug)]
@@ -121,6 +121,22 @@ const NO_MODEL: &str = "no model folder: set `model` (--model DIR, CHATD_MODEL) 
      tokenizer_config.json), for example one made by `huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct \
      --include 'onnx/model.onnx' '*.json' --local-dir smollm2`";
 
+/// The calibration chat of a quantized KV cache, as requests reach the model: rendered with the
+/// model's chat template (its special tokens included), or as plain lines without one.
+fn calibration_tokens(tokenizer: &Tokenizer) -> anyhow::Result<Vec<u32>> {
+    let chat = kv_quant::CALIBRATION_CHAT;
+    let messages: Vec<Value> =
+        chat.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+    let text = match &tokenizer.chat_template {
+        Some(source) => {
+            let template = ChatTemplate::new(source, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?;
+            template.render(&Value::from(messages), None, true, None)?
+        }
+        None => chat.iter().map(|(_, content)| *content).collect::<Vec<_>>().join("\n\n"),
+    };
+    tokenizer.encode(&text)
+}
+
 pub struct Service {
     pub engine: Arc<Engine>,
     pub frontend: Arc<Frontend>,
@@ -150,7 +166,7 @@ impl Service {
         let started = Instant::now();
         let resident_before = crate::memory::resident_bytes();
         let tokenizer = Arc::new(Tokenizer::load(dir).map_err(model_error)?);
-        let mut model = Model::load(dir, &config.runtime).map_err(model_error)?;
+        let mut model = Model::load(dir, &config.runtime, &|| calibration_tokens(&tokenizer)).map_err(model_error)?;
         // Sized once the model is loaded: what is available then is what requests can have.
         let budget = size_budget(
             crate::memory::available_bytes(),

@@ -142,6 +142,7 @@ pub struct Engine {
     info: ModelInfo,
     layout: &'static str,
     provider: crate::model::Provider,
+    kv_cache_dtype: crate::model::KvCacheDtype,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
@@ -155,6 +156,7 @@ impl Engine {
         let info = model.info().clone();
         let layout = model.layout_name();
         let provider = model.provider();
+        let kv_cache_dtype = model.kv_cache_dtype();
         let stats = Arc::new(EngineStats::default());
         if config.speculative_tokens > 0 && !model.can_verify() {
             log::warn!("speculative_tokens is ignored: the {layout} layout cannot cut back a KV cache");
@@ -174,6 +176,7 @@ impl Engine {
             info,
             layout,
             provider,
+            kv_cache_dtype,
             tokenizer,
             config,
             stats,
@@ -193,6 +196,11 @@ impl Engine {
     /// The execution provider the model runs on.
     pub fn provider(&self) -> crate::model::Provider {
         self.provider
+    }
+
+    /// How the KV pool stores keys and values.
+    pub fn kv_cache_dtype(&self) -> crate::model::KvCacheDtype {
+        self.kv_cache_dtype
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {

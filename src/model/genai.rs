@@ -14,11 +14,12 @@ use anyhow::{Context, Result, bail, ensure};
 use ort::AsPointer;
 use ort::memory::MemoryInfo;
 use ort::session::Session;
-use ort::value::{Shape, TensorRef, TensorRefMut, ValueType};
+use ort::value::{DynValueRefMut, Shape, TensorElementType, TensorRef, TensorRefMut, ValueType};
 use serde_json::Value;
 
 use super::config::{GenerationDefaults, ids_of, read_json};
 use super::kv_pool::{KvPool, RowLease};
+use super::kv_quant::{self, CacheNames, KvCacheDtype, Scales};
 use super::runtime::{self, RuntimeOptions};
 use super::{ModelInfo, logit_positions, proto};
 
@@ -116,6 +117,16 @@ impl GenaiConfig {
             },
         })
     }
+
+    /// Every layer's cache inputs and outputs, by name.
+    pub fn cache_names(&self) -> CacheNames {
+        let layer = |pattern: &str, l: usize| pattern.replace("%d", &l.to_string());
+        let layers = 0..self.info.num_layers;
+        CacheNames {
+            past: layers.clone().map(|l| [layer(&self.past_key, l), layer(&self.past_value, l)]).collect(),
+            present: layers.map(|l| [layer(&self.present_key, l), layer(&self.present_value, l)]).collect(),
+        }
+    }
 }
 
 /// What each input is fed with, in the order we pass them.
@@ -146,9 +157,12 @@ pub struct GenaiModel {
     /// Whether runs can return some positions' logits only (else every position's).
     picks_positions: bool,
     logits: AlignedBuf,
+    /// How the pool stores keys and values, and the cache tensors' last dimension for it.
+    dtype: KvCacheDtype,
+    stored_dim: usize,
     /// The KV tensors of the last run and what they were made for (first row, rows,
     /// capacity, pool generation).
-    kv_views: Vec<TensorRefMut<'static, f32>>,
+    kv_views: Vec<DynValueRefMut<'static>>,
     kv_views_key: Option<(usize, usize, usize, u64)>,
 }
 
@@ -161,7 +175,9 @@ pub struct DecodeRow<'a> {
 }
 
 impl GenaiModel {
-    pub fn new(session: Session, config: &GenaiConfig, kv_budget_bytes: usize) -> Result<Self> {
+    /// A model over `session`, whose caches hold `dtype` (as the folder has them, or as
+    /// `kv_quant` edited them).
+    pub fn new(session: Session, config: &GenaiConfig, kv_budget_bytes: usize, dtype: KvCacheDtype) -> Result<Self> {
         let info = &config.info;
         let layers = info.num_layers;
         let mut input_names = Vec::new();
@@ -201,7 +217,7 @@ impl GenaiModel {
             if let ValueType::Tensor { ty, shape, .. } = outlet.dtype() {
                 if outlet.name().contains("past") {
                     ensure!(
-                        *ty == ort::value::TensorElementType::Float32,
+                        *ty == element_type(dtype),
                         "{}",
                         kv_type_refusal(outlet.name(), &format!("{ty:?}"), config.built_for.as_deref())
                     );
@@ -227,7 +243,9 @@ impl GenaiModel {
             let name = name.to_str()?;
             ensure!(model_outputs.contains(&name), "the model has no output `{name}` (named in genai_config.json)");
         }
-        let pool = KvPool::new(layers, info.num_kv_heads, info.head_dim, info.context_length, kv_budget_bytes);
+        let head_bytes = dtype.head_bytes(info.head_dim);
+        ensure!(head_bytes % 4 == 0, "a head of {} values cannot be stored as {dtype}", info.head_dim);
+        let pool = KvPool::new(layers, info.num_kv_heads, head_bytes / 4, info.context_length, kv_budget_bytes);
         Ok(Self {
             session,
             input_names,
@@ -241,9 +259,26 @@ impl GenaiModel {
             logit_positions: Vec::new(),
             picks_positions,
             logits: AlignedBuf::default(),
+            dtype,
+            stored_dim: dtype.stored_dim(info.head_dim),
             kv_views: Vec::new(),
             kv_views_key: None,
         })
+    }
+
+    pub fn kv_cache_dtype(&self) -> KvCacheDtype {
+        self.dtype
+    }
+
+    /// Per cache tensor (pool buffer order), each channel's largest magnitude over `tokens`
+    /// (float32 caches only): what `kv_quant` makes its scales from.
+    pub fn channel_magnitudes(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
+        ensure!(self.dtype == KvCacheDtype::Float32, "calibrating needs float32 caches");
+        let lease = self.lease()?;
+        self.prefill(&lease, 0, tokens, false)?;
+        let (heads, dim) = (self.pool.kv_heads(), self.stored_dim);
+        let rows = self.pool.read_row(lease.row(), tokens.len());
+        Ok(rows.iter().map(|data| kv_quant::channel_magnitudes(data, heads, tokens.len(), dim)).collect())
     }
 
     pub fn pool(&self) -> &KvPool {
@@ -335,7 +370,7 @@ impl GenaiModel {
     /// Runs rows `first..first + batch` with `seq` new tokens each and an attention mask of
     /// `width` positions; the inputs are in `self.ids` / `self.mask` / `self.positions`.
     fn run(&mut self, first: usize, batch: usize, seq: usize, width: usize) -> Result<()> {
-        let (heads, dim, capacity) = (self.pool.kv_heads(), self.pool.head_dim(), self.pool.capacity());
+        let (heads, dim, capacity) = (self.pool.kv_heads(), self.stored_dim, self.pool.capacity());
         let kv_shape = Shape::new([batch as i64, heads as i64, capacity as i64, dim as i64]);
         let ids = TensorRef::from_array_view(([batch, seq], &self.ids[..]))?;
         let mask = TensorRef::from_array_view(([batch, width], &self.mask[..]))?;
@@ -350,14 +385,12 @@ impl GenaiModel {
             // rows in the run, the capacity or the buffers themselves change.
             self.kv_views.clear();
             for index in 0..kv_count {
-                let ptr = self.pool.rows_ptr(index, first, batch);
+                let ptr = self.pool.rows_ptr(index, first, batch).cast();
                 // SAFETY: `rows_ptr` checked that rows first..first+batch of buffer `index` hold
-                // batch*heads*capacity*dim floats; the views are rebuilt (the key changes)
-                // whenever the buffers move, and ONNX Runtime never frees memory it did not
-                // allocate.
-                self.kv_views.push(unsafe {
-                    TensorRefMut::<f32>::from_raw(MemoryInfo::default(), ptr.cast(), kv_shape.clone())?
-                });
+                // batch*heads*capacity*dim values of the dtype (the pool's words are sized from
+                // it); the views are rebuilt (the key changes) whenever the buffers move, and ONNX
+                // Runtime never frees memory it did not allocate.
+                self.kv_views.push(unsafe { kv_view(self.dtype, ptr, kv_shape.clone())? });
             }
             self.kv_views_key = Some(key);
         }
@@ -410,6 +443,31 @@ impl GenaiModel {
     }
 }
 
+/// A tensor of `dtype` values over `data`, which ONNX Runtime reads and writes in place.
+///
+/// # Safety
+/// `data` must hold `shape`'s element count of `dtype` values and outlive the view.
+unsafe fn kv_view(dtype: KvCacheDtype, data: *mut std::ffi::c_void, shape: Shape) -> Result<DynValueRefMut<'static>> {
+    let memory = MemoryInfo::default();
+    // SAFETY: as the caller promised.
+    Ok(unsafe {
+        match dtype {
+            KvCacheDtype::Float32 => TensorRefMut::<f32>::from_raw(memory, data, shape)?.into_dyn(),
+            KvCacheDtype::Int8 => TensorRefMut::<i8>::from_raw(memory, data, shape)?.into_dyn(),
+            KvCacheDtype::Int4 => TensorRefMut::<u8>::from_raw(memory, data, shape)?.into_dyn(),
+        }
+    })
+}
+
+/// ONNX Runtime's element type of caches stored as `dtype`.
+fn element_type(dtype: KvCacheDtype) -> TensorElementType {
+    match dtype {
+        KvCacheDtype::Float32 => TensorElementType::Float32,
+        KvCacheDtype::Int8 => TensorElementType::Int8,
+        KvCacheDtype::Int4 => TensorElementType::Uint8,
+    }
+}
+
 /// The provider a builder wrote into `session_options.provider_options` (e.g.
 /// `[{"cuda": {...}}]`), if any.
 fn built_for(session_options: &Value) -> Option<String> {
@@ -432,23 +490,28 @@ fn kv_type_refusal(input: &str, ty: &str, built_for: Option<&str>) -> String {
 
 /// Opens the decoder with the `logit_positions` input added (see that module), or as it is
 /// when the edit does not apply: very large single-file models (the edit holds a copy of the
-/// file in memory while loading) and graphs without a node making the logits.
-pub fn open(config: &mut GenaiConfig, options: &RuntimeOptions) -> Result<Session> {
+/// file in memory while loading) and graphs without a node making the logits. With `scales`,
+/// the caches are stored quantized (see `kv_quant`), whatever the file's size.
+pub fn open(config: &mut GenaiConfig, options: &RuntimeOptions, scales: Option<&Scales>) -> Result<Session> {
     const EDIT_LIMIT: u64 = 256 << 20;
     let size = std::fs::metadata(&config.file).with_context(|| format!("reading {}", config.file.display()))?.len();
+    if size > EDIT_LIMIT && scales.is_none() {
+        return runtime::open_session(&config.file, options);
+    }
+    let mut bytes = std::fs::read(&config.file).with_context(|| format!("reading {}", config.file.display()))?;
+    limit_to_window(config, &proto::attention_windows(&bytes)?);
     if size <= EDIT_LIMIT {
-        let bytes = std::fs::read(&config.file).with_context(|| format!("reading {}", config.file.display()))?;
-        limit_to_window(config, &proto::attention_windows(&bytes)?);
         match logit_positions::add_input(&bytes, &config.logits) {
-            Ok(edited) => {
-                drop(bytes);
-                let dir = config.file.parent().unwrap_or(Path::new("."));
-                return runtime::open_session_from_memory(&edited, dir, options);
-            }
+            Ok(edited) => bytes = edited,
             Err(e) => log::warn!("computing the logits of every prompt position: {e:#}"),
         }
     }
-    runtime::open_session(&config.file, options)
+    if let Some(scales) = scales {
+        bytes = kv_quant::quantize_caches(&bytes, &config.cache_names(), config.info.head_dim, scales)
+            .context("storing the KV cache quantized")?;
+    }
+    let dir = config.file.parent().unwrap_or(Path::new("."));
+    runtime::open_session_from_memory(&bytes, dir, options)
 }
 
 /// A folder whose config names a sliding window that the graph's attention does not apply

@@ -1,5 +1,7 @@
 //! The KV memory of the onnxruntime-genai layout: per layer, one key and one value buffer of
-//! shape `[rows, kv_heads, capacity, head_dim]`. Each sequence leases a row; a batched decode
+//! shape `[rows, kv_heads, capacity, head_dim]`, held as 4-byte words whatever the stored type
+//! (`head_words` per head and position: `head_dim` for float32, a quarter of it for int8; see
+//! `kv_quant`), since the pool only moves positions and never reads a value. Each sequence leases a row; a batched decode
 //! step binds rows `0..n` of every buffer as both the past input and the present output of
 //! `GroupQueryAttention`, which writes each new token in place at its row's length. Rows and
 //! capacity grow on demand, never beyond the byte budget.
@@ -39,7 +41,7 @@ pub struct KvPool {
     /// Mapped memory of their own (see `pages`): freed, it goes back to the system at once.
     buffers: Vec<Pages>,
     kv_heads: usize,
-    head_dim: usize,
+    head_words: usize,
     max_capacity: usize,
     budget_bytes: usize,
     /// Bumped whenever the buffers may have moved (see `generation`).
@@ -70,14 +72,14 @@ impl Drop for RowLease {
 const BLOCK: usize = 256;
 
 impl KvPool {
-    pub fn new(layers: usize, kv_heads: usize, head_dim: usize, max_capacity: usize, budget_bytes: usize) -> Self {
+    pub fn new(layers: usize, kv_heads: usize, head_words: usize, max_capacity: usize, budget_bytes: usize) -> Self {
         Self {
             rows: Arc::default(),
             allocated: 0,
             capacity: 0,
             buffers: (0..2 * layers).map(|_| Pages::default()).collect(),
             kv_heads,
-            head_dim,
+            head_words,
             max_capacity,
             budget_bytes,
             generation: 0,
@@ -87,7 +89,7 @@ impl KvPool {
     /// Gives back the memory of rows no sequence holds (they read as zero and take none until
     /// leased and written again), so a pool sized for a burst shrinks to what is in use.
     pub fn discard_free_rows(&mut self) {
-        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        let (h, d, cap) = (self.kv_heads, self.head_words, self.capacity);
         let mut rows = self.rows.lock().unwrap_or_else(|e| e.into_inner());
         for row in 0..rows.leased.len().min(self.allocated) {
             if rows.leased[row] || !rows.written[row] {
@@ -107,7 +109,7 @@ impl KvPool {
     }
 
     pub fn bytes_per_position(&self) -> usize {
-        self.buffers.len() * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        self.buffers.len() * self.kv_heads * self.head_words * std::mem::size_of::<f32>()
     }
 
     pub fn capacity(&self) -> usize {
@@ -256,7 +258,7 @@ impl KvPool {
             );
         }
         let (old_rows, old_cap) = (self.allocated, self.capacity);
-        let (h, d) = (self.kv_heads, self.head_dim);
+        let (h, d) = (self.kv_heads, self.head_words);
         // Rows nobody holds are not carried over: their memory is given back instead.
         self.discard_free_rows();
         let written = self.rows.lock().unwrap_or_else(|e| e.into_inner()).written.clone();
@@ -297,7 +299,7 @@ impl KvPool {
 
     /// Copies the first `len` positions of row `from` into row `to` (a fork for `n > 1`).
     pub fn copy_row(&mut self, from: usize, to: usize, len: usize) {
-        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        let (h, d, cap) = (self.kv_heads, self.head_words, self.capacity);
         for buffer in &mut self.buffers {
             for head in 0..h {
                 let src = (from * h + head) * cap * d;
@@ -324,9 +326,9 @@ impl KvPool {
         lease.row = target;
     }
 
-    /// Copies the first `len` positions of `row` out, as `[kv_heads, len, head_dim]` per buffer.
+    /// Copies the first `len` positions of `row` out, as `[kv_heads, len, head_words]` words per buffer.
     pub fn read_row(&self, row: usize, len: usize) -> Vec<Pages> {
-        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        let (h, d, cap) = (self.kv_heads, self.head_words, self.capacity);
         self.buffers
             .iter()
             .map(|buffer| {
@@ -343,7 +345,7 @@ impl KvPool {
     /// Writes the first `len` positions of `data` (as `read_row` gives, of `data_len` positions)
     /// into `row`.
     pub fn write_row(&mut self, row: usize, data: &[Pages], data_len: usize, len: usize) {
-        let (h, d, cap) = (self.kv_heads, self.head_dim, self.capacity);
+        let (h, d, cap) = (self.kv_heads, self.head_words, self.capacity);
         for (buffer, src) in self.buffers.iter_mut().zip(data) {
             for head in 0..h {
                 let from = head * data_len * d;
@@ -355,19 +357,15 @@ impl KvPool {
     }
 
     /// Pointer to `rows` consecutive rows from `row` of buffer `index` (layer * 2 for keys,
-    /// layer * 2 + 1 for values), valid for `rows * kv_heads * capacity * head_dim` floats.
+    /// layer * 2 + 1 for values), valid for `rows * kv_heads * capacity * head_words` words.
     /// Panics, in release builds too, when those rows are not all in the buffer.
     pub fn rows_ptr(&mut self, index: usize, row: usize, rows: usize) -> *mut f32 {
-        let row_len = self.kv_heads * self.capacity * self.head_dim;
+        let row_len = self.kv_heads * self.capacity * self.head_words;
         self.buffers[index][row * row_len..(row + rows) * row_len].as_mut_ptr()
     }
 
     pub fn kv_heads(&self) -> usize {
         self.kv_heads
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
     }
 }
 

@@ -5,6 +5,7 @@
 mod config;
 mod genai;
 mod kv_pool;
+pub mod kv_quant;
 mod logit_positions;
 mod optimum;
 mod pages;
@@ -16,6 +17,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 pub use config::{GenerationDefaults, ModelInfo};
+pub use kv_quant::KvCacheDtype;
 pub use runtime::{Provider, RuntimeError, RuntimeOptions};
 
 /// A loaded decoder model. `forward` takes `&mut self` because an ONNX Runtime session runs one
@@ -94,8 +96,10 @@ impl KvCache {
 
 impl Model {
     /// Loads a model folder: the onnxruntime-genai layout when it has `genai_config.json`, else
-    /// the Hugging Face Optimum layout (see the README's "Model folders").
-    pub fn load(dir: &Path, options: &RuntimeOptions) -> Result<Self> {
+    /// the Hugging Face Optimum layout (see the README's "Model folders"). `calibration` gives
+    /// the tokens of [`kv_quant::CALIBRATION_CHAT`] as the model sees them; it is called only
+    /// for a quantized KV cache.
+    pub fn load(dir: &Path, options: &RuntimeOptions, calibration: &dyn Fn() -> Result<Vec<u32>>) -> Result<Self> {
         if dir.join("genai_config.json").exists() {
             if options.provider != Provider::Cpu {
                 anyhow::bail!(
@@ -109,18 +113,30 @@ impl Model {
             if let (false, Some(threads)) = (options.intra_threads_set, config.intra_op_threads) {
                 options.intra_threads = threads;
             }
-            let session =
-                genai::open(&mut config, &options).with_context(|| format!("loading {}", config.file.display()))?;
-            let model = genai::GenaiModel::new(session, &config, options.kv_cache_bytes)
-                .with_context(|| format!("reading the inputs and outputs of {}", config.file.display()))?;
+            let model = load_genai(&mut config, &options, calibration)
+                .with_context(|| format!("loading {}", config.file.display()))?;
             return Ok(Self { info: config.info, layout: Layout::Genai(model), provider: options.provider });
         }
+        anyhow::ensure!(
+            options.kv_cache_dtype == KvCacheDtype::Float32,
+            "kv_cache_dtype {} needs the onnxruntime-genai layout (GroupQueryAttention stores the cache quantized); \
+             this folder is in the Optimum layout",
+            options.kv_cache_dtype
+        );
         let info = ModelInfo::read(dir)?;
         let file = config::find_model_file(dir)?;
         let session = runtime::open_session(&file, options).with_context(|| format!("loading {}", file.display()))?;
         let optimum = optimum::OptimumModel::new(session, &info)
             .with_context(|| format!("reading the inputs and outputs of {}", file.display()))?;
         Ok(Self { info, layout: Layout::Optimum(optimum), provider: options.provider })
+    }
+
+    /// How the shared KV pool stores keys and values (float32 outside the genai layout).
+    pub fn kv_cache_dtype(&self) -> KvCacheDtype {
+        match &self.layout {
+            Layout::Optimum(_) => KvCacheDtype::Float32,
+            Layout::Genai(m) => m.kv_cache_dtype(),
+        }
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -345,4 +361,35 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// The genai layout's model, its caches stored as `options.kv_cache_dtype`: for a quantized
+/// cache, the float model is run once over the calibration chat first, and dropped before the
+/// quantized one is opened (see `kv_quant`).
+fn load_genai(
+    config: &mut genai::GenaiConfig,
+    options: &RuntimeOptions,
+    calibration: &dyn Fn() -> Result<Vec<u32>>,
+) -> Result<genai::GenaiModel> {
+    let session = genai::open(config, options, None)?;
+    let dtype = options.kv_cache_dtype;
+    let float = genai::GenaiModel::new(session, config, options.kv_cache_bytes, KvCacheDtype::Float32)?;
+    if dtype == KvCacheDtype::Float32 {
+        return Ok(float);
+    }
+    let started = std::time::Instant::now();
+    let tokens = calibration()?;
+    let mut float = float;
+    float.pool_mut().set_budget(usize::MAX);
+    let magnitudes = float.channel_magnitudes(&tokens).context("running the calibration chat")?;
+    drop(float);
+    let scales = kv_quant::Scales::from_magnitudes(dtype, &magnitudes);
+    let session = genai::open(config, options, Some(&scales))?;
+    let model = genai::GenaiModel::new(session, config, options.kv_cache_bytes, dtype)?;
+    log::info!(
+        "KV cache stored as {dtype}, scaled per channel from a {}-token calibration chat ({:.2}s)",
+        tokens.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(model)
 }

@@ -1,5 +1,5 @@
 //! Just enough of the protobuf wire format to read and edit an ONNX model's graph in place
-//! (see `logit_positions`) and to read its nodes' attributes, without an ONNX library.
+//! (see `logit_positions` and `kv_quant`) and to read its nodes' attributes, without an ONNX library.
 
 use anyhow::{Context, Result, bail};
 
@@ -7,6 +7,8 @@ use anyhow::{Context, Result, bail};
 pub(super) const MODEL_GRAPH: u32 = 7;
 pub(super) const GRAPH_NODE: u32 = 1;
 pub(super) const GRAPH_INPUT: u32 = 11;
+pub(super) const GRAPH_OUTPUT: u32 = 12;
+pub(super) const GRAPH_VALUE_INFO: u32 = 13;
 pub(super) const GRAPH_INITIALIZER: u32 = 5;
 pub(super) const TENSOR_EXTERNAL_DATA: u32 = 13;
 pub(super) const ENTRY_KEY: u32 = 1;
@@ -18,15 +20,26 @@ pub(super) const NODE_OP_TYPE: u32 = 4;
 pub(super) const NODE_ATTRIBUTE: u32 = 5;
 pub(super) const ATTRIBUTE_NAME: u32 = 1;
 pub(super) const ATTRIBUTE_I: u32 = 3;
+pub(super) const ATTRIBUTE_S: u32 = 4;
 pub(super) const ATTRIBUTE_TYPE: u32 = 20;
 pub(super) const ATTRIBUTE_TYPE_INT: u64 = 2;
+pub(super) const ATTRIBUTE_TYPE_STRING: u64 = 3;
 pub(super) const VALUE_INFO_NAME: u32 = 1;
 pub(super) const VALUE_INFO_TYPE: u32 = 2;
 pub(super) const TYPE_TENSOR: u32 = 1;
 pub(super) const TENSOR_ELEM_TYPE: u32 = 1;
 pub(super) const TENSOR_SHAPE: u32 = 2;
 pub(super) const SHAPE_DIM: u32 = 1;
+pub(super) const DIM_VALUE: u32 = 1;
 pub(super) const DIM_PARAM: u32 = 2;
+pub(super) const TENSOR_PROTO_DIMS: u32 = 1;
+pub(super) const TENSOR_PROTO_DATA_TYPE: u32 = 2;
+pub(super) const TENSOR_PROTO_NAME: u32 = 8;
+pub(super) const TENSOR_PROTO_RAW_DATA: u32 = 9;
+// TensorProto.DataType values.
+pub(super) const ELEM_FLOAT: u64 = 1;
+pub(super) const ELEM_UINT8: u64 = 2;
+pub(super) const ELEM_INT8: u64 = 3;
 pub(super) const ELEM_INT64: u64 = 7;
 
 // Wire types.
@@ -166,7 +179,11 @@ fn edit_locations(model: &[u8], rename: &mut dyn FnMut(&str) -> Option<String>) 
 }
 
 /// `message` with each length-delimited field `number` replaced by `inner` of it.
-fn edit_fields(message: &[u8], number: u32, inner: &mut dyn FnMut(&[u8]) -> Result<Vec<u8>>) -> Result<Vec<u8>> {
+pub(super) fn edit_fields(
+    message: &[u8],
+    number: u32,
+    inner: &mut dyn FnMut(&[u8]) -> Result<Vec<u8>>,
+) -> Result<Vec<u8>> {
     let mut out = Vec::with_capacity(message.len());
     for field in fields(message) {
         let field = field?;

@@ -20,6 +20,8 @@ pub struct RuntimeOptions {
     pub spin: bool,
     /// Most bytes the shared KV pool of the genai layout may hold.
     pub kv_cache_bytes: usize,
+    /// How the genai layout's KV pool stores keys and values.
+    pub kv_cache_dtype: super::KvCacheDtype,
     /// Where the model runs.
     pub provider: Provider,
 }
@@ -32,6 +34,7 @@ impl Default for RuntimeOptions {
             intra_threads_set: false,
             spin: true,
             kv_cache_bytes: 1 << 30,
+            kv_cache_dtype: super::KvCacheDtype::Float32,
             provider: Provider::Cpu,
         }
     }

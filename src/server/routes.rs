@@ -237,6 +237,7 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
             "requests_bytes": memory.requests,
             "other_bytes": memory.other,
             "kv_cache_budget_bytes": ready.budget.kv_cache_bytes,
+            "kv_cache_dtype": ready.engine.kv_cache_dtype().to_string(),
             "prefix_cache_budget_bytes": ready.budget.prefix_cache_bytes,
             "budget": ready.budget.reason,
         },
