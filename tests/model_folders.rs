@@ -12,19 +12,10 @@ use serde_json::{Value, json};
 /// A folder linking the shared model's files, with `tokenizer_config.json` replaced by
 /// `config` and `extra` files written beside.
 fn folder(name: &str, config: &Value, extra: &[(&str, &str)]) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("chatd-folder-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    for file in ["config.json", "generation_config.json", "model.onnx", "tokenizer.json", "special_tokens_map.json"] {
-        std::os::unix::fs::symlink(model_dir().join(file), dir.join(file)).unwrap();
-    }
-    std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
-    for (path, text) in extra {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, text).unwrap();
-    }
-    dir
+    let config = config.to_string();
+    let written: Vec<(&str, &str)> =
+        [("tokenizer_config.json", config.as_str())].into_iter().chain(extra.iter().copied()).collect();
+    common::linked_model_folder(name, &written)
 }
 
 fn tokenizer_config(template: Value) -> Value {

@@ -6,9 +6,10 @@ use super::ApiError;
 use super::compat;
 use super::constraints;
 use super::params::{self, Fields, wrong_type};
+use super::reasoning::{Markers, Reasoning};
 use super::tools::{self, ToolMode, ToolsIn};
 use crate::constraint::{Compiler, Prepared, Spec};
-use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError};
+use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError, ThinkingBudget};
 use crate::model::ModelInfo;
 use crate::sampling::SamplingParams;
 use crate::text::{ChatTemplate, Encoded, Tokenizer};
@@ -76,6 +77,8 @@ pub struct ParsedRequest {
     pub tools: ToolMode,
     /// The prompt's text, to put before each choice's text (`echo` on `/v1/completions`).
     pub echo: Option<String>,
+    /// How a thinking model's reasoning is split out of each choice's text, unless it is not.
+    pub reasoning: Option<Reasoning>,
     pub generate: GenerateRequest,
 }
 
@@ -96,6 +99,8 @@ pub struct Frontend {
     tool_use_template: Option<Template>,
     /// Compiles constraints; the error says why this tokenizer cannot have any.
     constraints: Result<Compiler, String>,
+    /// A thinking model's markers.
+    markers: Option<Markers>,
     /// Replaced on reload (SIGHUP); read once per request.
     limits: std::sync::RwLock<Limits>,
 }
@@ -116,6 +121,10 @@ impl Frontend {
             log::warn!("constrained decoding is unavailable: {e:#}");
             format!("{e:#}")
         });
+        let markers = Markers::of(&tokenizer);
+        if let Some(m) = &markers {
+            log::info!("thinking model: reasoning between {} and {} goes to reasoning_content", m.start, m.end);
+        }
         Ok(Self {
             served_name,
             info,
@@ -123,6 +132,7 @@ impl Frontend {
             template,
             tool_use_template,
             constraints,
+            markers,
             limits: std::sync::RwLock::new(limits),
         })
     }
@@ -159,9 +169,11 @@ impl Frontend {
             Endpoint::Chat => self.tools(&f)?,
             Endpoint::Completion => (ToolMode::None, None),
         };
+        let mut opened = false;
         let prompt = match endpoint {
             Endpoint::Chat => {
                 let text = self.chat_text(messages, &f, &limits, tools_value, &tool_mode)?;
+                opened = self.markers.as_ref().is_some_and(|m| m.opened_by(&text));
                 // The template writes the BOS itself: none is added unless asked (as vLLM).
                 let add_special = f.bool("add_special_tokens")?.unwrap_or(false);
                 self.encode_prompt(&text, "messages", &limits, add_special)?
@@ -252,6 +264,10 @@ impl Frontend {
             }
         };
         let constraint = self.constraint(&f, &tool_mode, tools_value, &limits)?;
+        let (reasoning, thinking_budget) = match endpoint {
+            Endpoint::Chat => self.reasoning(&f, opened, &tool_mode, constraint.is_some())?,
+            Endpoint::Completion => (None, None),
+        };
         let generate = GenerateRequest {
             prompt,
             n: f.int("n", 1, limits.max_n as i64)?.unwrap_or(1) as usize,
@@ -266,6 +282,7 @@ impl Frontend {
             constraint,
             keep_stop: f.bool("include_stop_str_in_output")?.unwrap_or(false)
                 | f.bool("no_stop_trim")?.unwrap_or(false),
+            thinking_budget,
         };
         if echo.is_some() && logprobs {
             return Err(ApiError::invalid(
@@ -274,7 +291,17 @@ impl Frontend {
             ));
         }
         compat::refuse_unread(&f, "")?;
-        Ok(ParsedRequest { endpoint, model, stream, include_usage, logprobs, tools: tool_mode, echo, generate })
+        Ok(ParsedRequest {
+            endpoint,
+            model,
+            stream,
+            include_usage,
+            logprobs,
+            tools: tool_mode,
+            echo,
+            reasoning,
+            generate,
+        })
     }
 
     /// Hands a parsed request to the engine, mapping refusals to API errors.
@@ -364,6 +391,39 @@ impl Frontend {
             .compile(&spec, limits.max_constraint_bytes)
             .map(Some)
             .map_err(|e| ApiError::invalid(&field, format!("invalid `{field}`: {e}")))
+    }
+
+    /// A chat request's reasoning split (SGLang's `separate_reasoning`, on by default for a
+    /// thinking model) and thinking budget (`reasoning_budget`). A forced tool call or other
+    /// constraint leaves no room to think: the split is off and a budget is refused.
+    fn reasoning(
+        &self,
+        f: &Fields<'_>,
+        opened: bool,
+        tools: &ToolMode,
+        constrained: bool,
+    ) -> Result<(Option<Reasoning>, Option<ThinkingBudget>), ApiError> {
+        let separate = f.bool("separate_reasoning")?.unwrap_or(true);
+        let budget = f.int("reasoning_budget", 0, i64::MAX)?.map(|n| n as usize);
+        let Some(markers) = &self.markers else {
+            return match budget {
+                Some(_) => Err(ApiError::invalid(
+                    "reasoning_budget",
+                    "this model is not a thinking model (its tokenizer has no <think> or [THINK] token)",
+                )),
+                None => Ok((None, None)),
+            };
+        };
+        if budget.is_some() && constrained {
+            return Err(ApiError::invalid(
+                "reasoning_budget",
+                "a constrained answer (tool_choice, response_format, regex, grammar...) starts at once, without reasoning",
+            ));
+        }
+        let split = separate && !constrained && !matches!(tools, ToolMode::Forced(_));
+        let thinking =
+            budget.map(|tokens| ThinkingBudget { tokens, start: markers.start_id, end: markers.end_id, opened });
+        Ok((split.then(|| Reasoning { markers: markers.clone(), opened }), thinking))
     }
 
     /// The chat request's messages rendered by the model's template.

@@ -7,6 +7,7 @@ mod constraints;
 mod error;
 mod frontend;
 mod params;
+mod reasoning;
 mod response;
 mod tokens;
 pub mod tools;

@@ -3,6 +3,7 @@
 
 use serde_json::{Value, json};
 
+use super::reasoning::{Reasoning, Split, Splitter};
 use super::tools::{self, ToolCall, ToolMode};
 use super::{Endpoint, ParsedRequest};
 use crate::engine::{Event, FinishReason, Matched, Usage};
@@ -17,6 +18,7 @@ struct Meta {
     endpoint: Endpoint,
     logprobs: bool,
     tools: ToolMode,
+    reasoning: Option<Reasoning>,
 }
 
 impl Meta {
@@ -36,6 +38,7 @@ impl Meta {
             endpoint: request.endpoint,
             logprobs: request.logprobs,
             tools: request.tools.clone(),
+            reasoning: request.reasoning.clone(),
         }
     }
 
@@ -132,6 +135,14 @@ fn add_matched(choice: &mut Value, matched: Option<&Matched>) {
     choice["stop_reason"] = vllm;
 }
 
+/// A thinking model's reasoning, under both names clients read: `reasoning_content` (SGLang,
+/// llama.cpp, DeepSeek's API) and `reasoning` (vLLM); null when it wrote none.
+fn add_reasoning(message: &mut Value, reasoning: &str) {
+    let value = if reasoning.is_empty() { Value::Null } else { Value::String(reasoning.to_owned()) };
+    message["reasoning_content"] = value.clone();
+    message["reasoning"] = value;
+}
+
 fn call_id() -> String {
     let mut rng = crate::sampling::Rng::from_entropy();
     format!("call_{:016x}", rng.next_u64())
@@ -190,10 +201,17 @@ impl Collector {
             .map(|(index, c)| {
                 let logprobs = meta.logprobs_json(&c.logprobs, tokenizer, 0);
                 let forced = matches!(meta.tools, ToolMode::Forced(_));
+                let (reasoning, text) = match &meta.reasoning {
+                    Some(r) => {
+                        let Split { reasoning, content } = r.split(&c.text);
+                        (Some(reasoning), content)
+                    }
+                    None => (None, c.text.clone()),
+                };
                 let call = match c.finish {
-                    Some(FinishReason::Stop) => meta.tool_call(&c.text),
+                    Some(FinishReason::Stop) => meta.tool_call(&text),
                     // Cut off by max_tokens: the call so far, where a whole one would be.
-                    Some(FinishReason::Length) if forced => tools::forced_parts(&c.text, false)
+                    Some(FinishReason::Length) if forced => tools::forced_parts(&text, false)
                         .map(|(name, arguments)| (String::new(), ToolCall { name, arguments: arguments.to_owned() })),
                     _ => None,
                 };
@@ -218,7 +236,7 @@ impl Collector {
                     }),
                     (Endpoint::Chat, None) => json!({
                         "index": index,
-                        "message": {"role": "assistant", "content": c.text, "refusal": null},
+                        "message": {"role": "assistant", "content": text, "refusal": null},
                         "logprobs": logprobs,
                         "finish_reason": finish_json(c.finish),
                     }),
@@ -229,6 +247,9 @@ impl Collector {
                         "finish_reason": finish_json(c.finish),
                     }),
                 };
+                if let (Some(reasoning), Some(message)) = (reasoning, choice.get_mut("message")) {
+                    add_reasoning(message, &reasoning);
+                }
                 add_matched(&mut choice, c.matched.as_ref());
                 choice
             })
@@ -269,6 +290,10 @@ pub struct StreamEncoder {
     /// Bytes of text sent per choice (the legacy endpoint's `text_offset`).
     offsets: Vec<usize>,
     pending: Vec<Pending>,
+    /// Per choice, a thinking model's reasoning split, and the log-probabilities of text it
+    /// holds back.
+    splitters: Vec<Option<Splitter>>,
+    held_logprobs: Vec<Vec<TokenLogprobs>>,
 }
 
 impl StreamEncoder {
@@ -284,7 +309,15 @@ impl StreamEncoder {
                 _ => Pending::Free,
             })
             .collect();
-        Self { meta: Meta::new(request), include_usage: request.include_usage, offsets: vec![0; n], pending }
+        let splitters = (0..n).map(|_| request.reasoning.as_ref().map(Reasoning::splitter)).collect();
+        Self {
+            meta: Meta::new(request),
+            include_usage: request.include_usage,
+            offsets: vec![0; n],
+            pending,
+            splitters,
+            held_logprobs: vec![Vec::new(); n],
+        }
     }
 
     fn chunk(&self, choices: Value, usage: Option<Value>) -> String {
@@ -325,9 +358,18 @@ impl StreamEncoder {
     /// for text held back).
     pub fn encode(&mut self, event: &Event, tokenizer: &Tokenizer) -> Vec<String> {
         match event {
-            Event::Text { choice, text, logprobs } => self.text(*choice, text, logprobs, tokenizer),
+            Event::Text { choice, text, logprobs } => match self.splitters.get_mut(*choice) {
+                Some(Some(splitter)) => {
+                    let split = splitter.push(text);
+                    self.split_text(*choice, split, logprobs, tokenizer)
+                }
+                _ => self.text(*choice, text, logprobs, tokenizer),
+            },
             Event::Finished { choice, reason, matched } => {
-                let mut chunks = Vec::new();
+                let mut chunks = match self.splitters.get_mut(*choice).and_then(Option::take) {
+                    Some(mut splitter) => self.split_text(*choice, splitter.finish(), &[], tokenizer),
+                    None => Vec::new(),
+                };
                 let mut reason = json!(reason.as_str());
                 let pending =
                     self.pending.get_mut(*choice).map_or(Pending::Free, |p| std::mem::replace(p, Pending::Free));
@@ -378,6 +420,36 @@ impl StreamEncoder {
             }
             Event::Started | Event::Done { .. } | Event::Error(_) => Vec::new(),
         }
+    }
+
+    /// The chunks for what a piece of a thinking model's text added to its reasoning and to its
+    /// answer; the log-probabilities go with the next chunk out.
+    fn split_text(
+        &mut self,
+        choice: usize,
+        split: Split,
+        logprobs: &[TokenLogprobs],
+        tokenizer: &Tokenizer,
+    ) -> Vec<String> {
+        let Some(held) = self.held_logprobs.get_mut(choice) else { return Vec::new() };
+        held.extend_from_slice(logprobs);
+        let mut chunks = Vec::new();
+        if !split.reasoning.is_empty() {
+            let logprobs = if split.content.is_empty() { std::mem::take(held) } else { Vec::new() };
+            chunks.push(self.reasoning_chunk(choice, &split.reasoning, &logprobs, tokenizer));
+        }
+        if !split.content.is_empty() {
+            let logprobs = std::mem::take(&mut self.held_logprobs[choice]);
+            chunks.extend(self.text(choice, &split.content, &logprobs, tokenizer));
+        }
+        chunks
+    }
+
+    fn reasoning_chunk(&self, index: usize, text: &str, logprobs: &[TokenLogprobs], tokenizer: &Tokenizer) -> String {
+        let logprobs = self.meta.logprobs_json(logprobs, tokenizer, 0);
+        let mut delta = json!({});
+        add_reasoning(&mut delta, text);
+        self.chunk(json!([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": null}]), None)
     }
 
     fn text(&mut self, choice: usize, text: &str, logprobs: &[TokenLogprobs], tokenizer: &Tokenizer) -> Vec<String> {

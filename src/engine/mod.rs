@@ -23,7 +23,8 @@ use crate::model::{Model, ModelInfo};
 use crate::text::Tokenizer;
 
 pub use request::{
-    EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Matched, RequestHandle, Timings, Usage,
+    EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Matched, RequestHandle, ThinkingBudget, Timings,
+    Usage,
 };
 
 /// Limits of the engine; every queue and every set of sequences is bounded by these.

@@ -87,14 +87,19 @@ impl PrefixCache {
     }
 
     /// When chatd goes idle: keeps the most recently used entries within a quarter of the
-    /// budget (the conversation that may go on), and gives the rest back.
+    /// budget, at most [`IDLE_MAX_BYTES`] (the conversation that may go on), and gives the rest
+    /// back.
     pub fn shrink_for_idle(&mut self) {
-        self.evict_to(self.budget_bytes / IDLE_SHARE);
+        self.evict_to((self.budget_bytes / IDLE_SHARE).min(IDLE_MAX_BYTES));
     }
 }
 
 /// The share of its budget the prefix cache keeps while chatd is idle: 1 / this.
-pub(super) const IDLE_SHARE: usize = 4;
+const IDLE_SHARE: usize = 4;
+
+/// The most an idle chatd keeps in the prefix cache, so that an idle daemon holds its model
+/// plus well under 100 MB whatever the budget (about 1,000 positions of SmolLM2 as float32).
+const IDLE_MAX_BYTES: usize = 48 << 20;
 
 /// How many positions of a cache holding `tokens` a request for `prompt` may reuse (see
 /// `lookup`); 0 when not worth it.

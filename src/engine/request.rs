@@ -33,6 +33,19 @@ pub struct GenerateRequest {
     /// Keep a matched stop string at the end of the text (vLLM's `include_stop_str_in_output`,
     /// SGLang's `no_stop_trim`) instead of cutting it off.
     pub keep_stop: bool,
+    /// A thinking model's most reasoning tokens: then its end-of-thinking token is forced.
+    pub thinking_budget: Option<ThinkingBudget>,
+}
+
+/// How long a thinking model may reason: `tokens` generated inside its reasoning block (opened
+/// by the prompt, when `opened`, or by `start` in the output; closed by `end`), after which
+/// `end` is the only token it may generate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThinkingBudget {
+    pub tokens: usize,
+    pub start: u32,
+    pub end: u32,
+    pub opened: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -3,7 +3,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use super::request::{Event, FinishReason, GenerateRequest, Matched, Timings};
+use super::request::{Event, FinishReason, GenerateRequest, Matched, ThinkingBudget, Timings};
 use super::speculation::Drafter;
 use crate::constraint::{Constraint, Next};
 use crate::model::KvCache;
@@ -34,6 +34,32 @@ pub(super) struct Sequence {
     constraint: Option<Constraint>,
     /// Guesses its next tokens; made on its first speculative round.
     pub drafter: Option<Drafter>,
+    /// Whether the output is inside a thinking model's reasoning, and how many tokens it may
+    /// still spend there (with a `thinking_budget`).
+    thinking: Option<Thinking>,
+}
+
+struct Thinking {
+    budget: ThinkingBudget,
+    open: bool,
+    left: usize,
+}
+
+impl Thinking {
+    /// Whether the budget is spent while the reasoning is still open: the end token must come.
+    fn must_end(&self) -> bool {
+        self.open && self.left == 0
+    }
+
+    fn saw(&mut self, token: u32) {
+        if token == self.budget.start {
+            self.open = true;
+        } else if token == self.budget.end {
+            self.open = false;
+        } else if self.open {
+            self.left = self.left.saturating_sub(1);
+        }
+    }
 }
 
 /// What ends a sequence, shared by all choices of a request.
@@ -70,13 +96,19 @@ impl Sequence {
             raw: Vec::new(),
             constraint: request.constraint.as_ref().map(|c| c.start()),
             drafter: None,
+            thinking: request.thinking_budget.map(|budget| Thinking {
+                budget,
+                open: budget.opened,
+                left: budget.tokens,
+            }),
         }
     }
 
     /// Whether draft tokens may be checked for this sequence. A constraint's state advances
     /// token by token and would have to be rolled back on a rejected guess, so not with one.
+    /// So is a thinking budget's count.
     pub fn can_speculate(&self) -> bool {
-        self.constraint.is_none() && self.finished.is_none()
+        self.constraint.is_none() && self.thinking.is_none() && self.finished.is_none()
     }
 
     /// Samples the next token from `self.logits` and turns it into events: new text, and a
@@ -101,8 +133,14 @@ impl Sequence {
                 return Ok(());
             }
         }
+        if let Some(thinking) = self.thinking.as_ref().filter(|t| t.must_end()) {
+            only_allow(&mut self.logits, thinking.budget.end);
+        }
         let banned: &[u32] = if may_end { &[] } else { rules.eos };
         let token = self.sampler.sample(&mut self.logits, banned);
+        if let Some(thinking) = &mut self.thinking {
+            thinking.saw(token);
+        }
         if let Some(top) = logprob_request {
             self.pending_logprobs.push(sampling::logprobs(&self.raw, token, top, &mut self.scratch));
         }
@@ -180,5 +218,18 @@ impl Sequence {
         }
         self.finished = Some(reason);
         events.push(Event::Finished { choice: self.choice, reason, matched });
+    }
+}
+
+/// Leaves `token` the only one that can be sampled.
+fn only_allow(logits: &mut [f32], token: u32) {
+    for (id, logit) in logits.iter_mut().enumerate() {
+        if id != token as usize {
+            *logit = f32::NEG_INFINITY;
+        }
+    }
+    if let Some(l) = logits.get_mut(token as usize) {
+        // Penalties and biases cannot push it below the others: they are all gone.
+        *l = l.max(0.0);
     }
 }

@@ -19,6 +19,27 @@ pub fn model_dir() -> PathBuf {
     dir
 }
 
+/// A folder named for `name` (and this process) linking every file of the shared model except
+/// those in `written`, which are written with the given text (in subfolders too): the shared
+/// model with another family's tokenizer, config or template.
+pub fn linked_model_folder(name: &str, written: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("chatd-folder-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let file = entry.unwrap().file_name();
+        if !written.iter().any(|(path, _)| std::ffi::OsStr::new(path) == file) {
+            std::os::unix::fs::symlink(model_dir().join(&file), dir.join(&file)).unwrap();
+        }
+    }
+    for (path, text) in written {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    dir
+}
+
 /// A running daemon; killed on drop, and by the kernel if the test process dies first.
 pub struct Daemon {
     pub addr: String,
