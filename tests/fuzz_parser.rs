@@ -185,13 +185,13 @@ fn parser_and_template_never_panic_or_fail_internally() {
             Ok(Ok(_)) => accepted += 1,
             Ok(Err(e)) => {
                 assert!(
-                    (400..500).contains(&e.status),
+                    (400..500).contains(&e.status()),
                     "iteration {i} (seed {seed}): status {} ({}) for {}",
-                    e.status,
+                    e.status(),
                     e.message,
                     String::from_utf8_lossy(&body)
                 );
-                *refused.entry(e.status).or_default() += 1;
+                *refused.entry(e.status()).or_default() += 1;
             }
             Err(_) => panic!("iteration {i} (seed {seed}) panicked on {}", String::from_utf8_lossy(&body)),
         }

@@ -1,67 +1,134 @@
 use serde_json::json;
 
-/// An OpenAI error object with its HTTP status: `{"error": {"message", "type", "param", "code"}}`.
+/// What kind of failure an error is. Everything a client or a binding sees of the class is
+/// derived here, each by one `match`: the HTTP status, the OpenAI `type` and `code` (and the C
+/// ABI's `chat_status`, in `ffi::status`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A value is missing, of the wrong type or out of range; the body is not JSON.
+    InvalidRequest,
+    /// The request's constraint ran out of its budget, or allowed nothing, while generating.
+    ConstraintFailed,
+    /// The prompt and completion do not fit the model's context.
+    ContextLength,
+    ModelNotFound,
+    NotFound,
+    MethodNotAllowed,
+    TooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    /// The body did not arrive in time.
+    RequestTimeout,
+    /// The client closed its side before the answer (sent as 400 in case it still reads, logged
+    /// as 499).
+    ClientClosed,
+    Overloaded,
+    /// The request's deadline passed before it could start.
+    Timeout,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorClass {
+    pub fn status(self) -> u16 {
+        match self {
+            Self::InvalidRequest | Self::ConstraintFailed | Self::ContextLength | Self::ClientClosed => 400,
+            Self::Unauthorized => 401,
+            Self::ModelNotFound | Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
+            Self::RequestTimeout => 408,
+            Self::TooLarge => 413,
+            Self::UnsupportedMediaType => 415,
+            Self::Overloaded => 429,
+            Self::Internal => 500,
+            Self::Unavailable => 503,
+            Self::Timeout => 504,
+        }
+    }
+
+    /// OpenAI's `type`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Overloaded => "rate_limit_error",
+            Self::Timeout | Self::Unavailable | Self::Internal => "server_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// OpenAI's `code`.
+    pub fn code(self) -> Option<&'static str> {
+        match self {
+            Self::InvalidRequest | Self::Internal => None,
+            Self::ConstraintFailed => Some("constraint_failed"),
+            Self::ContextLength => Some("context_length_exceeded"),
+            Self::ModelNotFound => Some("model_not_found"),
+            Self::NotFound => Some("not_found"),
+            Self::MethodNotAllowed => Some("method_not_allowed"),
+            Self::TooLarge => Some("request_too_large"),
+            Self::Unauthorized => Some("invalid_api_key"),
+            Self::UnsupportedMediaType => Some("unsupported_media_type"),
+            Self::RequestTimeout => Some("request_timeout"),
+            Self::ClientClosed => Some("client_closed_request"),
+            Self::Overloaded => Some("overloaded"),
+            Self::Timeout => Some("timeout"),
+            Self::Unavailable => Some("unavailable"),
+        }
+    }
+}
+
+/// An OpenAI error object of a class: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiError {
-    pub status: u16,
-    pub kind: &'static str,
+    pub class: ErrorClass,
     pub message: String,
     pub param: Option<String>,
-    pub code: Option<&'static str>,
 }
 
 impl ApiError {
-    fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
-        Self { status, kind, message: message.into(), param: None, code: None }
+    fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        Self { class, message: message.into(), param: None }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.class.status()
     }
 
     /// 400: a value is missing, of the wrong type or out of range.
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { param: Some(param.into()), ..Self::new(400, "invalid_request_error", message) }
+        Self { param: Some(param.into()), ..Self::new(ErrorClass::InvalidRequest, message) }
     }
 
     /// 400: the request's constraint ran out of its budget, or allowed nothing, while generating.
     pub fn constraint_failed(message: impl Into<String>) -> Self {
-        Self { code: Some("constraint_failed"), ..Self::new(400, "invalid_request_error", message) }
+        Self::new(ErrorClass::ConstraintFailed, message)
     }
 
     /// 400: the body is not a JSON object.
     pub fn bad_json(message: impl Into<String>) -> Self {
-        Self::new(400, "invalid_request_error", message)
+        Self::new(ErrorClass::InvalidRequest, message)
     }
 
     pub fn context_length(param: &str, message: impl Into<String>) -> Self {
-        Self {
-            param: Some(param.into()),
-            code: Some("context_length_exceeded"),
-            ..Self::new(400, "invalid_request_error", message)
-        }
+        Self { param: Some(param.into()), ..Self::new(ErrorClass::ContextLength, message) }
     }
 
     pub fn model_not_found(model: &str) -> Self {
         Self {
             param: Some("model".into()),
-            code: Some("model_not_found"),
-            ..Self::new(404, "invalid_request_error", format!("The model `{model}` does not exist."))
+            ..Self::new(ErrorClass::ModelNotFound, format!("The model `{model}` does not exist."))
         }
     }
 
     pub fn not_found(path: &str) -> Self {
-        Self { code: Some("not_found"), ..Self::new(404, "invalid_request_error", format!("Unknown route: {path}")) }
+        Self::new(ErrorClass::NotFound, format!("Unknown route: {path}"))
     }
 
     pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
-        Self {
-            code: Some("method_not_allowed"),
-            ..Self::new(405, "invalid_request_error", format!("{method} is not allowed on {path}; use {allowed}"))
-        }
+        Self::new(ErrorClass::MethodNotAllowed, format!("{method} is not allowed on {path}; use {allowed}"))
     }
 
     pub fn too_large(limit: usize) -> Self {
-        Self {
-            code: Some("request_too_large"),
-            ..Self::new(413, "invalid_request_error", format!("The request body is larger than {limit} bytes."))
-        }
+        Self::new(ErrorClass::TooLarge, format!("The request body is larger than {limit} bytes."))
     }
 
     /// 401: no key, or a wrong one.
@@ -71,67 +138,57 @@ impl ApiError {
         } else {
             "You didn't provide an API key. Send `Authorization: Bearer KEY`."
         };
-        Self { code: Some("invalid_api_key"), ..Self::new(401, "invalid_request_error", message) }
+        Self::new(ErrorClass::Unauthorized, message)
     }
 
     /// 415: a form-encoded body; the API takes JSON only.
     pub fn unsupported_media_type(content_type: &str) -> Self {
-        Self {
-            code: Some("unsupported_media_type"),
-            ..Self::new(
-                415,
-                "invalid_request_error",
-                format!("The body is sent as {content_type:?}; send JSON (Content-Type: application/json)."),
-            )
-        }
+        Self::new(
+            ErrorClass::UnsupportedMediaType,
+            format!("The body is sent as {content_type:?}; send JSON (Content-Type: application/json)."),
+        )
     }
 
     /// 408: the body did not arrive in time.
     pub fn request_timeout() -> Self {
-        Self {
-            code: Some("request_timeout"),
-            ..Self::new(408, "invalid_request_error", "The request body did not arrive in time.")
-        }
+        Self::new(ErrorClass::RequestTimeout, "The request body did not arrive in time.")
     }
 
     /// The client closed its side of the connection before the answer; the request was
     /// cancelled. Sent as 400 in case it still reads (a half-close), logged as 499.
     pub fn client_closed() -> Self {
-        Self {
-            code: Some("client_closed_request"),
-            ..Self::new(
-                400,
-                "invalid_request_error",
-                "The connection was closed by the client before the answer; the request was cancelled.",
-            )
-        }
+        Self::new(
+            ErrorClass::ClientClosed,
+            "The connection was closed by the client before the answer; the request was cancelled.",
+        )
     }
 
     pub fn overloaded(message: impl Into<String>) -> Self {
-        Self { code: Some("overloaded"), ..Self::new(429, "rate_limit_error", message) }
+        Self::new(ErrorClass::Overloaded, message)
     }
 
     /// 504: the request's deadline passed before it could start.
     pub fn timeout(message: impl Into<String>) -> Self {
-        Self { code: Some("timeout"), ..Self::new(504, "server_error", message) }
+        Self::new(ErrorClass::Timeout, message)
     }
 
     pub fn unavailable(message: impl Into<String>) -> Self {
-        Self { code: Some("unavailable"), ..Self::new(503, "server_error", message) }
+        Self::new(ErrorClass::Unavailable, message)
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(500, "server_error", message)
+        Self::new(ErrorClass::Internal, message)
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+        let class = self.class;
+        json!({"error": {"message": self.message, "type": class.kind(), "param": self.param, "code": class.code()}})
     }
 }
 
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.status, self.message)
+        write!(f, "{} {}", self.status(), self.message)
     }
 }
 

@@ -1,6 +1,6 @@
 use std::ffi::{CStr, c_char, c_int};
 
-use crate::api::ApiError;
+use crate::api::{ApiError, ErrorClass};
 use crate::service::{CallError, LoadError};
 
 /// The outcome of every fallible libchat call. A value names a class of failure; the message
@@ -83,14 +83,23 @@ impl Failure {
 impl From<ApiError> for Failure {
     /// The same classes as the HTTP statuses.
     fn from(e: ApiError) -> Self {
-        let status = match (e.status, e.code) {
-            (_, Some("context_length_exceeded")) => CHAT_CONTEXT_LENGTH_EXCEEDED,
-            (400 | 413, _) => CHAT_INVALID_REQUEST,
-            (404, _) => CHAT_MODEL_NOT_FOUND,
-            (429, _) => CHAT_OVERLOADED,
-            (503, _) => CHAT_UNAVAILABLE,
-            (504, _) => CHAT_TIMEOUT,
-            _ => CHAT_INTERNAL,
+        // No wildcard: a new class must choose its status here.
+        let status = match e.class {
+            ErrorClass::ContextLength => CHAT_CONTEXT_LENGTH_EXCEEDED,
+            ErrorClass::InvalidRequest
+            | ErrorClass::ConstraintFailed
+            | ErrorClass::TooLarge
+            | ErrorClass::MethodNotAllowed
+            | ErrorClass::NotFound
+            | ErrorClass::Unauthorized
+            | ErrorClass::UnsupportedMediaType
+            | ErrorClass::RequestTimeout
+            | ErrorClass::ClientClosed => CHAT_INVALID_REQUEST,
+            ErrorClass::ModelNotFound => CHAT_MODEL_NOT_FOUND,
+            ErrorClass::Overloaded => CHAT_OVERLOADED,
+            ErrorClass::Unavailable => CHAT_UNAVAILABLE,
+            ErrorClass::Timeout => CHAT_TIMEOUT,
+            ErrorClass::Internal => CHAT_INTERNAL,
         };
         let message = match &e.param {
             Some(param) if !e.message.contains(param.as_str()) => format!("{} (param: {param})", e.message),

@@ -98,7 +98,8 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
         let authorization = request.headers().iter().find(|h| h.field.equiv("Authorization")).map(|h| h.value.as_str());
         if !keys.accepts(authorization) {
             let error = ApiError::unauthorized(authorization.is_some());
-            let mut outcome = respond_with(request, error.status, &error.to_json(), &[("WWW-Authenticate", "Bearer")]);
+            let mut outcome =
+                respond_with(request, error.status(), &error.to_json(), &[("WWW-Authenticate", "Bearer")]);
             outcome.note = Some(error.message);
             return outcome;
         }
@@ -108,7 +109,7 @@ fn route(shared: &Shared, request: Request, method: &Method, path: &str) -> Outc
     let allowed = route.method();
     if method.as_str() != allowed {
         let err = ApiError::method_not_allowed(method.as_str(), path, allowed);
-        let mut outcome = respond_with(request, err.status, &err.to_json(), &[("Allow", allowed)]);
+        let mut outcome = respond_with(request, err.status(), &err.to_json(), &[("Allow", allowed)]);
         outcome.note = Some(err.message);
         return outcome;
     }
@@ -420,7 +421,7 @@ fn generate(
                 let error = Frontend::engine_error(e);
                 let _ = sse.event(&error.to_json().to_string());
                 let _ = sse.finish();
-                return Outcome { status: error.status, note: Some(error.message), ..Outcome::default() };
+                return Outcome { status: error.status(), note: Some(error.message), ..Outcome::default() };
             }
             _ => {
                 for chunk in encoder.encode(&event, tokenizer) {
@@ -646,8 +647,8 @@ fn add_headers<R: Read>(response: &mut Response<R>, headers: &[(&str, &str)]) {
 }
 
 fn respond_error(request: Request, error: &ApiError) -> Outcome {
-    let extra: &[(&str, &str)] = if error.status == 429 { &[("Retry-After", "1")] } else { &[] };
-    let mut outcome = respond_with(request, error.status, &error.to_json(), extra);
+    let extra: &[(&str, &str)] = if error.status() == 429 { &[("Retry-After", "1")] } else { &[] };
+    let mut outcome = respond_with(request, error.status(), &error.to_json(), extra);
     outcome.note = Some(error.message.clone());
     outcome
 }
