@@ -278,7 +278,7 @@ impl Frontend {
             stop_token_ids,
             sampling,
             logprobs: logprobs.then_some(top_logprobs),
-            deadline: f.number("timeout", 0.001, 86_400.0)?.map(std::time::Duration::from_secs_f32),
+            timeout: f.number("timeout", 0.001, 86_400.0)?.map(std::time::Duration::from_secs_f32),
             constraint,
             keep_stop: f.bool("include_stop_str_in_output")?.unwrap_or(false)
                 | f.bool("no_stop_trim")?.unwrap_or(false),

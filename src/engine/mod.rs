@@ -36,7 +36,8 @@ pub struct EngineConfig {
     pub max_queued: usize,
     /// Longest a request may wait for a place before it is refused as overloaded.
     pub max_queue_wait: Duration,
-    /// Deadline of requests that don't set their own.
+    /// Deadline of requests that don't set their own, at start (`Engine::set_request_timeout`
+    /// changes it; `submit` reads the current one).
     pub request_timeout: Duration,
     /// Prompt tokens per model run; prompts are always cut at multiples of this (see
     /// `prefill_step`). 16 costs no more per token than 256 on the small models measured.
@@ -229,8 +230,7 @@ impl Engine {
     }
 
     /// Queues a request. Never blocks: a full queue is `Overloaded`.
-    pub fn submit(&self, mut request: GenerateRequest) -> Result<RequestHandle, SubmitError> {
-        request.deadline.get_or_insert(Duration::from_millis(self.request_timeout_ms.load(Ordering::Relaxed)));
+    pub fn submit(&self, request: GenerateRequest) -> Result<RequestHandle, SubmitError> {
         if self.stats.stopping.load(Ordering::SeqCst) {
             return Err(SubmitError::Stopped);
         }
@@ -251,8 +251,11 @@ impl Engine {
         }
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let cancel = Arc::new(AtomicBool::new(false));
-        let job =
-            scheduler::Job { request, events: events_tx, cancel: cancel.clone(), queued_at: std::time::Instant::now() };
+        let queued_at = std::time::Instant::now();
+        // Resolved here, once: a reload's new default applies to requests submitted after it.
+        let timeout = request.timeout.unwrap_or(Duration::from_millis(self.request_timeout_ms.load(Ordering::Relaxed)));
+        let deadline = queued_at + timeout;
+        let job = scheduler::Job { request, events: events_tx, cancel: cancel.clone(), queued_at, deadline };
         let jobs = self.jobs.as_ref().ok_or(SubmitError::Stopped)?;
         // Free places count as room: a burst on an idle server is admitted, not refused.
         let free = self.config.max_running.saturating_sub(self.stats.running.load(Ordering::Relaxed));

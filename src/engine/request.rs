@@ -25,9 +25,10 @@ pub struct GenerateRequest {
     pub sampling: SamplingParams,
     /// Report log-probabilities, with this many alternatives per token.
     pub logprobs: Option<usize>,
-    /// Ends the request this long after submission, with the text so far (finish reason
-    /// `Deadline`); `None` uses the engine's default.
-    pub deadline: Option<Duration>,
+    /// The client's own limit (`timeout`): the request ends this long after submission, with
+    /// the text so far (finish reason `Deadline`). `None`: the engine's `request_timeout` at
+    /// submission (see `Job::deadline`).
+    pub timeout: Option<Duration>,
     /// A compiled constraint every choice's output must follow.
     pub constraint: Option<Prepared>,
     /// Keep a matched stop string at the end of the text (vLLM's `include_stop_str_in_output`,

@@ -121,12 +121,13 @@ pub(crate) struct Job {
     pub events: Sender<Event>,
     pub cancel: Arc<AtomicBool>,
     pub queued_at: Instant,
+    /// When the request ends, queued or running (its `timeout`, else the engine's default).
+    pub deadline: Instant,
 }
 
 /// An admitted request: its prompt is being fed, or its choices are being generated.
 struct Group {
     job: Job,
-    deadline: Instant,
     state: State,
     timings: Timings,
     first_token: bool,
@@ -221,7 +222,7 @@ impl Scheduler {
             for group in &mut self.groups {
                 if group.job.cancel.load(Ordering::Relaxed) || stopping {
                     end(group, FinishReason::Cancelled);
-                } else if now >= group.deadline {
+                } else if now >= group.job.deadline {
                     end(group, FinishReason::Deadline);
                 }
             }
@@ -328,7 +329,7 @@ impl Scheduler {
                 None
             } else if stats.stopping.load(Ordering::Relaxed) {
                 Some(EngineError::new(ErrorKind::Unavailable, "the server is shutting down"))
-            } else if waited >= job.request.deadline.unwrap_or(config.request_timeout) {
+            } else if Instant::now() >= job.deadline {
                 Some(EngineError::new(ErrorKind::Timeout, "the request's deadline passed while it waited in the queue"))
             } else if waited >= config.max_queue_wait {
                 let message =
@@ -374,9 +375,8 @@ impl Scheduler {
             };
             let state = State::Prefill { cache, fed: cached };
             let _ = job.events.send(Event::Started);
-            let deadline = job.queued_at + job.request.deadline.unwrap_or(self.config.request_timeout);
             self.running += n;
-            self.groups.push(Group { job, deadline, state, timings, first_token: false, cached, events: Vec::new() });
+            self.groups.push(Group { job, state, timings, first_token: false, cached, events: Vec::new() });
         }
         true
     }
@@ -449,7 +449,7 @@ impl Scheduler {
             if let State::Decode { seqs } = &mut group.state {
                 for seq in seqs.iter_mut().filter(|s| s.finished.is_none() && s.cache.len() + 2 > limit) {
                     log::warn!("a sequence reached the KV cache budget at {} positions", seq.cache.len());
-                    seq.end(FinishReason::Length, &mut group.events);
+                    seq.end(FinishReason::Length, None, &mut group.events);
                 }
             }
         }
@@ -765,7 +765,7 @@ fn end(group: &mut Group, reason: FinishReason) {
             for seq in seqs.iter_mut() {
                 completion_tokens += seq.generated;
                 if seq.finished.is_none() {
-                    seq.end(reason, &mut group.events);
+                    seq.end(reason, None, &mut group.events);
                 }
             }
         }

@@ -128,8 +128,7 @@ impl Sequence {
             may_end = true;
             if let Next::Complete = constraint.mask(&mut self.logits)? {
                 timings.sampling += started.elapsed();
-                let rest = self.stop.finish();
-                self.finish(FinishReason::Stop, None, rest, events);
+                self.end(FinishReason::Stop, None, events);
                 return Ok(());
             }
         }
@@ -157,9 +156,8 @@ impl Sequence {
         if is_eos || is_stop_token {
             // The end token itself has no text; what the stop matcher held back is real text.
             self.pending_logprobs.retain(|lp| lp.token != token);
-            let rest = self.stop.finish();
             let matched = if is_eos { Matched::Eos(token) } else { Matched::Token(token) };
-            self.finish(FinishReason::Stop, Some(matched), rest, events);
+            self.end(FinishReason::Stop, Some(matched), events);
             return Ok(());
         }
         let started = Instant::now();
@@ -178,24 +176,22 @@ impl Sequence {
             }
         }
         if self.constraint.as_ref().is_some_and(Constraint::is_complete) {
-            let rest = self.stop.finish();
-            self.finish(FinishReason::Stop, None, rest, events);
+            self.end(FinishReason::Stop, None, events);
             return Ok(());
         }
         // The next step would feed `token` into the cache, after the prompt and every earlier
         // token (counted from the tokens: during a speculative run the cache already holds
         // the draft).
         if self.generated >= request.max_tokens || request.prompt.len() + self.generated >= rules.context_length {
-            let rest = self.stop.finish();
-            self.finish(FinishReason::Length, None, rest, events);
+            self.end(FinishReason::Length, None, events);
         }
         Ok(())
     }
 
-    /// Ends the sequence from outside (cancel, deadline), releasing any held-back text.
-    pub fn end(&mut self, reason: FinishReason, events: &mut Vec<Event>) {
+    /// Ends the sequence (from outside too: cancel, deadline), releasing any held-back text.
+    pub fn end(&mut self, reason: FinishReason, matched: Option<Matched>, events: &mut Vec<Event>) {
         let rest = self.stop.finish();
-        self.finish(reason, None, rest, events);
+        self.finish(reason, matched, rest, events);
     }
 
     fn emit(&mut self, text: String, events: &mut Vec<Event>) {
