@@ -200,12 +200,8 @@ fn wake(config: &Config, server: &Server, notifier: &Notifier) -> Option<Service
 
 /// Tells systemd how busy the engine is, when that changed.
 fn show_status(service: &Service, name: &str, shown: &mut String, notifier: &Notifier) {
-    let stats = service.engine.stats();
-    let status = format!(
-        "ready: serving {name}, {} active, {} queued",
-        stats.running.load(Ordering::Relaxed),
-        stats.queued.load(Ordering::Relaxed)
-    );
+    let stats = service.engine.stats().snapshot();
+    let status = format!("ready: serving {name}, {} active, {} queued", stats.running, stats.queued);
     if status != *shown {
         notifier.status(&status);
         *shown = status;

@@ -138,6 +138,46 @@ pub struct EngineStats {
     pub stopping: AtomicBool,
 }
 
+/// The engine's counts at one moment, as plain values: what `/health`, `/metrics` and systemd's
+/// STATUS all read (see `EngineStats` for what each means).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub running: usize,
+    pub queued: usize,
+    pub kv_pool_bytes: usize,
+    pub kv_pool_used_bytes: usize,
+    pub kv_pool_resident_bytes: usize,
+    pub prefix_hits: usize,
+    pub prefix_cached_tokens: usize,
+    pub prefix_cache_bytes: usize,
+    pub sequence_bytes: usize,
+    pub decode_steps: usize,
+    pub decode_tokens: usize,
+    pub draft_tokens: usize,
+    pub draft_accepted: usize,
+}
+
+impl EngineStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let read = |v: &AtomicUsize| v.load(Ordering::Relaxed);
+        StatsSnapshot {
+            running: read(&self.running),
+            queued: read(&self.queued),
+            kv_pool_bytes: read(&self.kv_pool_bytes),
+            kv_pool_used_bytes: read(&self.kv_pool_used_bytes),
+            kv_pool_resident_bytes: read(&self.kv_pool_resident_bytes),
+            prefix_hits: read(&self.prefix_hits),
+            prefix_cached_tokens: read(&self.prefix_cached_tokens),
+            prefix_cache_bytes: read(&self.prefix_cache_bytes),
+            sequence_bytes: read(&self.sequence_bytes),
+            decode_steps: read(&self.decode_steps),
+            decode_tokens: read(&self.decode_tokens),
+            draft_tokens: read(&self.draft_tokens),
+            draft_accepted: read(&self.draft_accepted),
+        }
+    }
+}
+
 pub struct Engine {
     jobs: Option<Sender<scheduler::Job>>,
     thread: Option<JoinHandle<()>>,

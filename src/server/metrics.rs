@@ -66,17 +66,8 @@ pub(crate) struct Metrics {
 
 /// Live values read at scrape time from the engine and the connection layer.
 pub(crate) struct Gauges {
-    pub running: usize,
-    pub queued: usize,
-    pub kv_bytes: usize,
-    pub kv_used_bytes: usize,
-    pub prefix_hits: usize,
-    pub prefix_cached_tokens: usize,
-    pub prefix_bytes: usize,
-    pub decode_steps: usize,
-    pub decode_tokens: usize,
-    pub draft_tokens: usize,
-    pub draft_accepted: usize,
+    /// The engine's counts (all zero while no model is loaded).
+    pub engine: crate::engine::StatsSnapshot,
     pub connections_open: usize,
     /// Whether the model is loaded (not loading, asleep or waking).
     pub model_loaded: bool,
@@ -180,10 +171,15 @@ impl Metrics {
             "Prompt tokens reused from the prefix cache.",
             read(&self.cached_prompt_tokens),
         );
-        gauge(&mut out, "chatd_requests_running", "Sequences generating now.", gauges.running as f64);
-        gauge(&mut out, "chatd_requests_queued", "Requests waiting for a place.", gauges.queued as f64);
+        gauge(&mut out, "chatd_requests_running", "Sequences generating now.", gauges.engine.running as f64);
+        gauge(&mut out, "chatd_requests_queued", "Requests waiting for a place.", gauges.engine.queued as f64);
         gauge(&mut out, "chatd_requests_in_flight", "Generation requests being answered.", gauges.in_flight as f64);
-        gauge(&mut out, "chatd_kv_cache_bytes", "Bytes of the shared KV cache pool.", gauges.kv_bytes as f64);
+        gauge(
+            &mut out,
+            "chatd_kv_cache_bytes",
+            "Bytes of the shared KV cache pool.",
+            gauges.engine.kv_pool_bytes as f64,
+        );
         let m = &gauges.memory;
         gauge(&mut out, "chatd_memory_resident_bytes", "The process's resident size.", m.resident as f64);
         gauge(&mut out, "chatd_memory_model_bytes", "Resident size the model took to load.", m.model as f64);
@@ -199,34 +195,44 @@ impl Metrics {
             &mut out,
             "chatd_kv_cache_used_bytes",
             "Bytes of the KV pool held by sequences.",
-            gauges.kv_used_bytes as f64,
+            gauges.engine.kv_pool_used_bytes as f64,
         );
         counter(
             &mut out,
             "chatd_prefix_cache_hits_total",
             "Requests that reused a cached prefix.",
-            gauges.prefix_hits as f64,
+            gauges.engine.prefix_hits as f64,
         );
         counter(
             &mut out,
             "chatd_prefix_cache_tokens_total",
             "Prompt tokens not recomputed thanks to the prefix cache.",
-            gauges.prefix_cached_tokens as f64,
+            gauges.engine.prefix_cached_tokens as f64,
         );
-        gauge(&mut out, "chatd_prefix_cache_bytes", "Bytes held by the prefix cache.", gauges.prefix_bytes as f64);
-        counter(&mut out, "chatd_decode_steps_total", "Batched decode steps run.", gauges.decode_steps as f64);
-        counter(&mut out, "chatd_decode_tokens_total", "Tokens produced by decode steps.", gauges.decode_tokens as f64);
+        gauge(
+            &mut out,
+            "chatd_prefix_cache_bytes",
+            "Bytes held by the prefix cache.",
+            gauges.engine.prefix_cache_bytes as f64,
+        );
+        counter(&mut out, "chatd_decode_steps_total", "Batched decode steps run.", gauges.engine.decode_steps as f64);
+        counter(
+            &mut out,
+            "chatd_decode_tokens_total",
+            "Tokens produced by decode steps.",
+            gauges.engine.decode_tokens as f64,
+        );
         counter(
             &mut out,
             "chatd_speculative_draft_tokens_total",
             "Draft tokens checked by speculative decode steps.",
-            gauges.draft_tokens as f64,
+            gauges.engine.draft_tokens as f64,
         );
         counter(
             &mut out,
             "chatd_speculative_accepted_tokens_total",
             "Draft tokens accepted by speculative decode steps.",
-            gauges.draft_accepted as f64,
+            gauges.engine.draft_accepted as f64,
         );
         gauge(&mut out, "chatd_connections_open", "HTTP connections being read.", gauges.connections_open as f64);
         counter(
@@ -280,17 +286,7 @@ mod tests {
         m.record("/v1/chat/completions", 200, Duration::from_millis(140), Some(usage), Some(timings));
         m.record("/v1/chat/completions", 400, Duration::from_millis(1), None, None);
         let gauges = Gauges {
-            running: 0,
-            queued: 0,
-            kv_bytes: 0,
-            kv_used_bytes: 0,
-            prefix_hits: 0,
-            prefix_cached_tokens: 0,
-            prefix_bytes: 0,
-            decode_steps: 0,
-            decode_tokens: 0,
-            draft_tokens: 0,
-            draft_accepted: 0,
+            engine: crate::engine::StatsSnapshot::default(),
             connections_open: 0,
             connections_refused: 0,
             protocol_errors: 0,

@@ -15,7 +15,7 @@ use std::time::Duration;
 use crossbeam_channel::RecvTimeoutError;
 
 use crate::api::{ApiError, Collector, Endpoint, Frontend, StreamEncoder};
-use crate::engine::{Event, RequestHandle, Timings, Usage};
+use crate::engine::{Event, RequestHandle, StatsSnapshot, Timings, Usage};
 
 thread_local! {
     /// The `Access-Control-Allow-Origin` value for the request this thread is answering, when
@@ -205,9 +205,8 @@ pub(super) fn model_card(ready: &Ready) -> Value {
 }
 
 fn health_json(shared: &Shared, ready: &Ready) -> Value {
-    let stats = ready.engine.stats();
-    let read = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
-    let memory = memory_use(shared, Some(ready));
+    let stats = ready.engine.stats().snapshot();
+    let memory = memory_use(shared, Some((ready, &stats)));
     json!({
         "status": "ok",
         "model": ready.frontend.served_name(),
@@ -215,20 +214,20 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
         "provider": ready.engine.provider().to_string(),
         "uptime_seconds": shared.started.elapsed().as_secs(),
         "model_loads": shared.slot.loads.load(Ordering::Relaxed),
-        "running": read(&stats.running),
-        "queued": read(&stats.queued),
-        "kv_pool_bytes": read(&stats.kv_pool_bytes),
-        "kv_pool_used_bytes": read(&stats.kv_pool_used_bytes),
+        "running": stats.running,
+        "queued": stats.queued,
+        "kv_pool_bytes": stats.kv_pool_bytes,
+        "kv_pool_used_bytes": stats.kv_pool_used_bytes,
         "prefix_cache": {
-            "hits": read(&stats.prefix_hits),
-            "cached_tokens": read(&stats.prefix_cached_tokens),
-            "bytes": read(&stats.prefix_cache_bytes),
+            "hits": stats.prefix_hits,
+            "cached_tokens": stats.prefix_cached_tokens,
+            "bytes": stats.prefix_cache_bytes,
         },
-        "decode_steps": read(&stats.decode_steps),
-        "decode_tokens": read(&stats.decode_tokens),
+        "decode_steps": stats.decode_steps,
+        "decode_tokens": stats.decode_tokens,
         "speculative": {
-            "draft_tokens": read(&stats.draft_tokens),
-            "accepted_tokens": read(&stats.draft_accepted),
+            "draft_tokens": stats.draft_tokens,
+            "accepted_tokens": stats.draft_accepted,
         },
         "memory": {
             "resident_bytes": memory.resident,
@@ -479,15 +478,14 @@ pub(crate) struct MemoryUse {
     pub other: usize,
 }
 
-pub(super) fn memory_use(shared: &Shared, ready: Option<&Ready>) -> MemoryUse {
+/// With the model loaded: its `Ready` and the engine's counts at the same moment.
+pub(super) fn memory_use(shared: &Shared, ready: Option<(&Ready, &StatsSnapshot)>) -> MemoryUse {
     let resident = crate::memory::resident_bytes();
-    let read = |v: &AtomicUsize| v.load(Ordering::Relaxed);
-    let stats = ready.map(|r| r.engine.stats());
-    let stat = |f: fn(&crate::engine::EngineStats) -> &AtomicUsize| stats.map_or(0, |s| read(f(s)));
-    let model = ready.map_or(0, |r| r.model_bytes);
-    let kv_pool = stat(|s| &s.kv_pool_resident_bytes);
-    let prefix_cache = stat(|s| &s.prefix_cache_bytes);
-    let requests = read(&shared.body_bytes) + stat(|s| &s.sequence_bytes);
+    let model = ready.map_or(0, |(r, _)| r.model_bytes);
+    let stats = ready.map(|(_, s)| *s).unwrap_or_default();
+    let kv_pool = stats.kv_pool_resident_bytes;
+    let prefix_cache = stats.prefix_cache_bytes;
+    let requests = shared.body_bytes.load(Ordering::Relaxed) + stats.sequence_bytes;
     let other = resident.saturating_sub(model + kv_pool + prefix_cache + requests);
     MemoryUse { resident, model, kv_pool, prefix_cache, requests, other }
 }
@@ -562,26 +560,15 @@ fn respond_metrics(shared: &Shared, request: Request) -> Outcome {
     let read = |v: &std::sync::atomic::AtomicUsize| v.load(std::sync::atomic::Ordering::Relaxed);
     let ready = shared.slot.current().1;
     let ready = ready.as_deref();
-    let stats = ready.map(|r| r.engine.stats());
-    let stat = |f: fn(&crate::engine::EngineStats) -> &std::sync::atomic::AtomicUsize| stats.map_or(0, |s| read(f(s)));
+    let engine = ready.map(|r| r.engine.stats().snapshot()).unwrap_or_default();
     let gauges = Gauges {
-        running: stat(|s| &s.running),
-        queued: stat(|s| &s.queued),
-        kv_bytes: stat(|s| &s.kv_pool_bytes),
-        kv_used_bytes: stat(|s| &s.kv_pool_used_bytes),
-        prefix_hits: stat(|s| &s.prefix_hits),
-        prefix_cached_tokens: stat(|s| &s.prefix_cached_tokens),
-        prefix_bytes: stat(|s| &s.prefix_cache_bytes),
-        decode_steps: stat(|s| &s.decode_steps),
-        decode_tokens: stat(|s| &s.decode_tokens),
-        draft_tokens: stat(|s| &s.draft_tokens),
-        draft_accepted: stat(|s| &s.draft_accepted),
+        engine,
         connections_open: shared.connections.open_connections(),
         connections_refused: shared.connections.refused_connections(),
         protocol_errors: shared.connections.rejected_heads(),
         in_flight: read(&shared.in_flight),
         uptime: shared.started.elapsed(),
-        memory: memory_use(shared, ready),
+        memory: memory_use(shared, ready.map(|r| (r, &engine))),
         model_loaded: ready.is_some(),
         model_loads: shared.slot.loads.load(Ordering::Relaxed),
     };
