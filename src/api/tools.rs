@@ -238,26 +238,53 @@ pub fn parse_forced(text: &str) -> Option<ToolCall> {
         .or_else(|| call_from_json(&serde_json::from_str(text.trim()).ok()?))
 }
 
-/// A call in a free output, with the content before it.
+/// Where families write a call in free output, as (opening, closing) marker: Qwen's and
+/// Hermes' `<tool_call>`, Phi-4-mini's `<|tool_call|>`, Mistral's `[TOOL_CALLS]` (no closing).
+/// Markers that are special tokens never reach the text: the call is then the bare JSON (an
+/// object, or a list of calls as Phi-4 and Mistral write them), as Llama 3's is anyway.
+const CALL_MARKERS: &[(&str, &str)] =
+    &[("<tool_call>", "</tool_call>"), ("<|tool_call|>", "<|/tool_call|>"), ("[TOOL_CALLS]", "")];
+
+/// A call in a free output, with the content before it. Of a list of calls, the first (chatd
+/// makes one call per answer).
 pub fn detect(text: &str) -> Option<(String, ToolCall)> {
-    if let Some(start) = text.find("<tool_call>") {
-        let rest = &text[start + "<tool_call>".len()..];
-        let body = rest.split("</tool_call>").next().unwrap_or(rest);
-        let call = call_from_json(&serde_json::from_str(body.trim()).ok()?)?;
-        return Some((text[..start].trim().to_owned(), call));
+    for (open, close) in CALL_MARKERS {
+        if let Some(start) = text.find(open) {
+            let rest = &text[start + open.len()..];
+            let body = if close.is_empty() { rest } else { rest.split(close).next().unwrap_or(rest) };
+            return Some((text[..start].trim().to_owned(), call_in(body)?));
+        }
     }
-    let trimmed = text.trim();
-    if trimmed.starts_with('{') {
-        return Some((String::new(), call_from_json(&serde_json::from_str(trimmed).ok()?)?));
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        return Some((String::new(), call_in(trimmed)?));
     }
     None
+}
+
+/// The call in a marker's body: a JSON call object, a list of them, or Mistral's newer
+/// `name[ARGS]{arguments}`.
+fn call_in(body: &str) -> Option<ToolCall> {
+    let body = body.trim();
+    if let Some((name, arguments)) = body.split_once("[ARGS]") {
+        serde_json::from_str::<Map<String, Value>>(arguments.trim()).ok()?;
+        return Some(ToolCall { name: name.trim().to_owned(), arguments: arguments.trim().to_owned() });
+    }
+    match serde_json::from_str(body).ok()? {
+        Value::Array(calls) => call_from_json(calls.first()?),
+        call => call_from_json(&call),
+    }
 }
 
 /// Whether a streamed output that starts with `text` may still turn out to be a call, so its
 /// content must be held back for now.
 pub fn could_be_call(text: &str) -> bool {
     let t = text.trim_start();
-    t.is_empty() || t.starts_with('{') || t.starts_with("<tool_call>") || "<tool_call>".starts_with(t)
+    let json_start = |t: &str| match t.strip_prefix('[') {
+        Some(rest) => rest.trim_start().is_empty() || rest.trim_start().starts_with('{'),
+        None => t.starts_with('{'),
+    };
+    t.is_empty() || json_start(t) || CALL_MARKERS.iter().any(|(open, _)| t.starts_with(open) || open.starts_with(t))
 }
 
 fn call_from_json(value: &Value) -> Option<ToolCall> {
@@ -292,6 +319,26 @@ mod tests {
         assert!(detect("Paris is the capital.").is_none());
         assert!(detect("{\"not\": \"a call\"}").is_none());
         assert!(could_be_call("  <tool") && could_be_call("{") && !could_be_call("Hello"));
+    }
+
+    #[test]
+    fn calls_are_found_in_each_familys_format() {
+        let weather = ToolCall { name: "get_weather".into(), arguments: "{\"city\":\"Paris\"}".into() };
+        let list = "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}]";
+        // Phi-4-mini, with its markers in the text and without (special tokens skipped).
+        assert_eq!(detect(&format!("<|tool_call|>{list}<|/tool_call|>")).unwrap().1, weather);
+        assert_eq!(detect(list).unwrap(), (String::new(), weather.clone()));
+        // Mistral v0.3, and its newer `name[ARGS]arguments`.
+        assert_eq!(detect(&format!("[TOOL_CALLS] {list}")).unwrap().1, weather);
+        let (content, call) = detect("Sure. [TOOL_CALLS]get_weather[ARGS]{\"city\": \"Paris\"}").unwrap();
+        assert_eq!(
+            (content.as_str(), call.name.as_str(), call.arguments.as_str()),
+            ("Sure.", "get_weather", "{\"city\": \"Paris\"}")
+        );
+        assert!(detect("[1, 2, 3]").is_none() && detect("[TOOL_CALLS]oops").is_none());
+        // Streaming holds back what may still be a call, and only that.
+        assert!(could_be_call("[") && could_be_call(" [ {") && could_be_call("<|tool") && could_be_call("[TOOL"));
+        assert!(!could_be_call("[link](x)") && !could_be_call("[1, 2]"));
     }
 
     #[test]
