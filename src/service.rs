@@ -236,7 +236,7 @@ impl Service {
                     }
                     collector.add(event);
                 }
-                None => return Err(CallError::Api(ApiError::internal("the engine dropped the request"))),
+                None => return Err(CallError::Api(ApiError::engine_dropped())),
             }
         }
     }

@@ -176,6 +176,11 @@ impl ApiError {
         Self::new(ErrorClass::Unavailable, message)
     }
 
+    /// 500: the engine ended a request without a last event (its thread died).
+    pub fn engine_dropped() -> Self {
+        Self::internal("the engine dropped the request")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(ErrorClass::Internal, message)
     }

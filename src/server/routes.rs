@@ -372,7 +372,7 @@ fn generate(
         Next::Event(Event::Error(e)) => return respond_error(request, &Frontend::engine_error(&e)),
         Next::Event(e) => e,
         Next::Gone => return gone_early(request),
-        Next::Dropped => return respond_error(request, &ApiError::internal("the engine dropped the request")),
+        Next::Dropped => return respond_error(request, &ApiError::engine_dropped()),
     };
     if !parsed.stream {
         let mut collector = Collector::new(&parsed);
@@ -392,7 +392,7 @@ fn generate(
             event = match next_event(&handle, &client, || true) {
                 Next::Event(e) => e,
                 Next::Gone => return gone_early(request),
-                Next::Dropped => return respond_error(request, &ApiError::internal("the engine dropped the request")),
+                Next::Dropped => return respond_error(request, &ApiError::engine_dropped()),
             };
         }
     }
@@ -438,9 +438,10 @@ fn generate(
             Next::Event(e) => e,
             Next::Gone => return gone(None),
             Next::Dropped => {
-                let _ = sse.event(&ApiError::internal("the engine dropped the request").to_json().to_string());
+                let error = ApiError::engine_dropped();
+                let _ = sse.event(&error.to_json().to_string());
                 let _ = sse.finish();
-                return Outcome { status: 500, note: Some("engine dropped the request".into()), ..Outcome::default() };
+                return Outcome { status: error.status(), note: Some(error.message), ..Outcome::default() };
             }
         };
     }
