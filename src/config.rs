@@ -58,119 +58,546 @@ pub enum Command {
     Version,
 }
 
-/// (flag, environment variable, value name, help)
-const SETTINGS: &[(&str, &str, &str, &str)] = &[
-    ("model", "CHATD_MODEL", "DIR", "model folder (onnxruntime-genai or Hugging Face Optimum ONNX layout); required"),
-    ("listen", "CHATD_LISTEN", "ADDR", "address to serve on [127.0.0.1:8080]"),
-    ("threads", "CHATD_THREADS", "N", "ONNX Runtime intra-op threads [2]"),
-    ("provider", "CHATD_PROVIDER", "EP", "execution provider: cpu, cuda[:N], tensorrt[:N] (GPU ONNX Runtime) [cpu]"),
-    (
-        "onnxruntime",
-        "CHATD_ONNXRUNTIME",
-        "PATH",
-        "libonnxruntime.so to load (else ORT_DYLIB_PATH, the setup copy, the system)",
-    ),
-    ("served-model-name", "CHATD_SERVED_MODEL_NAME", "NAME", "model name clients use [the model folder's name]"),
-    ("max-body-bytes", "CHATD_MAX_BODY_BYTES", "N", "largest request body; larger ones get 413 [4194304]"),
-    ("log-level", "CHATD_LOG_LEVEL", "LEVEL", "error, warn, info, debug or trace [info]"),
-    ("http-threads", "CHATD_HTTP_THREADS", "N", "threads serving HTTP requests (one stream each) [32]"),
-    ("max-running", "CHATD_MAX_RUNNING", "N", "sequences generating at once [8]"),
-    ("workers", "CHATD_WORKERS", "N", "threads for sampling/detokenizing beside the model; 0 = engine thread [2]"),
-    ("max-queued", "CHATD_MAX_QUEUED", "N", "requests waiting for a place before 429s [64]"),
-    ("max-queue-wait-s", "CHATD_MAX_QUEUE_WAIT_S", "SECS", "longest wait for a place before a 429 [30]"),
-    ("request-timeout-s", "CHATD_REQUEST_TIMEOUT_S", "SECS", "deadline of requests without `timeout` [600]"),
-    (
-        "prefill-chunk",
-        "CHATD_PREFILL_CHUNK",
-        "N",
-        "prompt tokens per model run; prompts are cut at multiples of it [16]",
-    ),
-    (
-        "stream-slowdown",
-        "CHATD_STREAM_SLOWDOWN",
-        "X",
-        "most slowdown of running streams while a new prompt is fed [2.0]",
-    ),
-    (
-        "speculative-tokens",
-        "CHATD_SPECULATIVE_TOKENS",
-        "N",
-        "draft tokens checked per run while one stream generates alone (genai layout); 0 = off [0]",
-    ),
-    (
-        "kv-cache-mb",
-        "CHATD_KV_CACHE_MB",
-        "N",
-        "most memory for the genai layout's shared KV cache [auto: 2/5 of the memory available after loading, at most 1024]",
-    ),
-    (
-        "kv-cache-dtype",
-        "CHATD_KV_CACHE_DTYPE",
-        "TYPE",
-        "how the genai layout stores keys and values: float32, int8 (a quarter of the memory) or int4 [float32]",
-    ),
-    (
-        "prefix-cache-mb",
-        "CHATD_PREFIX_CACHE_MB",
-        "N",
-        "memory for prompt keys/values reused across requests; 0 = off [auto: 1/10 of the memory available, at most 256]",
-    ),
-    ("log-prompts", "CHATD_LOG_PROMPTS", "BOOL", "log prompt text (at debug level) [false]"),
-    ("max-connections", "CHATD_MAX_CONNECTIONS", "N", "connections served at once; more get 503 [128]"),
-    (
-        "idle-timeout-s",
-        "CHATD_IDLE_TIMEOUT_S",
-        "SECS",
-        "close connections silent this long, in or between requests [30]",
-    ),
-    ("max-header-bytes", "CHATD_MAX_HEADER_BYTES", "N", "largest request line + headers; larger get 431 [8192]"),
-    ("max-messages", "CHATD_MAX_MESSAGES", "N", "most messages in a chat request [256]"),
-    ("max-prompt-tokens", "CHATD_MAX_PROMPT_TOKENS", "N", "most prompt tokens; 0 = the model's context [0]"),
-    ("max-completion-tokens", "CHATD_MAX_COMPLETION_TOKENS", "N", "largest max_tokens; 0 = the model's context [0]"),
-    ("max-n", "CHATD_MAX_N", "N", "most choices (n) per request [8]"),
-    ("max-stop-strings", "CHATD_MAX_STOP_STRINGS", "N", "most stop strings per request [16]"),
-    ("max-stop-length", "CHATD_MAX_STOP_LENGTH", "N", "longest stop string in bytes [256]"),
-    (
-        "max-constraint-bytes",
-        "CHATD_MAX_CONSTRAINT_BYTES",
-        "N",
-        "longest regex, grammar or JSON schema (tools' included) in bytes, at most 65536 [32768]",
-    ),
-    (
-        "shutdown-timeout-s",
-        "CHATD_SHUTDOWN_TIMEOUT_S",
-        "SECS",
-        "on SIGTERM, time in-flight requests get to finish [30]",
-    ),
-    (
-        "idle-unload-s",
-        "CHATD_IDLE_UNLOAD_S",
-        "SECS",
-        "release the model after this long without requests, load it again for the next; 0 = never [0]",
-    ),
-    ("api-keys-file", "CHATD_API_KEYS_FILE", "PATH", "file of accepted API keys, one per line; unset = no keys"),
-    ("auth-health", "CHATD_AUTH_HEALTH", "BOOL", "whether /health needs an API key too [false]"),
-    ("auth-metrics", "CHATD_AUTH_METRICS", "BOOL", "whether /metrics needs an API key too [false]"),
-    (
-        "sse-keepalive-s",
-        "CHATD_SSE_KEEPALIVE_S",
-        "SECS",
-        "a comment line on a stream that has sent nothing for this long (a long prompt); 0 = never [15]",
-    ),
-    (
-        "cors-origins",
-        "CHATD_CORS_ORIGINS",
-        "LIST",
-        "web origins (https://app.local,...) browsers may call the API from, or *; empty = no CORS [empty]",
-    ),
+/// One setting, declared once: its flag (from which its environment variable, TOML key and
+/// libchat JSON key are derived), what it takes, what it does, how a value is stored, and how
+/// the stored value reads (which gives the default in `--help` and in the README's table, and
+/// what a reload reports).
+pub(crate) struct Setting {
+    pub flag: &'static str,
+    /// The value's name in `--help` and the README (`N`, `SECS`, `PATH`...).
+    pub value: &'static str,
+    pub help: &'static str,
+    /// Whether a running daemon takes a new value on SIGHUP (else it needs a restart).
+    pub live: bool,
+    set: fn(&mut Config, &str) -> Result<(), String>,
+    show: fn(&Config) -> String,
+}
+
+impl Setting {
+    /// `CHATD_` and the flag in capitals, `-` as `_`.
+    pub fn env(&self) -> String {
+        format!("CHATD_{}", self.flag.to_uppercase().replace('-', "_"))
+    }
+
+    /// The key in a TOML file and in libchat's JSON: the flag with `_` for `-`.
+    pub fn key(&self) -> String {
+        self.flag.replace('-', "_")
+    }
+
+    /// The value as `config` holds it.
+    pub fn shown(&self, config: &Config) -> String {
+        (self.show)(config)
+    }
+
+    /// The default: the value of a configuration nothing was set in.
+    pub fn default_value(&self) -> String {
+        self.shown(&Config::default())
+    }
+}
+
+/// What a reload from `old` to `new` changes, as the log and systemd's status say it: `key=value`
+/// for each setting applied at once, `key (needs a restart)` for the others.
+pub fn changes(old: &Config, new: &Config) -> Vec<String> {
+    SETTINGS
+        .iter()
+        .filter(|s| s.shown(old) != s.shown(new))
+        .map(|s| match s.live {
+            true => format!("{}={}", s.key(), s.shown(new)),
+            false => format!("{} (needs a restart)", s.key()),
+        })
+        .collect()
+}
+
+fn count(value: &str, min: usize) -> Result<usize, String> {
+    let n: usize = value.trim().parse().map_err(|_| format!("{value:?} is not a whole number"))?;
+    if n < min {
+        return Err(format!("must be at least {min}, got {n}"));
+    }
+    Ok(n)
+}
+
+fn seconds(value: &str) -> Result<Duration, String> {
+    match value.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 1e6 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(format!("{value:?} is not a number of seconds above 0")),
+    }
+}
+
+/// Seconds, or 0 for never.
+fn seconds_or_never(value: &str) -> Result<Option<Duration>, String> {
+    match value.trim() {
+        "0" => Ok(None),
+        _ => seconds(value).map(Some),
+    }
+}
+
+fn boolean(value: &str) -> Result<bool, String> {
+    match value.trim() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(format!("{value:?} is not true or false")),
+    }
+}
+
+fn show_seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 { format!("{}", s as u64) } else { s.to_string() }
+}
+
+fn show_mib(set: bool, bytes: usize) -> String {
+    if set { (bytes >> 20).to_string() } else { "auto".into() }
+}
+
+fn show_path(path: &Option<PathBuf>) -> String {
+    path.as_ref().map_or(String::new(), |p| p.display().to_string())
+}
+
+pub(crate) const SETTINGS: &[Setting] = &[
+    Setting {
+        flag: "model",
+        live: false,
+        value: "DIR",
+        help: "model folder (onnxruntime-genai or Hugging Face Optimum ONNX layout); required",
+        set: |c, v| {
+            c.model = Some(PathBuf::from(v));
+            Ok(())
+        },
+        show: |c| c.model.as_ref().map_or("(required)".into(), |p| p.display().to_string()),
+    },
+    Setting {
+        flag: "listen",
+        live: false,
+        value: "ADDR",
+        help: "address to serve on",
+        set: |c, v| {
+            if v.parse::<std::net::SocketAddr>().is_err() {
+                return Err(format!("{v:?} is not an address like 127.0.0.1:8080"));
+            }
+            c.server.listen = v.to_owned();
+            Ok(())
+        },
+        show: |c| c.server.listen.clone(),
+    },
+    Setting {
+        flag: "threads",
+        live: false,
+        value: "N",
+        help: "ONNX Runtime intra-op threads",
+        set: |c, v| {
+            c.runtime.intra_threads = count(v, 1)?;
+            c.runtime.intra_threads_set = true;
+            Ok(())
+        },
+        show: |c| c.runtime.intra_threads.to_string(),
+    },
+    Setting {
+        flag: "provider",
+        live: false,
+        value: "EP",
+        help: "execution provider: cpu, cuda[:N], tensorrt[:N] (GPU ONNX Runtime)",
+        set: |c, v| {
+            c.runtime.provider = v.parse()?;
+            Ok(())
+        },
+        show: |c| c.runtime.provider.to_string(),
+    },
+    Setting {
+        flag: "onnxruntime",
+        live: false,
+        value: "PATH",
+        help: "libonnxruntime.so to load (else ORT_DYLIB_PATH, the setup copy, the system)",
+        set: |c, v| {
+            c.runtime.library = Some(PathBuf::from(v));
+            Ok(())
+        },
+        show: |c| show_path(&c.runtime.library),
+    },
+    Setting {
+        flag: "served-model-name",
+        live: false,
+        value: "NAME",
+        help: "model name clients use",
+        set: |c, v| {
+            c.served_model_name = Some(v.to_owned());
+            Ok(())
+        },
+        show: |c| c.served_model_name.clone().unwrap_or_else(|| "folder name".into()),
+    },
+    Setting {
+        flag: "max-body-bytes",
+        live: true,
+        value: "N",
+        help: "largest request body; larger ones get 413",
+        set: |c, v| {
+            c.server.max_body_bytes = count(v, 1024)?;
+            Ok(())
+        },
+        show: |c| c.server.max_body_bytes.to_string(),
+    },
+    Setting {
+        flag: "log-level",
+        live: true,
+        value: "LEVEL",
+        help: "error, warn, info, debug or trace",
+        set: |c, v| {
+            if !matches!(v, "error" | "warn" | "info" | "debug" | "trace" | "off") {
+                return Err(format!("{v:?} is not one of error, warn, info, debug, trace, off"));
+            }
+            c.log_level = v.to_owned();
+            Ok(())
+        },
+        show: |c| c.log_level.clone(),
+    },
+    Setting {
+        flag: "http-threads",
+        live: false,
+        value: "N",
+        help: "threads serving HTTP requests (one stream each)",
+        set: |c, v| {
+            c.server.http_threads = count(v, 1)?;
+            Ok(())
+        },
+        show: |c| c.server.http_threads.to_string(),
+    },
+    Setting {
+        flag: "max-running",
+        live: false,
+        value: "N",
+        help: "sequences generating at once",
+        set: |c, v| {
+            c.engine.max_running = count(v, 1)?;
+            Ok(())
+        },
+        show: |c| c.engine.max_running.to_string(),
+    },
+    Setting {
+        flag: "workers",
+        live: false,
+        value: "N",
+        help: "threads for sampling/detokenizing beside the model; 0 = engine thread",
+        set: |c, v| {
+            c.engine.workers = count(v, 0)?;
+            Ok(())
+        },
+        show: |c| c.engine.workers.to_string(),
+    },
+    Setting {
+        flag: "max-queued",
+        live: false,
+        value: "N",
+        help: "requests waiting for a place before 429s",
+        set: |c, v| {
+            c.engine.max_queued = count(v, 1)?;
+            Ok(())
+        },
+        show: |c| c.engine.max_queued.to_string(),
+    },
+    Setting {
+        flag: "max-queue-wait-s",
+        live: false,
+        value: "SECS",
+        help: "longest wait for a place before a 429",
+        set: |c, v| {
+            c.engine.max_queue_wait = seconds(v)?;
+            Ok(())
+        },
+        show: |c| show_seconds(c.engine.max_queue_wait),
+    },
+    Setting {
+        flag: "request-timeout-s",
+        live: true,
+        value: "SECS",
+        help: "deadline of requests without `timeout`",
+        set: |c, v| {
+            c.engine.request_timeout = seconds(v)?;
+            Ok(())
+        },
+        show: |c| show_seconds(c.engine.request_timeout),
+    },
+    Setting {
+        flag: "prefill-chunk",
+        live: false,
+        value: "N",
+        help: "prompt tokens per model run; prompts are cut at multiples of it",
+        set: |c, v| {
+            c.engine.prefill_chunk = count(v, 1)?;
+            Ok(())
+        },
+        show: |c| c.engine.prefill_chunk.to_string(),
+    },
+    Setting {
+        flag: "stream-slowdown",
+        live: false,
+        value: "X",
+        help: "most slowdown of running streams while a new prompt is fed",
+        set: |c, v| {
+            c.engine.stream_slowdown = match v.trim().parse::<f64>() {
+                Ok(x) if (1.1..=1000.0).contains(&x) => x,
+                _ => return Err(format!("{v:?} is not a factor between 1.1 and 1000")),
+            };
+            Ok(())
+        },
+        show: |c| format!("{:?}", c.engine.stream_slowdown),
+    },
+    Setting {
+        flag: "speculative-tokens",
+        live: false,
+        value: "N",
+        help: "draft tokens checked per run while one stream generates alone (genai layout); 0 = off",
+        set: |c, v| {
+            c.engine.speculative_tokens = count(v, 0)?.min(64);
+            Ok(())
+        },
+        show: |c| c.engine.speculative_tokens.to_string(),
+    },
+    Setting {
+        flag: "kv-cache-mb",
+        live: false,
+        value: "N",
+        help: "most memory for the genai layout's shared KV cache (auto: 2/5 of the memory available after loading, at most 1024)",
+        set: |c, v| {
+            c.runtime.kv_cache_bytes = count(v, 1)? << 20;
+            c.kv_cache_set = true;
+            Ok(())
+        },
+        show: |c| show_mib(c.kv_cache_set, c.runtime.kv_cache_bytes),
+    },
+    Setting {
+        flag: "kv-cache-dtype",
+        live: false,
+        value: "TYPE",
+        help: "how the genai layout stores keys and values: float32, int8 (a quarter of the memory) or int4",
+        set: |c, v| {
+            c.runtime.kv_cache_dtype = v.parse()?;
+            Ok(())
+        },
+        show: |c| c.runtime.kv_cache_dtype.to_string(),
+    },
+    Setting {
+        flag: "prefix-cache-mb",
+        live: false,
+        value: "N",
+        help: "memory for prompt keys/values reused across requests; 0 = off (auto: 1/10 of the memory available, at most 256)",
+        set: |c, v| {
+            c.engine.prefix_cache_bytes = count(v, 0)? << 20;
+            c.prefix_cache_set = true;
+            Ok(())
+        },
+        show: |c| show_mib(c.prefix_cache_set, c.engine.prefix_cache_bytes),
+    },
+    Setting {
+        flag: "log-prompts",
+        live: true,
+        value: "BOOL",
+        help: "log prompt text (at debug level)",
+        set: |c, v| {
+            c.server.log_prompts = boolean(v)?;
+            Ok(())
+        },
+        show: |c| c.server.log_prompts.to_string(),
+    },
+    Setting {
+        flag: "max-connections",
+        live: true,
+        value: "N",
+        help: "connections served at once; more get 503",
+        set: |c, v| {
+            c.server.max_connections = count(v, 1)?;
+            Ok(())
+        },
+        show: |c| c.server.max_connections.to_string(),
+    },
+    Setting {
+        flag: "idle-timeout-s",
+        live: true,
+        value: "SECS",
+        help: "close connections silent this long, in or between requests",
+        set: |c, v| {
+            c.server.idle_timeout = seconds(v)?;
+            Ok(())
+        },
+        show: |c| show_seconds(c.server.idle_timeout),
+    },
+    Setting {
+        flag: "max-header-bytes",
+        live: true,
+        value: "N",
+        help: "largest request line + headers; larger get 431",
+        set: |c, v| {
+            c.server.max_header_bytes = count(v, 1024)?;
+            Ok(())
+        },
+        show: |c| c.server.max_header_bytes.to_string(),
+    },
+    Setting {
+        flag: "max-messages",
+        live: true,
+        value: "N",
+        help: "most messages in a chat request",
+        set: |c, v| {
+            c.limits.max_messages = count(v, 1)?;
+            Ok(())
+        },
+        show: |c| c.limits.max_messages.to_string(),
+    },
+    Setting {
+        flag: "max-prompt-tokens",
+        live: true,
+        value: "N",
+        help: "most prompt tokens; 0 = the model's context",
+        set: |c, v| {
+            c.limits.max_prompt_tokens = count(v, 0)?;
+            Ok(())
+        },
+        show: |c| c.limits.max_prompt_tokens.to_string(),
+    },
+    Setting {
+        flag: "max-completion-tokens",
+        live: true,
+        value: "N",
+        help: "largest max_tokens; 0 = the model's context",
+        set: |c, v| {
+            c.limits.max_completion_tokens = count(v, 0)?;
+            Ok(())
+        },
+        show: |c| c.limits.max_completion_tokens.to_string(),
+    },
+    Setting {
+        flag: "max-n",
+        live: true,
+        value: "N",
+        help: "most choices (n) per request",
+        set: |c, v| {
+            c.limits.max_n = count(v, 1)?;
+            Ok(())
+        },
+        show: |c| c.limits.max_n.to_string(),
+    },
+    Setting {
+        flag: "max-stop-strings",
+        live: true,
+        value: "N",
+        help: "most stop strings per request",
+        set: |c, v| {
+            c.limits.max_stop_strings = count(v, 0)?;
+            Ok(())
+        },
+        show: |c| c.limits.max_stop_strings.to_string(),
+    },
+    Setting {
+        flag: "max-stop-length",
+        live: true,
+        value: "N",
+        help: "longest stop string in bytes",
+        set: |c, v| {
+            c.limits.max_stop_len = count(v, 1)?;
+            Ok(())
+        },
+        show: |c| c.limits.max_stop_len.to_string(),
+    },
+    Setting {
+        flag: "max-constraint-bytes",
+        live: true,
+        value: "N",
+        help: "longest regex, grammar or JSON schema (tools' included) in bytes, at most 65536",
+        set: |c, v| {
+            c.limits.max_constraint_bytes = count(v, 64)?;
+            if c.limits.max_constraint_bytes > crate::constraint::MAX_SOURCE_BYTES {
+                return Err(format!("must be at most {}", crate::constraint::MAX_SOURCE_BYTES));
+            }
+            Ok(())
+        },
+        show: |c| c.limits.max_constraint_bytes.to_string(),
+    },
+    Setting {
+        flag: "shutdown-timeout-s",
+        live: true,
+        value: "SECS",
+        help: "on SIGTERM, time in-flight requests get to finish",
+        set: |c, v| {
+            c.server.shutdown_timeout = seconds(v)?;
+            Ok(())
+        },
+        show: |c| show_seconds(c.server.shutdown_timeout),
+    },
+    Setting {
+        flag: "idle-unload-s",
+        live: true,
+        value: "SECS",
+        help: "release the model after this long without requests, load it again for the next; 0 = never",
+        set: |c, v| {
+            c.server.idle_unload = seconds_or_never(v)?;
+            Ok(())
+        },
+        show: |c| c.server.idle_unload.map_or("0".into(), show_seconds),
+    },
+    Setting {
+        flag: "api-keys-file",
+        live: true,
+        value: "PATH",
+        help: "file of accepted API keys, one per line; unset = no keys",
+        set: |c, v| {
+            c.server.api_keys_file = Some(PathBuf::from(v));
+            Ok(())
+        },
+        show: |c| show_path(&c.server.api_keys_file),
+    },
+    Setting {
+        flag: "auth-health",
+        live: true,
+        value: "BOOL",
+        help: "whether /health needs an API key too",
+        set: |c, v| {
+            c.server.auth_health = boolean(v)?;
+            Ok(())
+        },
+        show: |c| c.server.auth_health.to_string(),
+    },
+    Setting {
+        flag: "auth-metrics",
+        live: true,
+        value: "BOOL",
+        help: "whether /metrics needs an API key too",
+        set: |c, v| {
+            c.server.auth_metrics = boolean(v)?;
+            Ok(())
+        },
+        show: |c| c.server.auth_metrics.to_string(),
+    },
+    Setting {
+        flag: "sse-keepalive-s",
+        live: true,
+        value: "SECS",
+        help: "a comment line on a stream that has sent nothing for this long (a long prompt); 0 = never",
+        set: |c, v| {
+            c.server.sse_keepalive = seconds_or_never(v)?;
+            Ok(())
+        },
+        show: |c| c.server.sse_keepalive.map_or("0".into(), show_seconds),
+    },
+    Setting {
+        flag: "cors-origins",
+        live: true,
+        value: "LIST",
+        help: "web origins (https://app.local,...) browsers may call the API from, or *; empty = no CORS",
+        set: |c, v| {
+            c.server.cors_origins = v.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_owned).collect();
+            Ok(())
+        },
+        show: |c| c.server.cors_origins.join(","),
+    },
 ];
 
 pub fn usage() -> String {
     let mut out = String::from(
         "chatd: an OpenAI-compatible chat server for ONNX models\n\nUsage: chatd --model DIR [options]\n\nOptions (each also read from its environment variable; flags win):\n",
     );
-    for (flag, env, value, help) in SETTINGS {
-        out += &format!("  {:<26} {help}\n  {:<26} ${env}\n", format!("--{flag} {value}"), "");
+    for s in SETTINGS {
+        let default = s.default_value();
+        let default =
+            if default.is_empty() || default == "(required)" { String::new() } else { format!(" [{default}]") };
+        out +=
+            &format!("  {:<26} {}{default}\n  {:<26} ${}\n", format!("--{} {}", s.flag, s.value), s.help, "", s.env());
     }
     out += &format!(
         "  {:<26} TOML file of these settings (keys as the flags, `_` for `-`) [$CHATD_CONFIG, else {DEFAULT_CONFIG_FILE} if present]\n",
@@ -213,7 +640,7 @@ impl Config {
             };
             if name == "config" {
                 file = Some(PathBuf::from(value));
-            } else if SETTINGS.iter().any(|s| s.0 == name) {
+            } else if SETTINGS.iter().any(|s| s.flag == name) {
                 flags.push((name, value));
             } else {
                 return Err(format!("unknown option --{name}; see --help"));
@@ -225,9 +652,10 @@ impl Config {
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => config.read_file(Path::new(DEFAULT_CONFIG_FILE))?,
             None => {}
         }
-        for (flag, var, _, _) in SETTINGS {
-            if let Some(value) = env(var).filter(|v| !v.is_empty()) {
-                config.set(flag, &value).map_err(|e| format!("${var}: {e}"))?;
+        for s in SETTINGS {
+            let var = s.env();
+            if let Some(value) = env(&var).filter(|v| !v.is_empty()) {
+                (s.set)(&mut config, &value).map_err(|e| format!("${var}: {e}"))?;
             }
         }
         for (name, value) in flags {
@@ -261,8 +689,8 @@ impl Config {
     /// Sets a setting named as in a file or JSON (`max_running` or `max-running`).
     fn set_named(&mut self, key: &str, value: &str) -> Result<(), String> {
         let name = key.replace('_', "-");
-        if !SETTINGS.iter().any(|s| s.0 == name) {
-            let known: Vec<String> = SETTINGS.iter().map(|s| s.0.replace('-', "_")).collect();
+        if !SETTINGS.iter().any(|s| s.flag == name) {
+            let known: Vec<String> = SETTINGS.iter().map(Setting::key).collect();
             return Err(format!("unknown setting; the settings are {}", known.join(", ")));
         }
         self.set(&name, value)
@@ -291,116 +719,63 @@ impl Config {
     }
 
     fn set(&mut self, name: &str, value: &str) -> Result<(), String> {
-        fn count(value: &str, min: usize) -> Result<usize, String> {
-            let n: usize = value.trim().parse().map_err(|_| format!("{value:?} is not a whole number"))?;
-            if n < min {
-                return Err(format!("must be at least {min}, got {n}"));
-            }
-            Ok(n)
-        }
-        fn seconds(value: &str) -> Result<Duration, String> {
-            match value.trim().parse::<f64>() {
-                Ok(s) if s > 0.0 && s <= 1e6 => Ok(Duration::from_secs_f64(s)),
-                _ => Err(format!("{value:?} is not a number of seconds above 0")),
-            }
-        }
-        fn boolean(value: &str) -> Result<bool, String> {
-            match value.trim() {
-                "true" | "1" | "yes" | "on" => Ok(true),
-                "false" | "0" | "no" | "off" => Ok(false),
-                _ => Err(format!("{value:?} is not true or false")),
-            }
-        }
-        match name {
-            "model" => self.model = Some(PathBuf::from(value)),
-            "listen" => {
-                if value.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(format!("{value:?} is not an address like 127.0.0.1:8080"));
-                }
-                self.server.listen = value.to_owned();
-            }
-            "threads" => {
-                self.runtime.intra_threads = count(value, 1)?;
-                self.runtime.intra_threads_set = true;
-            }
-            "kv-cache-mb" => {
-                self.runtime.kv_cache_bytes = count(value, 1)? << 20;
-                self.kv_cache_set = true;
-            }
-            "kv-cache-dtype" => self.runtime.kv_cache_dtype = value.parse()?,
-            "provider" => self.runtime.provider = value.parse()?,
-            "prefix-cache-mb" => {
-                self.engine.prefix_cache_bytes = count(value, 0)? << 20;
-                self.prefix_cache_set = true;
-            }
-            "onnxruntime" => self.runtime.library = Some(PathBuf::from(value)),
-            "served-model-name" => self.served_model_name = Some(value.to_owned()),
-            "max-body-bytes" => self.server.max_body_bytes = count(value, 1024)?,
-            "log-level" => {
-                if !matches!(value, "error" | "warn" | "info" | "debug" | "trace" | "off") {
-                    return Err(format!("{value:?} is not one of error, warn, info, debug, trace, off"));
-                }
-                self.log_level = value.to_owned();
-            }
-            "http-threads" => self.server.http_threads = count(value, 1)?,
-            "max-running" => self.engine.max_running = count(value, 1)?,
-            "workers" => self.engine.workers = count(value, 0)?,
-            "max-queued" => self.engine.max_queued = count(value, 1)?,
-            "max-queue-wait-s" => self.engine.max_queue_wait = seconds(value)?,
-            "request-timeout-s" => self.engine.request_timeout = seconds(value)?,
-            "idle-unload-s" => {
-                self.server.idle_unload = match value.trim() {
-                    "0" => None,
-                    _ => Some(seconds(value)?),
-                }
-            }
-            "sse-keepalive-s" => {
-                self.server.sse_keepalive = match value.trim() {
-                    "0" => None,
-                    _ => Some(seconds(value)?),
-                }
-            }
-            "prefill-chunk" => self.engine.prefill_chunk = count(value, 1)?,
-            "speculative-tokens" => self.engine.speculative_tokens = count(value, 0)?.min(64),
-            "stream-slowdown" => {
-                self.engine.stream_slowdown = match value.trim().parse::<f64>() {
-                    Ok(x) if (1.1..=1000.0).contains(&x) => x,
-                    _ => return Err(format!("{value:?} is not a factor between 1.1 and 1000")),
-                }
-            }
-            "log-prompts" => self.server.log_prompts = boolean(value)?,
-            "max-connections" => self.server.max_connections = count(value, 1)?,
-            "idle-timeout-s" => self.server.idle_timeout = seconds(value)?,
-            "max-header-bytes" => self.server.max_header_bytes = count(value, 1024)?,
-            "max-messages" => self.limits.max_messages = count(value, 1)?,
-            "max-prompt-tokens" => self.limits.max_prompt_tokens = count(value, 0)?,
-            "max-completion-tokens" => self.limits.max_completion_tokens = count(value, 0)?,
-            "max-n" => self.limits.max_n = count(value, 1)?,
-            "max-stop-strings" => self.limits.max_stop_strings = count(value, 0)?,
-            "max-stop-length" => self.limits.max_stop_len = count(value, 1)?,
-            "max-constraint-bytes" => {
-                self.limits.max_constraint_bytes = count(value, 64)?;
-                if self.limits.max_constraint_bytes > crate::constraint::MAX_SOURCE_BYTES {
-                    return Err(format!("must be at most {}", crate::constraint::MAX_SOURCE_BYTES));
-                }
-            }
-            "shutdown-timeout-s" => self.server.shutdown_timeout = seconds(value)?,
-            "api-keys-file" => self.server.api_keys_file = Some(PathBuf::from(value)),
-            "auth-health" => self.server.auth_health = boolean(value)?,
-            "auth-metrics" => self.server.auth_metrics = boolean(value)?,
-            "cors-origins" => {
-                self.server.cors_origins =
-                    value.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_owned).collect()
-            }
-            _ => return Err("unknown setting".into()),
-        }
-        Ok(())
+        let setting = SETTINGS.iter().find(|s| s.flag == name).ok_or("unknown setting")?;
+        (setting.set)(self, value)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_names_what_a_reload_applies() {
+        let readme = include_str!("../README.md");
+        let paragraph = readme.split("SIGHUP re-reads").nth(1).unwrap().split("\n\n").next().unwrap();
+        for s in SETTINGS.iter().filter(|s| s.live) {
+            assert!(
+                paragraph.contains(&format!("`{}`", s.key())),
+                "the README's SIGHUP paragraph misses `{}`",
+                s.key()
+            );
+        }
+        let old = Config::default();
+        let mut new = old.clone();
+        new.set("max-n", "3").unwrap();
+        new.set("threads", "4").unwrap();
+        assert_eq!(changes(&old, &new), ["threads (needs a restart)", "max_n=3"]);
+    }
+
+    #[test]
+    fn the_example_file_shows_every_setting() {
+        let example = include_str!("../systemd/chatd.toml");
+        for s in SETTINGS {
+            let (set, commented) = (format!("\n{} = ", s.key()), format!("\n# {} = ", s.key()));
+            assert!(example.contains(&set) || example.contains(&commented), "systemd/chatd.toml misses {}", s.key());
+        }
+    }
+
+    #[test]
+    fn the_readme_table_is_the_declarations() {
+        // Rows of the Configuration table: | `--flag VALUE` | `VARIABLE` | default | what |
+        let readme = include_str!("../README.md");
+        let rows: Vec<(String, String, String)> = readme
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| {
+                let cells: Vec<String> = l.split('|').skip(1).map(|c| c.trim_matches([' ', '`']).to_owned()).collect();
+                (cells[0].clone(), cells[1].clone(), cells[2].clone())
+            })
+            .collect();
+        let declared: Vec<(String, String, String)> =
+            SETTINGS.iter().map(|s| (format!("--{} {}", s.flag, s.value), s.env(), s.default_value())).collect();
+        for row in &declared {
+            assert!(rows.contains(row), "the README has no row {row:?}");
+        }
+        for row in &rows {
+            assert!(declared.contains(row), "the README's row {row:?} is no declared setting");
+        }
+    }
 
     fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Config, String> {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

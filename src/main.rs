@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use chat::api::Endpoint;
-use chat::config::{Command, Config, usage};
+use chat::config::{Command, Config, changes, usage};
 use chat::daemon::activation;
 use chat::daemon::notify::Notifier;
 use chat::daemon::signals::{self, Signal};
@@ -228,16 +228,15 @@ fn reload(args: &[String], server: &Server, service: Option<&Service>, running: 
             return;
         }
     };
-    if log::max_level().to_string().to_lowercase() != config.log_level {
-        changed.push(format!("log_level={}", config.log_level));
-    }
+    changed.splice(0..0, changes(running, &config));
     set_log_level(&config.log_level);
-    if format!("{:?}", running.limits) != format!("{:?}", config.limits) {
-        changed.push("request limits".into());
-    }
+    running.log_level = config.log_level.clone();
     running.limits = config.limits.clone();
     running.engine.request_timeout = config.engine.request_timeout;
+    // As the server does: the address and HTTP threads stay as started.
+    let (listen, http_threads) = (running.server.listen.clone(), running.server.http_threads);
     running.server = config.server.clone();
+    (running.server.listen, running.server.http_threads) = (listen, http_threads);
     if let Some(service) = service {
         service.frontend.set_limits(config.limits.clone());
         service.engine.set_request_timeout(config.engine.request_timeout);

@@ -95,7 +95,7 @@ fn api_keys_limits_and_metrics_protection_reload_on_sighup() {
     d.signal(libc::SIGHUP);
     assert!(d.wait_for_log("reloaded the configuration", HANG), "{:?}", d.log());
     let line = d.log().into_iter().find(|l| l.contains("reloaded the configuration")).unwrap();
-    assert!(line.contains("auth_metrics") && line.contains("api keys") && line.contains("request limits"), "{line}");
+    assert!(line.contains("auth_metrics") && line.contains("api keys") && line.contains("max_messages=8"), "{line}");
     assert_eq!(with_key("sk-first", &ask(4)).status, 401);
     assert_eq!(with_key("sk-second", &five).status, 200);
     assert_eq!(d.get("/metrics").status, 401);

@@ -246,28 +246,13 @@ impl Server {
     }
 
     /// Applies what can change without a restart (limits, timeouts, API keys) from a freshly
-    /// read configuration, and says what changed. Nothing changes if the new keys cannot be read.
+    /// read configuration. Nothing changes if the new keys cannot be read. Says whether the
+    /// keys changed (the settings' changes are `config::changes`).
     pub fn reload(&self, new: &ServerConfig) -> Result<Vec<String>> {
         let keys = ApiKeys::load(new.api_keys_file.as_deref())?;
         let mut changed = Vec::new();
         {
             let mut config = self.shared.config.write().unwrap_or_else(|e| e.into_inner());
-            let mut note = |name: &str, differs: bool| {
-                if differs {
-                    changed.push(name.to_owned());
-                }
-            };
-            note("max_body_bytes", config.max_body_bytes != new.max_body_bytes);
-            note("max_header_bytes", config.max_header_bytes != new.max_header_bytes);
-            note("max_connections", config.max_connections != new.max_connections);
-            note("idle_timeout_s", config.idle_timeout != new.idle_timeout);
-            note("shutdown_timeout_s", config.shutdown_timeout != new.shutdown_timeout);
-            note("auth_health", config.auth_health != new.auth_health);
-            note("auth_metrics", config.auth_metrics != new.auth_metrics);
-            note("log_prompts", config.log_prompts != new.log_prompts);
-            note("idle_unload_s", config.idle_unload != new.idle_unload);
-            note("cors_origins", config.cors_origins != new.cors_origins);
-            note("sse_keepalive_s", config.sse_keepalive != new.sse_keepalive);
             let (listen, threads) = (config.listen.clone(), config.http_threads);
             *config = new.clone();
             // Fixed at start.
