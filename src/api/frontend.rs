@@ -455,6 +455,12 @@ impl Frontend {
         };
         let mut normalized =
             messages.into_iter().enumerate().map(|(i, m)| normalize_message(i, m)).collect::<Result<Vec<_>, _>>()?;
+        // The messages' own text already bounds the prompt from below: a chat far over the
+        // budget is refused before the template copies it (which would cost more than parsing).
+        let text_bytes: usize = normalized.iter().filter_map(|m| m["content"].as_str()).map(str::len).sum();
+        if let Some(at_least) = self.tokenizer.fewest_tokens(text_bytes).filter(|&n| n > self.prompt_budget(limits)) {
+            return Err(self.prompt_too_long("messages", limits, format!("at least {at_least}")));
+        }
         // As transformers: the model's tool-use template when tools are given and it has one.
         // With `tool_choice: "none"` the tools reach only a template that takes the variable.
         let offered = tools.filter(|_| *mode != ToolMode::None);

@@ -55,11 +55,8 @@ impl Tokenizer {
     /// that may fit is tokenized whole. So a refusal costs at most the tokenization of about
     /// `budget` tokens, whatever the text's size.
     pub fn encode_within(&self, text: &str, budget: usize, add_special: bool) -> Result<Encoded> {
-        if let Some(per_token) = self.max_bytes_per_token {
-            let at_least = text.len().div_ceil(per_token);
-            if at_least > budget {
-                return Ok(Encoded::TooLong { tokens: at_least, exact: false });
-            }
+        if let Some(at_least) = self.fewest_tokens(text.len()).filter(|&n| n > budget) {
+            return Ok(Encoded::TooLong { tokens: at_least, exact: false });
         }
         if text.len() > COUNT_CHUNK_BYTES {
             let (mut counted, mut cuts) = (0usize, 0usize);
@@ -76,6 +73,12 @@ impl Tokenizer {
         let encoding = self.inner.encode(text, add_special).map_err(|e| anyhow!("tokenizing: {e}"))?;
         let ids = encoding.get_ids().to_vec();
         Ok(if ids.len() > budget { Encoded::TooLong { tokens: ids.len(), exact: true } } else { Encoded::Ids(ids) })
+    }
+
+    /// The fewest tokens a text of `bytes` bytes can have, when the tokenizer bounds it (see
+    /// [`input_bytes_per_token`]).
+    pub fn fewest_tokens(&self, bytes: usize) -> Option<usize> {
+        self.max_bytes_per_token.map(|per_token| bytes.div_ceil(per_token))
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
