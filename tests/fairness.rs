@@ -50,3 +50,49 @@ fn a_long_prompt_is_fed_between_the_steps_of_a_running_stream() {
     assert!(prompt_tokens > 550);
     assert!(during >= chunks, "the stream got {during} tokens while {chunks} prompt chunks ran");
 }
+
+/// The first token's log-probabilities (and its top 5) as exact bits.
+fn first_token_bits(v: &serde_json::Value) -> Vec<(String, u64)> {
+    let first = &v["choices"][0]["logprobs"]["content"][0];
+    let mut all = vec![(first["token"].as_str().unwrap().to_owned(), first["logprob"].as_f64().unwrap().to_bits())];
+    for t in first["top_logprobs"].as_array().unwrap() {
+        all.push((t["token"].as_str().unwrap().to_owned(), t["logprob"].as_f64().unwrap().to_bits()));
+    }
+    all
+}
+
+#[test]
+fn a_prompt_fed_alone_or_beside_a_stream_gives_the_same_numbers() {
+    let d = Daemon::start_with_model(
+        &genai_dir(),
+        &["--prefix-cache-mb", "0", "--prefill-chunk", &PREFILL_CHUNK.to_string()],
+    );
+    let health = d.get("/health").json();
+    let longest = health["prefill"]["longest_run"].as_u64().unwrap() as usize;
+    assert_eq!(health["prefill"]["chunk"].as_u64(), Some(PREFILL_CHUNK as u64));
+    // Alone the prompt goes in the longest runs this machine allows; beside a stream, one chunk
+    // per paced round.
+    let filler = "A lantern swung above the quay while the nets were mended for the morning. ";
+    let body = json!({"messages": user(&filler.repeat(20)), "max_tokens": 1, "temperature": 0,
+                      "logprobs": true, "top_logprobs": 5});
+    let alone = d.chat(body.clone());
+    let prompt_tokens = alone["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    assert!(prompt_tokens > 2 * PREFILL_CHUNK, "{prompt_tokens} prompt tokens");
+    eprintln!("{prompt_tokens}-token prompt, runs of up to {longest} tokens alone");
+
+    let stream_body = json!({"messages": user("Tell me a long story about the sea."), "max_tokens": 7000, "ignore_eos": true, "stream": true});
+    let (stream, mut reader) = open_stream(&d, &stream_body);
+    next_content(&mut reader).expect("the stream started");
+    let beside = std::thread::scope(|s| {
+        let reading = s.spawn(move || while next_content(&mut reader).is_some() {});
+        let before = decode_tokens(&d);
+        let v = d.chat(body);
+        let during = decode_tokens(&d) - before;
+        stream.shutdown(std::net::Shutdown::Both).unwrap();
+        reading.join().unwrap();
+        // The stream ran meanwhile, so the prompt was paced (fed in single chunks between steps).
+        assert!(during >= prompt_tokens.div_ceil(PREFILL_CHUNK), "{during} stream tokens");
+        v
+    });
+    assert_eq!(first_token_bits(&alone), first_token_bits(&beside));
+}

@@ -22,6 +22,8 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::model::{Model, ModelInfo};
 use crate::text::Tokenizer;
 
+pub use scheduler::Cut;
+
 pub use request::{
     EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Matched, RequestHandle, ThinkingBudget, Timings,
     Usage,
@@ -39,8 +41,8 @@ pub struct EngineConfig {
     /// Deadline of requests that don't set their own, at start (`Engine::set_request_timeout`
     /// changes it; `submit` reads the current one).
     pub request_timeout: Duration,
-    /// Prompt tokens per model run; prompts are always cut at multiples of this (see
-    /// `prefill_step`). 16 costs no more per token than 256 on the small models measured.
+    /// Prompts are cut into model runs at multiples of this many positions: the unit of the
+    /// pacing beside running streams and of prefix cache reuse (see `Cut`).
     pub prefill_chunk: usize,
     /// While sequences generate, new prompts are fed slowly enough that rounds take on average
     /// at most this many times a plain decode step (running streams' inter-token latency).
@@ -187,6 +189,7 @@ pub struct Engine {
     kv_cache_dtype: crate::model::KvCacheDtype,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
+    cut: Cut,
     stats: Arc<EngineStats>,
     /// Deadline of requests without their own, in ms; changeable at run time (reload).
     request_timeout_ms: std::sync::atomic::AtomicU64,
@@ -194,7 +197,7 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the scheduler thread, which owns `model` from now on.
-    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
+    pub fn start(mut model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
         let info = model.info().clone();
         let layout = model.layout_name();
         let provider = model.provider();
@@ -206,7 +209,8 @@ impl Engine {
         // The scheduler drains this channel every round into its own queue, where `max_queued`
         // is enforced (by `stats.queued`) and waits and deadlines are watched.
         let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1) * 2);
-        let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
+        let cut = Cut::probe(&mut model, config.prefill_chunk);
+        let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), cut, rx, stats.clone());
         let thread = std::thread::Builder::new()
             .name("chatd-engine".into())
             .spawn(move || scheduler.run())
@@ -221,6 +225,7 @@ impl Engine {
             kv_cache_dtype,
             tokenizer,
             config,
+            cut,
             stats,
             request_timeout_ms,
         })
@@ -251,6 +256,11 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    /// How prompts are cut into model runs on this machine.
+    pub fn prefill_cut(&self) -> Cut {
+        self.cut
     }
 
     pub fn stats(&self) -> &EngineStats {

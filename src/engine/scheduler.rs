@@ -20,6 +20,60 @@ use crate::text::Tokenizer;
 /// Prompt tokens fed in a round when nothing else is generating.
 const ALONE_ROUND_TOKENS: usize = 256;
 
+/// How prompts are cut into model runs. Cuts fall only at multiples of `chunk` positions (or
+/// at the prompt's end), whatever the load: prefix cache restores stop there too, and ONNX
+/// Runtime's kernels could round differently for different numbers of rows. Whether one run
+/// may cover several chunks is measured at start (`Model::runs_agree`): where a long run gives
+/// bit for bit what chunk-long runs give, a prompt fed alone goes in runs of up to
+/// `ALONE_ROUND_TOKENS` (matrix kernels are faster per token on more rows; the README has the
+/// figures) and one paced beside running streams chunk by chunk, with the same greedy
+/// answers either way; elsewhere every run is one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cut {
+    pub chunk: usize,
+    pub spans: bool,
+}
+
+impl Cut {
+    /// Probes `model` (a few runs of three chunks' tokens) when spanning chunks could matter.
+    pub fn probe(model: &mut Model, chunk: usize) -> Cut {
+        let chunk = chunk.max(1);
+        if chunk >= ALONE_ROUND_TOKENS {
+            return Cut { chunk, spans: false };
+        }
+        let spans = model.runs_agree(chunk).unwrap_or_else(|e| {
+            log::warn!("could not compare run lengths ({e:#}): prompts run one chunk at a time");
+            false
+        });
+        if !spans {
+            log::info!(
+                "this machine's kernels round differently for different run lengths: prompts run {chunk} tokens at a time"
+            );
+        }
+        Cut { chunk, spans }
+    }
+
+    /// The most prompt tokens one run feeds.
+    pub fn longest_run(self) -> usize {
+        if self.spans { ALONE_ROUND_TOKENS } else { self.chunk }
+    }
+
+    /// Where the run from position `start` of a `len`-token prompt ends when `budget` tokens
+    /// may be fed: the furthest cut within the budget, or only the next one when runs do not
+    /// span chunks; `None` when not even the next cut is within it.
+    fn run_end(self, start: usize, len: usize, budget: usize) -> Option<usize> {
+        let next = ((start / self.chunk + 1) * self.chunk).min(len);
+        if next - start > budget {
+            return None;
+        }
+        if !self.spans {
+            return Some(next);
+        }
+        let furthest = (start + budget.min(self.longest_run())).min(len);
+        Some(if furthest == len { len } else { (furthest / self.chunk * self.chunk).max(next) })
+    }
+}
+
 /// How long the engine stays idle before it gives its working memory (the KV pool) back to the
 /// system. A chat app sends its next turn as soon as an answer arrives: freeing the pool at once
 /// made every turn pay for allocating and faulting it in again (~0.2 s at 2000 positions).
@@ -150,6 +204,7 @@ pub(crate) struct Scheduler {
     model: Model,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
+    cut: Cut,
     jobs: Receiver<Job>,
     stats: Arc<EngineStats>,
     groups: Vec<Group>,
@@ -177,6 +232,7 @@ impl Scheduler {
         model: Model,
         tokenizer: Arc<Tokenizer>,
         config: EngineConfig,
+        cut: Cut,
         jobs: Receiver<Job>,
         stats: Arc<EngineStats>,
     ) -> Self {
@@ -196,6 +252,7 @@ impl Scheduler {
             model,
             tokenizer,
             config,
+            cut,
             jobs,
             stats,
             groups: Vec::new(),
@@ -229,9 +286,9 @@ impl Scheduler {
             let decoding = self.groups.iter().any(|g| matches!(g.state, State::Decode { .. }));
             let prompting = self.groups.iter().filter(|g| matches!(g.state, State::Prefill { .. })).count();
             let budget = if !decoding {
-                ALONE_ROUND_TOKENS.max(self.config.prefill_chunk)
+                ALONE_ROUND_TOKENS.max(self.cut.chunk)
             } else {
-                self.pacer.budget(prompting, self.config.prefill_chunk.max(1))
+                self.pacer.budget(prompting, self.cut.chunk)
             };
             let (prefill, fed) = self.prefill_round(budget);
             let decode = self.decode_round();
@@ -384,7 +441,7 @@ impl Scheduler {
     /// A cache for `prompt`: the parked one when the prompt continues it, else one restored
     /// from the longest cached prefix, else an empty one.
     fn start_cache(&mut self, prompt: &[u32]) -> Result<(KvCache, usize)> {
-        let chunk = self.config.prefill_chunk.max(1);
+        let chunk = self.cut.chunk;
         if let Some(mut parked) = self.parked.take() {
             let len = prefix_cache::reusable(&parked.tokens, prompt, chunk);
             // A chat's next turn shares all of it but the last few tokens (the cut at a chunk
@@ -427,8 +484,7 @@ impl Scheduler {
                 break;
             }
             if matches!(group.state, State::Prefill { .. }) {
-                let chunk = self.config.prefill_chunk.max(1);
-                match prefill_step(&mut self.model, &self.tokenizer, &mut self.prefill_logits, chunk, left, group) {
+                match prefill_step(&mut self.model, &self.tokenizer, &mut self.prefill_logits, self.cut, left, group) {
                     Ok(fed) => left = left.saturating_sub(fed),
                     Err(e) => fail(group, e),
                 }
@@ -670,19 +726,13 @@ fn advance_group(group: &mut Group, info: &ModelInfo, tokenizer: &Arc<Tokenizer>
     }
 }
 
-/// Feeds the prompt in fixed chunks, ending at multiples of `chunk` positions, while `budget`
-/// allows; returns the tokens fed. After the last chunk, forks the cache into `n` choices and
-/// samples each first token.
-///
-/// Chunk boundaries depend only on positions, never on timing or load: ONNX Runtime's kernels
-/// round differently for different numbers of rows, so the same prompt must always be cut the
-/// same way (prefix cache restores also stop at a boundary) for greedy answers not to depend
-/// on what else the server was doing.
+/// Feeds the prompt in runs cut as `cut` says while `budget` allows; returns the tokens fed.
+/// After the last run, forks the cache into `n` choices and samples each first token.
 fn prefill_step(
     model: &mut Model,
     tokenizer: &Arc<Tokenizer>,
     logits: &mut Vec<f32>,
-    chunk: usize,
+    cut: Cut,
     budget: usize,
     group: &mut Group,
 ) -> Result<usize> {
@@ -690,10 +740,9 @@ fn prefill_step(
     loop {
         let State::Prefill { fed, .. } = &group.state else { return Ok(fed_now) };
         let start = *fed;
-        let end = ((start / chunk + 1) * chunk).min(group.job.request.prompt.len());
-        if fed_now + (end - start) > budget {
+        let Some(end) = cut.run_end(start, group.job.request.prompt.len(), budget - fed_now) else {
             return Ok(fed_now);
-        }
+        };
         prefill_chunk(model, tokenizer, logits, start, end, group)?;
         fed_now += end - start;
     }
@@ -786,4 +835,52 @@ fn end(group: &mut Group, reason: FinishReason) {
     group.timings.total = group.job.queued_at.elapsed();
     let _ = group.job.events.send(Event::Done { usage, timings: group.timings });
     group.state = State::Done;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ALONE_ROUND_TOKENS, Cut};
+
+    fn runs(cut: Cut, len: usize, budget: usize) -> Vec<usize> {
+        let (mut at, mut ends) = (0, Vec::new());
+        while let Some(end) = cut.run_end(at, len, budget) {
+            ends.push(end);
+            if end == len {
+                break;
+            }
+            at = end;
+        }
+        ends
+    }
+
+    #[test]
+    fn runs_end_at_chunk_multiples_or_the_prompt_end() {
+        let single = Cut { chunk: 16, spans: false };
+        assert_eq!(runs(single, 40, 256), [16, 32, 40]);
+        let spanning = Cut { chunk: 16, spans: true };
+        assert_eq!(runs(spanning, 40, 256), [40]);
+        assert_eq!(runs(spanning, 600, 256), [256, 512, 600]);
+        // A budget that is not a multiple of the chunk stops at the last cut within it.
+        assert_eq!(
+            runs(spanning, 600, 40),
+            [32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480, 512, 544, 576, 600]
+        );
+        // Runs resumed from a restored prefix still end on the same cuts.
+        assert_eq!(spanning.run_end(20, 600, 256), Some(272));
+        assert_eq!(single.run_end(20, 600, 256), Some(32));
+    }
+
+    #[test]
+    fn nothing_runs_when_the_next_cut_is_past_the_budget() {
+        let cut = Cut { chunk: 16, spans: true };
+        assert_eq!(cut.run_end(0, 600, 15), None);
+        assert_eq!(cut.run_end(0, 10, 10), Some(10));
+        assert_eq!(cut.run_end(0, 600, 0), None);
+    }
+
+    #[test]
+    fn the_longest_run_is_the_alone_round_when_runs_span_chunks() {
+        assert_eq!(Cut { chunk: 16, spans: true }.longest_run(), ALONE_ROUND_TOKENS);
+        assert_eq!(Cut { chunk: 16, spans: false }.longest_run(), 16);
+    }
 }
