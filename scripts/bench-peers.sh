@@ -8,8 +8,13 @@
 #     scripts/build-llama-server.sh). The first run builds it (a long time on 2 cores); later runs reuse it.
 # All measurements go through ../shared/tools/chatbench.py; see scripts/bench_peers.py for the runs.
 #
+# With --shape NAME (qwen2.5-0.5b or llama-3.2-1b: random weights, real shapes, built by
+# scripts/perf-models.sh in a cache outside the repo), chatd serves that shape's genai int4 folder and
+# llama-server its Q4_0 GGUF instead, every request with ignore_eos (random weights rarely stop);
+# onnxruntime-genai is compared engine to engine on it by scripts/bench-shapes.sh instead.
+#
 # Usage: scripts/bench-peers.sh [--quick] [--skip-llama] [--skip-oga] [--no-build] [--strict]
-#                               [--out DIR] [bench_peers.py options...]
+#                               [--shape NAME] [--out DIR] [bench_peers.py options...]
 #   --quick       fewer requests and turns (a smoke test, not a measurement)
 #   --skip-llama  leave out llama-server (e.g. when it cannot be built)
 #   --skip-oga    leave out onnxruntime-genai
@@ -26,14 +31,17 @@ cd "$root"
 command_line="scripts/bench-peers.sh $*"
 skip_llama=no
 build=yes
+shape=
 pass=()
-for a in "$@"; do
-  case "$a" in
-    --skip-llama) skip_llama=yes; pass+=("$a") ;;
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --skip-llama) skip_llama=yes; pass+=("$1") ;;
     --no-build) build=no ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) pass+=("$a") ;;
+    --shape) shape="$2"; shift ;;
+    -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) pass+=("$1") ;;
   esac
+  shift
 done
 
 for d in ../shared/models/smollm2-135m-instruct-genai ../shared/models/smollm2-135m-instruct; do
@@ -58,6 +66,11 @@ if [ "$skip_llama" = no ]; then
   gguf="$(scripts/build-llama-server.sh --gguf)"
   llama=(--llama-server "$server_bin" --gguf "$gguf"
          --llama-version "$(scripts/build-llama-server.sh --version)")
+fi
+if [ -n "$shape" ]; then
+  folder="$(scripts/perf-models.sh --shapes "$shape")"
+  pass+=(--shape "$shape" --genai-model "$folder/genai-int4" --skip-oga)
+  [ "$skip_llama" = yes ] || llama+=(--gguf "$folder/q4_0.gguf")
 fi
 
 # bench_peers.py starts every server in its own process group and stops them all when it exits or

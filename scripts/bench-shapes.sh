@@ -5,7 +5,7 @@
 # (built on the first run, in a cache outside the repo). Run it on a quiet machine.
 #
 # Usage: scripts/bench-shapes.sh [--shapes qwen2.5-0.5b,llama-3.2-1b] [--repeats N]
-#                                [--prompt-tokens N] [--new-tokens N] [--no-llama]
+#                                [--prompt-tokens N] [--new-tokens N] [--long-prompt-tokens N] [--no-llama]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

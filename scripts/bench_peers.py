@@ -78,6 +78,7 @@ T_SINGLE_OVER_PEERS = 1.1
 T_C8_OVER_LLAMA = 3.0
 T_C8_OVER_OWN_SINGLE = 2.5
 T_TURNS_TTFT_RATIO = 0.8
+T_TURNS_WALL_OVER_LLAMA = 0.8  # a whole 10-turn chat, as its user waits for it
 
 _running = []  # Server objects to stop on exit
 
@@ -223,6 +224,9 @@ class Bench:
         out_json = os.path.join(self.out, f"{server.label}-{phase}.json")
         argv = [a.python, a.chatbench, "--url", server.url, "--model", server.model, "--warmup",
                 str(a.warmup)] + with_common(extra) + ["--output", out_json]
+        if a.shape:
+            # Random weights: every answer runs to max_tokens, the same work on every server.
+            argv[-2:-2] = ["--extra-body", json.dumps({"ignore_eos": True})]
         if check:
             argv = [a.python, a.chatbench, "--url", server.url, "--model", server.model, "--check",
                     "--requests", "4", "--max-tokens", "16", "--seed", "100", "--output", out_json]
@@ -336,6 +340,11 @@ class Bench:
         a = self.args
         phases = PHASES_QUICK if a.quick else PHASES_FULL
         self.run_server("chatd", self.chatd("chatd", a.genai_model), phases, check=True)
+        if a.shape:
+            # The extra chatd runs below are about SmolLM2's folders and the server's limits.
+            if not a.skip_llama:
+                self.run_server("llama", self.llama(), phases, slots_matter=True, check=True)
+            return
         if a.speculative_tokens > 0:
             self.run_server("chatd_spec", self.chatd("chatd-spec", a.genai_model,
                                                      ("--speculative-tokens", str(a.speculative_tokens))), phases[:1])
@@ -458,6 +467,8 @@ def report(bench, args, started, versions):
                      {c: turns_last(c, phase, "prompt_tokens_median") for c in cols}, 0))
         rows.append((f"{nt}-turn chat, c={conc}: TTFT s of the last turn (lower is better)",
                      {c: turns_last(c, phase, "ttft_s_median") for c in cols}, 3))
+        rows.append((f"{nt}-turn chat, c={conc}: wall s of the whole chat (lower is better)",
+                     {c: m(c, phase, "wall_s") for c in cols}, 1))
     rows.append(("peak RSS MiB (VmHWM; lower is better)",
                   {c: (bench.rss.get(c) / 1024 if bench.rss.get(c) else None) for c in cols}, 0))
 
@@ -466,6 +477,9 @@ def report(bench, args, started, versions):
     lines.append("")
     lines.append(f"- date: {started.isoformat(timespec='seconds')} (finished {datetime.datetime.now().astimezone().isoformat(timespec='seconds')})")
     lines.append(f"- command: `{args.command}`")
+    if args.shape:
+        lines.append(f"- models: the {args.shape} shape (random weights): chatd on {args.genai_model}, "
+                     f"llama-server on {args.gguf}; every request with ignore_eos")
     for k, v in versions.items():
         lines.append(f"- {k}: {v}")
     lines.append(f"- all runs: chatbench {' '.join(COMMON)} --warmup {args.warmup}; {args.threads} threads per server; "
@@ -541,6 +555,11 @@ def report(bench, args, started, versions):
     nt = m("chatd", "turns1", "config", "turns")
     target(f"TTFT of turn {nt}/turn 1 <= {T_TURNS_TTFT_RATIO} (c=1)",
            None if tr is None else tr <= T_TURNS_TTFT_RATIO, fmt(tr, 3))
+    wall, llama_wall = m("chatd", "turns1", "wall_s"), m("llama", "turns1", "wall_s")
+    r = ratio(wall, llama_wall)
+    target(f"{nt}-turn chat (c=1) wall time <= {T_TURNS_WALL_OVER_LLAMA}x llama-server's",
+           None if args.skip_llama or r is None else r <= T_TURNS_WALL_OVER_LLAMA,
+           "skipped" if args.skip_llama else f"{fmt(r)}x ({fmt(wall, 1)} vs {fmt(llama_wall, 1)} s)")
     f8 = failed("chatd", "c8")
     target("zero failed requests at c=8", None if f8 is None or f8 == "error" else f8 == 0, f"{f8} failed")
     if ov:
@@ -620,6 +639,7 @@ def main():
     p.add_argument("--throughput-slowdown", type=float, default=6.0,
                    help="also run chatd's c8 phase with this --stream-slowdown (0: not)")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--shape", default=None, help="the realistic shape --genai-model and --gguf hold (see bench-peers.sh)")
     p.add_argument("--skip-llama", action="store_true")
     p.add_argument("--skip-oga", action="store_true")
     p.add_argument("--strict", action="store_true", help="exit 3 when a target is not met")

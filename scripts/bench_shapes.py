@@ -11,6 +11,8 @@ For each shape folder made by scripts/perf-models.sh (random weights, real shape
              generate_next_token() per token.
   llama.cpp  llama-bench -p PROMPT -n NEW -t 2 on q4_0.gguf (when given).
 Runs alternate between the engines, each repeat after one uncounted warm-up; medians are shown.
+Then each engine reads one long prompt (--long-prompt-tokens, ~2,000) for its time to first
+token.
 Driven by scripts/bench-shapes.sh.
 """
 import argparse
@@ -166,7 +168,8 @@ def main():
     p.add_argument("--shapes", default="qwen2.5-0.5b,llama-3.2-1b")
     p.add_argument("--chatd", default=str(ROOT / "target/release/chatd"))
     p.add_argument("--llama-bench")
-    p.add_argument("--prompt-tokens", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--long-prompt-tokens", type=int, default=2000, help="time to first token of one such prompt (0: not)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=ROOT / "target/bench-shapes")
@@ -178,6 +181,7 @@ def main():
               "| shape | engine | prefill tok/s | decode tok/s | decode vs genai | decode vs llama.cpp |",
               "|---|---|---|---|---|---|"]
     breakdown = []
+    long_rows = []
     results = {}
     for shape in args.shapes.split(","):
         base = args.models / shape
@@ -193,6 +197,16 @@ def main():
                     runs[e.name].append(r)
                 print(f"{shape} {e.name} #{rep}: prefill {r['prefill_tps']:.1f} decode {r['decode_tps']:.1f}",
                       file=sys.stderr, flush=True)
+        if args.long_prompt_tokens:
+            ttft = {}
+            for e in engines:
+                r = e.run(f"long-{e.name}-{time.time_ns()}", args.long_prompt_tokens, 2)
+                ttft[e.name] = (r["prompt_tokens"], r["prompt_tokens"] / r["prefill_tps"])
+                print(f"{shape} {e.name} long prompt: {ttft[e.name][0]} tokens, TTFT {ttft[e.name][1]:.2f} s",
+                      file=sys.stderr, flush=True)
+            for name, (tokens, t) in ttft.items():
+                vs = f"{t / ttft['llama.cpp'][1]:.2f}x" if "llama.cpp" in ttft and name != "llama.cpp" else ""
+                long_rows.append(f"| {shape} | {name} | {tokens} | {t:.2f} | {vs} |")
         for e in engines:
             e.close()
         decode = {n: median(rs, "decode_tps") for n, rs in runs.items()}
@@ -207,6 +221,11 @@ def main():
     report += ["", "chatd per generated token (ms, prefill included):", "",
                "| shape | model run | sampling | detokenization | HTTP and the rest |", "|---|---|---|---|---|"]
     report += breakdown
+    if long_rows:
+        report += ["", f"Time to first token of one ~{args.long_prompt_tokens}-token prompt (llama.cpp: prompt tokens / "
+                   "llama-bench's prefill tok/s):", "",
+                   "| shape | engine | prompt tokens | TTFT s | vs llama.cpp |", "|---|---|---|---|---|"]
+        report += long_rows
     text = "\n".join(report)
     print(text)
     (args.out / "report.md").write_text(text + "\n")

@@ -84,18 +84,20 @@ const RESIDENT_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Paces prompt feeding while other sequences generate. On a small CPU a prompt token costs
 /// about as much as a whole decode step, so feeding a long prompt flat out would stall every
-/// running stream. Prompt tokens accrue as credit at a rate per round; a chunk (always the
-/// same fixed chunk, see `prefill_step`) runs once the credit covers it. The rate is tuned so that rounds take on average `slowdown` times a
-/// decode step without a prompt beside it.
+/// running stream. Prompt tokens accrue as credit at a rate per round; whole chunks (see
+/// `Cut`) run once the credit covers them. The rate is tuned so that rounds take on average
+/// `slowdown` times a decode step without a prompt beside it.
 struct Pacer {
     /// `EngineConfig::stream_slowdown`.
     slowdown: f64,
     /// Prompt tokens earned per round.
     rate: f64,
     credit: f64,
-    /// Recent decode rounds without a prompt beside them, and their median: the reference.
-    /// A median, because a burst of other work on the box (say, the client that is about to
-    /// send the long prompt) must not move it.
+    /// Recent decode steps, and their median: the reference, a round without a prompt beside
+    /// it. Taken from every round's decode step, prompt or not: under steady load some prompt
+    /// is always waiting, and a reference read only from prompt-free rounds never formed (the
+    /// rate then stayed at its start, a token per round). A median, because a burst of other
+    /// work on the box (say, the client that is about to send the long prompt) must not move it.
     recent: VecDeque<f64>,
     alone: f64,
     /// Moving average of a round's time while a prompt is fed.
@@ -107,26 +109,33 @@ impl Pacer {
         Self { slowdown, rate: 1.0, credit: 0.0, recent: VecDeque::with_capacity(64), alone: 0.0, mixed: 0.0 }
     }
 
-    fn budget(&mut self, prompting: usize, chunk: usize) -> usize {
+    /// Prompt tokens this round may feed: whole chunks, at most one per waiting prompt and
+    /// `longest_run` in all (the oldest prompt gets them in one run where runs may span chunks,
+    /// which costs less per token than one chunk for each).
+    fn budget(&mut self, prompting: usize, chunk: usize, longest_run: usize) -> usize {
         if prompting == 0 {
             return 0;
         }
-        self.credit = (self.credit + self.rate).min(chunk as f64);
-        if self.credit < chunk as f64 { 0 } else { chunk }
+        let most = (chunk * prompting).min(longest_run).max(chunk);
+        self.credit = (self.credit + self.rate).min(most as f64);
+        if self.credit < chunk as f64 { 0 } else { self.credit as usize / chunk * chunk }
     }
 
-    /// `prompting`: requests still reading their prompt.
-    fn observe(&mut self, prompting: usize, fed: usize, round: Duration) {
-        let t = round.as_secs_f64();
+    /// `prompting`: requests still reading their prompt; `fed`: prompt tokens of the round,
+    /// which took `prefill` to feed and `decode` for its decode step.
+    fn observe(&mut self, prompting: usize, fed: usize, prefill: Duration, decode: Duration) {
+        let t = (prefill + decode).as_secs_f64();
         let ema = |avg: f64, x: f64| if avg == 0.0 { x } else { avg + (x - avg) / 8.0 };
-        if prompting == 0 {
+        if !decode.is_zero() {
             if self.recent.len() == 64 {
                 self.recent.pop_front();
             }
-            self.recent.push_back(t);
+            self.recent.push_back(decode.as_secs_f64());
             let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
             sorted.sort_by(f64::total_cmp);
             self.alone = sorted[sorted.len() / 2];
+        }
+        if prompting == 0 {
             self.mixed = 0.0;
             self.credit = 0.0;
             return;
@@ -288,12 +297,12 @@ impl Scheduler {
             let budget = if !decoding {
                 ALONE_ROUND_TOKENS.max(self.cut.chunk)
             } else {
-                self.pacer.budget(prompting, self.cut.chunk)
+                self.pacer.budget(prompting, self.cut.chunk, self.cut.longest_run())
             };
             let (prefill, fed) = self.prefill_round(budget);
             let decode = self.decode_round();
             if decoding {
-                self.pacer.observe(prompting, fed, prefill + decode);
+                self.pacer.observe(prompting, fed, prefill, decode);
             }
             self.deliver();
             let before = self.groups.len();
@@ -839,7 +848,73 @@ fn end(group: &mut Group, reason: FinishReason) {
 
 #[cfg(test)]
 mod tests {
-    use super::{ALONE_ROUND_TOKENS, Cut};
+    use std::time::Duration;
+
+    use super::{ALONE_ROUND_TOKENS, Cut, Pacer};
+
+    /// Runs `rounds` rounds of a pacer with `prompting` prompts always waiting, where a decode
+    /// step takes `decode_ms` and each 16-token chunk `chunk_ms`; returns the prompt tokens fed
+    /// and the mean round time (ms) over the second half, once the rate has settled.
+    fn pace(prompting: usize, decode_ms: f64, chunk_ms: f64, rounds: usize) -> (usize, f64) {
+        let mut pacer = Pacer::new(2.0);
+        let (mut fed_total, mut time_total) = (0, 0.0);
+        for round in 0..rounds {
+            let fed = pacer.budget(prompting, 16, 256);
+            let prefill = (fed / 16) as f64 * chunk_ms;
+            pacer.observe(
+                prompting,
+                fed,
+                Duration::from_secs_f64(prefill / 1e3),
+                Duration::from_secs_f64(decode_ms / 1e3),
+            );
+            if round >= rounds / 2 {
+                fed_total += fed;
+                time_total += prefill + decode_ms;
+            }
+        }
+        (fed_total, time_total / (rounds - rounds / 2) as f64)
+    }
+
+    #[test]
+    fn prompts_paced_beside_streams_keep_rounds_near_the_target() {
+        // A chunk costs four decode steps (a 0.5B model on 2 cores): with one prompt waiting and
+        // slowdown 2, rounds may average two decode steps.
+        let (fed, mean) = pace(1, 30.0, 120.0, 2000);
+        assert!((50.0..=70.0).contains(&mean), "mean round {mean:.1} ms against a target of 60");
+        assert!(fed > 0);
+        // Cheap chunks (a small model) go in every round.
+        let (fed, _) = pace(1, 30.0, 5.0, 2000);
+        assert_eq!(fed, 16 * 1000);
+    }
+
+    #[test]
+    fn the_reference_forms_while_prompts_are_always_waiting() {
+        // No round ever runs without a prompt waiting: the rate must still grow past its start
+        // of a token per round (a chunk every 16 rounds) when the rounds allow it.
+        let (fed, _) = pace(3, 30.0, 60.0, 2000);
+        assert!(fed > 1000 * 16 / 4, "{fed} tokens in 1000 rounds");
+    }
+
+    #[test]
+    fn a_round_feeds_at_most_a_chunk_per_waiting_prompt() {
+        let mut pacer = Pacer::new(2.0);
+        pacer.rate = 1000.0;
+        assert_eq!(pacer.budget(1, 16, 256), 16);
+        pacer.credit = 0.0;
+        assert_eq!(pacer.budget(3, 16, 256), 48);
+        pacer.credit = 0.0;
+        assert_eq!(pacer.budget(40, 16, 256), 256);
+        pacer.credit = 0.0;
+        // Where runs are one chunk, so is the budget.
+        assert_eq!(pacer.budget(3, 16, 16), 16);
+    }
+
+    #[test]
+    fn more_waiting_prompts_get_a_larger_share() {
+        let (one, _) = pace(1, 30.0, 120.0, 2000);
+        let (four, _) = pace(4, 30.0, 120.0, 2000);
+        assert!(four > one, "{four} tokens with four prompts waiting, {one} with one");
+    }
 
     fn runs(cut: Cut, len: usize, budget: usize) -> Vec<usize> {
         let (mut at, mut ends) = (0, Vec::new());
