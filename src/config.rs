@@ -318,7 +318,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
         flag: "prefill-chunk",
         live: false,
         value: "N",
-        help: "prompts are cut into model runs at multiples of this many tokens (one chunk per paced run beside running streams)",
+        help: "prompt tokens per model run; prompts are cut at multiples of it",
         set: |c, v| {
             c.engine.prefill_chunk = count(v, 1)?;
             Ok(())

@@ -67,18 +67,14 @@ fn a_prompt_fed_alone_or_beside_a_stream_gives_the_same_numbers() {
         &genai_dir(),
         &["--prefix-cache-mb", "0", "--prefill-chunk", &PREFILL_CHUNK.to_string()],
     );
-    let health = d.get("/health").json();
-    let longest = health["prefill"]["longest_run"].as_u64().unwrap() as usize;
-    assert_eq!(health["prefill"]["chunk"].as_u64(), Some(PREFILL_CHUNK as u64));
-    // Alone the prompt goes in the longest runs this machine allows; beside a stream, one chunk
-    // per paced round.
+    // Alone the prompt goes a chunk per run without pause; beside a stream, paced between its
+    // decode steps.
     let filler = "A lantern swung above the quay while the nets were mended for the morning. ";
     let body = json!({"messages": user(&filler.repeat(20)), "max_tokens": 1, "temperature": 0,
                       "logprobs": true, "top_logprobs": 5});
     let alone = d.chat(body.clone());
     let prompt_tokens = alone["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
     assert!(prompt_tokens > 2 * PREFILL_CHUNK, "{prompt_tokens} prompt tokens");
-    eprintln!("{prompt_tokens}-token prompt, runs of up to {longest} tokens alone");
 
     let stream_body = json!({"messages": user("Tell me a long story about the sea."), "max_tokens": 7000, "ignore_eos": true, "stream": true});
     let (stream, mut reader) = open_stream(&d, &stream_body);

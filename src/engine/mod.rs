@@ -22,7 +22,7 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::model::{Model, ModelInfo};
 use crate::text::Tokenizer;
 
-pub use scheduler::Cut;
+use scheduler::Cut;
 
 pub use request::{
     EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Matched, RequestHandle, ThinkingBudget, Timings,
@@ -189,7 +189,6 @@ pub struct Engine {
     kv_cache_dtype: crate::model::KvCacheDtype,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
-    cut: Cut,
     stats: Arc<EngineStats>,
     /// Deadline of requests without their own, in ms; changeable at run time (reload).
     request_timeout_ms: std::sync::atomic::AtomicU64,
@@ -197,7 +196,7 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the scheduler thread, which owns `model` from now on.
-    pub fn start(mut model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
+    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
         let info = model.info().clone();
         let layout = model.layout_name();
         let provider = model.provider();
@@ -209,7 +208,7 @@ impl Engine {
         // The scheduler drains this channel every round into its own queue, where `max_queued`
         // is enforced (by `stats.queued`) and waits and deadlines are watched.
         let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1) * 2);
-        let cut = Cut::probe(&mut model, config.prefill_chunk);
+        let cut = Cut::new(config.prefill_chunk);
         let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), cut, rx, stats.clone());
         let thread = std::thread::Builder::new()
             .name("chatd-engine".into())
@@ -225,7 +224,6 @@ impl Engine {
             kv_cache_dtype,
             tokenizer,
             config,
-            cut,
             stats,
             request_timeout_ms,
         })
@@ -256,11 +254,6 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.config
-    }
-
-    /// How prompts are cut into model runs on this machine.
-    pub fn prefill_cut(&self) -> Cut {
-        self.cut
     }
 
     pub fn stats(&self) -> &EngineStats {

@@ -20,57 +20,27 @@ use crate::text::Tokenizer;
 /// Prompt tokens fed in a round when nothing else is generating.
 const ALONE_ROUND_TOKENS: usize = 256;
 
-/// How prompts are cut into model runs. Cuts fall only at multiples of `chunk` positions (or
-/// at the prompt's end), whatever the load: prefix cache restores stop there too, and ONNX
-/// Runtime's kernels could round differently for different numbers of rows. Whether one run
-/// may cover several chunks is measured at start (`Model::runs_agree`): where a long run gives
-/// bit for bit what chunk-long runs give, a prompt fed alone goes in runs of up to
-/// `ALONE_ROUND_TOKENS` (matrix kernels are faster per token on more rows; the README has the
-/// figures) and one paced beside running streams chunk by chunk, with the same greedy
-/// answers either way; elsewhere every run is one chunk.
+/// How prompts are cut into model runs: only at multiples of `chunk` positions (or at the
+/// prompt's end), one chunk per run, whatever the load. Prefix cache restores stop at the cuts
+/// too, and ONNX Runtime's kernels round differently for different run lengths at long
+/// contexts: runs spanning several chunks when a prompt was fed alone changed greedy answers
+/// against the same prompt fed beside others (tests/batching.rs), though a short probe of the
+/// kernels had found them equal.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cut {
     pub chunk: usize,
-    pub spans: bool,
 }
 
 impl Cut {
-    /// Probes `model` (a few runs of three chunks' tokens) when spanning chunks could matter.
-    pub fn probe(model: &mut Model, chunk: usize) -> Cut {
-        let chunk = chunk.max(1);
-        if chunk >= ALONE_ROUND_TOKENS {
-            return Cut { chunk, spans: false };
-        }
-        let spans = model.runs_agree(chunk).unwrap_or_else(|e| {
-            log::warn!("could not compare run lengths ({e:#}): prompts run one chunk at a time");
-            false
-        });
-        if !spans {
-            log::info!(
-                "this machine's kernels round differently for different run lengths: prompts run {chunk} tokens at a time"
-            );
-        }
-        Cut { chunk, spans }
-    }
-
-    /// The most prompt tokens one run feeds.
-    pub fn longest_run(self) -> usize {
-        if self.spans { ALONE_ROUND_TOKENS } else { self.chunk }
+    pub fn new(chunk: usize) -> Cut {
+        Cut { chunk: chunk.max(1) }
     }
 
     /// Where the run from position `start` of a `len`-token prompt ends when `budget` tokens
-    /// may be fed: the furthest cut within the budget, or only the next one when runs do not
-    /// span chunks; `None` when not even the next cut is within it.
+    /// may be fed: at the next cut, or `None` when it is not within the budget.
     fn run_end(self, start: usize, len: usize, budget: usize) -> Option<usize> {
         let next = ((start / self.chunk + 1) * self.chunk).min(len);
-        if next - start > budget {
-            return None;
-        }
-        if !self.spans {
-            return Some(next);
-        }
-        let furthest = (start + budget.min(self.longest_run())).min(len);
-        Some(if furthest == len { len } else { (furthest / self.chunk * self.chunk).max(next) })
+        (next - start <= budget).then_some(next)
     }
 }
 
@@ -109,14 +79,13 @@ impl Pacer {
         Self { slowdown, rate: 1.0, credit: 0.0, recent: VecDeque::with_capacity(64), alone: 0.0, mixed: 0.0 }
     }
 
-    /// Prompt tokens this round may feed: whole chunks, at most one per waiting prompt and
-    /// `longest_run` in all (the oldest prompt gets them in one run where runs may span chunks,
-    /// which costs less per token than one chunk for each).
-    fn budget(&mut self, prompting: usize, chunk: usize, longest_run: usize) -> usize {
+    /// Prompt tokens this round may feed: whole chunks, at most one per waiting prompt in all
+    /// (fed oldest first).
+    fn budget(&mut self, prompting: usize, chunk: usize) -> usize {
         if prompting == 0 {
             return 0;
         }
-        let most = (chunk * prompting).min(longest_run).max(chunk);
+        let most = chunk * prompting;
         self.credit = (self.credit + self.rate).min(most as f64);
         if self.credit < chunk as f64 { 0 } else { self.credit as usize / chunk * chunk }
     }
@@ -297,7 +266,7 @@ impl Scheduler {
             let budget = if !decoding {
                 ALONE_ROUND_TOKENS.max(self.cut.chunk)
             } else {
-                self.pacer.budget(prompting, self.cut.chunk, self.cut.longest_run())
+                self.pacer.budget(prompting, self.cut.chunk)
             };
             let (prefill, fed) = self.prefill_round(budget);
             let decode = self.decode_round();
@@ -850,7 +819,7 @@ fn end(group: &mut Group, reason: FinishReason) {
 mod tests {
     use std::time::Duration;
 
-    use super::{ALONE_ROUND_TOKENS, Cut, Pacer};
+    use super::{Cut, Pacer};
 
     /// Runs `rounds` rounds of a pacer with `prompting` prompts always waiting, where a decode
     /// step takes `decode_ms` and each 16-token chunk `chunk_ms`; returns the prompt tokens fed
@@ -859,7 +828,7 @@ mod tests {
         let mut pacer = Pacer::new(2.0);
         let (mut fed_total, mut time_total) = (0, 0.0);
         for round in 0..rounds {
-            let fed = pacer.budget(prompting, 16, 256);
+            let fed = pacer.budget(prompting, 16);
             let prefill = (fed / 16) as f64 * chunk_ms;
             pacer.observe(
                 prompting,
@@ -899,14 +868,12 @@ mod tests {
     fn a_round_feeds_at_most_a_chunk_per_waiting_prompt() {
         let mut pacer = Pacer::new(2.0);
         pacer.rate = 1000.0;
-        assert_eq!(pacer.budget(1, 16, 256), 16);
+        assert_eq!(pacer.budget(1, 16), 16);
         pacer.credit = 0.0;
-        assert_eq!(pacer.budget(3, 16, 256), 48);
+        assert_eq!(pacer.budget(3, 16), 48);
         pacer.credit = 0.0;
-        assert_eq!(pacer.budget(40, 16, 256), 256);
-        pacer.credit = 0.0;
-        // Where runs are one chunk, so is the budget.
-        assert_eq!(pacer.budget(3, 16, 16), 16);
+        pacer.rate = 20.0;
+        assert_eq!(pacer.budget(3, 16), 16);
     }
 
     #[test]
@@ -916,46 +883,20 @@ mod tests {
         assert!(four > one, "{four} tokens with four prompts waiting, {one} with one");
     }
 
-    fn runs(cut: Cut, len: usize, budget: usize) -> Vec<usize> {
-        let (mut at, mut ends) = (0, Vec::new());
-        while let Some(end) = cut.run_end(at, len, budget) {
-            ends.push(end);
-            if end == len {
-                break;
-            }
-            at = end;
-        }
-        ends
-    }
-
     #[test]
-    fn runs_end_at_chunk_multiples_or_the_prompt_end() {
-        let single = Cut { chunk: 16, spans: false };
-        assert_eq!(runs(single, 40, 256), [16, 32, 40]);
-        let spanning = Cut { chunk: 16, spans: true };
-        assert_eq!(runs(spanning, 40, 256), [40]);
-        assert_eq!(runs(spanning, 600, 256), [256, 512, 600]);
-        // A budget that is not a multiple of the chunk stops at the last cut within it.
-        assert_eq!(
-            runs(spanning, 600, 40),
-            [32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480, 512, 544, 576, 600]
-        );
-        // Runs resumed from a restored prefix still end on the same cuts.
-        assert_eq!(spanning.run_end(20, 600, 256), Some(272));
-        assert_eq!(single.run_end(20, 600, 256), Some(32));
+    fn runs_end_at_the_next_chunk_multiple_or_the_prompt_end() {
+        let cut = Cut::new(16);
+        assert_eq!(cut.run_end(0, 40, 256), Some(16));
+        assert_eq!(cut.run_end(32, 40, 256), Some(40));
+        // Resumed from a restored prefix, a run still ends on the same cut.
+        assert_eq!(cut.run_end(20, 600, 256), Some(32));
     }
 
     #[test]
     fn nothing_runs_when_the_next_cut_is_past_the_budget() {
-        let cut = Cut { chunk: 16, spans: true };
+        let cut = Cut::new(16);
         assert_eq!(cut.run_end(0, 600, 15), None);
         assert_eq!(cut.run_end(0, 10, 10), Some(10));
         assert_eq!(cut.run_end(0, 600, 0), None);
-    }
-
-    #[test]
-    fn the_longest_run_is_the_alone_round_when_runs_span_chunks() {
-        assert_eq!(Cut { chunk: 16, spans: true }.longest_run(), ALONE_ROUND_TOKENS);
-        assert_eq!(Cut { chunk: 16, spans: false }.longest_run(), 16);
     }
 }

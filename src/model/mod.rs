@@ -308,29 +308,6 @@ impl Model {
         matches!(self.layout, Layout::Genai(_))
     }
 
-    /// Whether running tokens in one run gives bit for bit what running them in several
-    /// shorter runs of `piece` tokens gives, on this machine's kernels: a probe of three
-    /// pieces, fed once as one run and once piece by piece, the last logits compared. Matrix
-    /// kernels that treat each row alone (ONNX Runtime's CPU kernels, as measured) pass; a
-    /// kernel whose summation order depends on the number of rows fails.
-    pub fn runs_agree(&mut self, piece: usize) -> Result<bool> {
-        let vocab = self.info.vocab_size;
-        // Ids spread over the vocabulary; which ones does not matter, only that both ways see them.
-        let probe: Vec<u32> = (0..3 * piece.max(1)).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
-        let mut whole = vec![0.0f32; vocab];
-        let mut cache = self.new_cache()?;
-        self.forward(&probe, &mut cache, &mut whole)?;
-        drop(cache);
-        let mut pieces = vec![0.0f32; vocab];
-        let mut cache = self.new_cache()?;
-        for part in probe.chunks(piece.max(1)) {
-            self.forward(part, &mut cache, &mut pieces)?;
-        }
-        drop(cache);
-        self.release_idle_memory();
-        Ok(whole.iter().zip(&pieces).all(|(a, b)| a.to_bits() == b.to_bits()))
-    }
-
     /// Like `forward`, but writes the logits after every one of `tokens` into `logits`
     /// (`tokens.len()` vocabulary-sized rows): checking draft tokens takes one run.
     pub fn verify(&mut self, tokens: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {

@@ -223,10 +223,6 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
             "cached_tokens": stats.prefix_cached_tokens,
             "bytes": stats.prefix_cache_bytes,
         },
-        "prefill": {
-            "chunk": ready.engine.prefill_cut().chunk,
-            "longest_run": ready.engine.prefill_cut().longest_run(),
-        },
         "decode_steps": stats.decode_steps,
         "decode_tokens": stats.decode_tokens,
         "speculative": {
