@@ -22,8 +22,6 @@ use crossbeam_channel::{Sender, TrySendError};
 use crate::model::{Model, ModelInfo};
 use crate::text::Tokenizer;
 
-use scheduler::Cut;
-
 pub use request::{
     EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Matched, RequestHandle, ThinkingBudget, Timings,
     Usage,
@@ -208,8 +206,7 @@ impl Engine {
         // The scheduler drains this channel every round into its own queue, where `max_queued`
         // is enforced (by `stats.queued`) and waits and deadlines are watched.
         let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1) * 2);
-        let cut = Cut::new(config.prefill_chunk);
-        let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), cut, rx, stats.clone());
+        let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
         let thread = std::thread::Builder::new()
             .name("chatd-engine".into())
             .spawn(move || scheduler.run())

@@ -23,16 +23,14 @@ const ALONE_ROUND_TOKENS: usize = 256;
 /// How prompts are cut into model runs: only at multiples of `chunk` positions (or at the
 /// prompt's end), one chunk per run, whatever the load. Prefix cache restores stop at the cuts
 /// too, and ONNX Runtime's kernels round differently for different run lengths at long
-/// contexts: runs spanning several chunks when a prompt was fed alone changed greedy answers
-/// against the same prompt fed beside others (tests/batching.rs), though a short probe of the
-/// kernels had found them equal.
+/// contexts: runs spanning several chunks changed greedy answers (tests/batching.rs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cut {
-    pub chunk: usize,
+struct Cut {
+    chunk: usize,
 }
 
 impl Cut {
-    pub fn new(chunk: usize) -> Cut {
+    fn new(chunk: usize) -> Cut {
         Cut { chunk: chunk.max(1) }
     }
 
@@ -210,10 +208,10 @@ impl Scheduler {
         model: Model,
         tokenizer: Arc<Tokenizer>,
         config: EngineConfig,
-        cut: Cut,
         jobs: Receiver<Job>,
         stats: Arc<EngineStats>,
     ) -> Self {
+        let cut = Cut::new(config.prefill_chunk);
         let prefix = PrefixCache::new(config.prefix_cache_bytes);
         let pacer = Pacer::new(config.stream_slowdown);
         let workers = (config.workers > 0)
