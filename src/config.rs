@@ -318,7 +318,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
         flag: "prefill-chunk",
         live: false,
         value: "N",
-        help: "prompt tokens per model run; prompts are cut at multiples of it",
+        help: "prompts are cut into model runs at multiples of it (a run spans several chunks where this machine's kernels allow, see /health's prefill)",
         set: |c, v| {
             c.engine.prefill_chunk = count(v, 1)?;
             Ok(())

@@ -61,20 +61,39 @@ fn first_token_bits(v: &serde_json::Value) -> Vec<(String, u64)> {
     all
 }
 
+/// `filler` repeated, and words added until the chat prompt's length is one past a multiple
+/// of `PREFILL_CHUNK` (counted by the daemon's `/tokenize`).
+fn one_past_a_chunk(d: &Daemon, filler: &str) -> String {
+    let mut text = filler.repeat(20);
+    for _ in 0..4 * PREFILL_CHUNK {
+        let count = d.post("/tokenize", &json!({"messages": user(&text)})).json()["count"].as_u64().unwrap();
+        if count as usize % PREFILL_CHUNK == 1 {
+            return text;
+        }
+        text.push_str(" tide");
+    }
+    panic!("no prompt length one past a chunk multiple");
+}
+
 #[test]
 fn a_prompt_fed_alone_or_beside_a_stream_gives_the_same_numbers() {
     let d = Daemon::start_with_model(
         &genai_dir(),
         &["--prefix-cache-mb", "0", "--prefill-chunk", &PREFILL_CHUNK.to_string()],
     );
-    // Alone the prompt goes a chunk per run without pause; beside a stream, paced between its
-    // decode steps.
-    let filler = "A lantern swung above the quay while the nets were mended for the morning. ";
-    let body = json!({"messages": user(&filler.repeat(20)), "max_tokens": 1, "temperature": 0,
+    // Alone the prompt goes in runs as long as a round allows; beside a stream, paced between
+    // its decode steps, a chunk or so at a time. Its length is one past a chunk multiple: cut
+    // plainly, its last run would be that one token alone, which rounds differently.
+    let health = d.get("/health").json();
+    assert_eq!(health["prefill"]["chunk"].as_u64(), Some(PREFILL_CHUNK as u64));
+    eprintln!("runs of up to {} tokens alone", health["prefill"]["longest_run"]);
+    let text = one_past_a_chunk(&d, "A lantern swung above the quay while the nets were mended for the morning. ");
+    let body = json!({"messages": user(&text), "max_tokens": 1, "temperature": 0,
                       "logprobs": true, "top_logprobs": 5});
     let alone = d.chat(body.clone());
     let prompt_tokens = alone["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
     assert!(prompt_tokens > 2 * PREFILL_CHUNK, "{prompt_tokens} prompt tokens");
+    assert_eq!(prompt_tokens % PREFILL_CHUNK, 1);
 
     let stream_body = json!({"messages": user("Tell me a long story about the sea."), "max_tokens": 7000, "ignore_eos": true, "stream": true});
     let (stream, mut reader) = open_stream(&d, &stream_body);

@@ -187,6 +187,8 @@ pub struct Engine {
     kv_cache_dtype: crate::model::KvCacheDtype,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
+    /// Measured at start: see `longest_prefill_run`.
+    longest_prefill_run: usize,
     stats: Arc<EngineStats>,
     /// Deadline of requests without their own, in ms; changeable at run time (reload).
     request_timeout_ms: std::sync::atomic::AtomicU64,
@@ -207,6 +209,7 @@ impl Engine {
         // is enforced (by `stats.queued`) and waits and deadlines are watched.
         let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1) * 2);
         let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
+        let longest_prefill_run = scheduler.longest_prefill_run();
         let thread = std::thread::Builder::new()
             .name("chatd-engine".into())
             .spawn(move || scheduler.run())
@@ -221,6 +224,7 @@ impl Engine {
             kv_cache_dtype,
             tokenizer,
             config,
+            longest_prefill_run,
             stats,
             request_timeout_ms,
         })
@@ -228,6 +232,11 @@ impl Engine {
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
+    }
+
+    /// The most prompt tokens one model run feeds (see the scheduler's `Cut`).
+    pub fn longest_prefill_run(&self) -> usize {
+        self.longest_prefill_run
     }
 
     /// The model's layout: "optimum" or "genai".

@@ -38,8 +38,8 @@ impl PrefixCache {
 
     /// The entry with the longest common prefix with `prompt`, and how much of it to reuse: a
     /// multiple of `chunk` (so the rest of the prompt is cut exactly as without the cache, see
-    /// the scheduler's `prefill_step`), leaving at least one prompt token to run, since its
-    /// logits start the completion.
+    /// the scheduler's `Cut`), leaving at least two prompt tokens to run: the last one's logits
+    /// start the completion, and a run of one token alone would round differently.
     pub fn lookup(&mut self, prompt: &[u32], chunk: usize) -> Option<(&KvSnapshot, usize)> {
         let (index, len) = self
             .entries
@@ -104,7 +104,7 @@ const IDLE_MAX_BYTES: usize = 48 << 20;
 /// How many positions of a cache holding `tokens` a request for `prompt` may reuse (see
 /// `lookup`); 0 when not worth it.
 pub(super) fn reusable(tokens: &[u32], prompt: &[u32], chunk: usize) -> usize {
-    let len = common_prefix(tokens, prompt).min(prompt.len().saturating_sub(1)) / chunk * chunk;
+    let len = common_prefix(tokens, prompt).min(prompt.len().saturating_sub(2)) / chunk * chunk;
     if len < MIN_REUSE.max(chunk) { 0 } else { len }
 }
 
@@ -130,7 +130,7 @@ mod tests {
         let prompt: Vec<u32> = (0..30).collect();
         assert_eq!(cache.lookup(&prompt, 1).map(|(_, n)| n), Some(20));
         assert_eq!(cache.lookup(&prompt, 8).map(|(_, n)| n), Some(16), "whole chunks only");
-        assert_eq!(cache.lookup(&a, 1).map(|(_, n)| n), Some(19), "one prompt token is left to run");
+        assert_eq!(cache.lookup(&a, 1).map(|(_, n)| n), Some(18), "two prompt tokens are left to run");
         assert!(cache.lookup(&[0, 1, 2, 3, 9], 1).is_none(), "too short to be worth it");
     }
 

@@ -20,25 +20,62 @@ use crate::text::Tokenizer;
 /// Prompt tokens fed in a round when nothing else is generating.
 const ALONE_ROUND_TOKENS: usize = 256;
 
-/// How prompts are cut into model runs: only at multiples of `chunk` positions (or at the
-/// prompt's end), one chunk per run, whatever the load. Prefix cache restores stop at the cuts
-/// too, and ONNX Runtime's kernels round differently for different run lengths at long
-/// contexts: runs spanning several chunks changed greedy answers (tests/batching.rs).
+/// How prompts are cut into model runs. Cuts fall at multiples of `chunk` positions, or at the
+/// prompt's end, whatever the load: prefix cache restores stop at them too. A run never leaves
+/// a single token for a run of its own (the cut moves to the prompt's end): a one-token run
+/// gives other numbers than the same token in a longer run (ONNX Runtime computes single
+/// tokens on other code paths), so a prompt whose last run were one token would not get the
+/// numbers of the same prompt cut elsewhere. Runs of two tokens or more give the same bits
+/// however they are cut, which `Cut::probe` checks at start: then a run may span several
+/// chunks, up to the round's budget (`ALONE_ROUND_TOKENS` when nothing else runs), since matrix
+/// kernels are faster per token on more rows; else every run is one chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cut {
     chunk: usize,
+    spans: bool,
 }
 
 impl Cut {
-    fn new(chunk: usize) -> Cut {
-        Cut { chunk: chunk.max(1) }
+    /// The cut for `chunk`, spanning chunks where `model` gives the same bits either way.
+    fn probe(model: &mut Model, chunk: usize) -> Cut {
+        let chunk = chunk.max(1);
+        // A one-token chunk is itself the lone run that rounds differently.
+        if !(2..ALONE_ROUND_TOKENS).contains(&chunk) {
+            return Cut { chunk, spans: false };
+        }
+        let vocab = model.info().vocab_size;
+        // Ids spread over the vocabulary; which ones does not matter, only that both ways see them.
+        let probe: Vec<u32> = (0..3 * chunk).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
+        let spans = model.runs_agree(&probe, chunk).unwrap_or_else(|e| {
+            log::warn!("could not compare run lengths ({e:#})");
+            false
+        });
+        if spans {
+            log::info!("prompts run up to {ALONE_ROUND_TOKENS} tokens at a time, cut at multiples of {chunk}");
+        } else {
+            log::info!(
+                "this machine's kernels round differently for other run lengths: prompts run {chunk} tokens at a time"
+            );
+        }
+        Cut { chunk, spans }
     }
 
     /// Where the run from position `start` of a `len`-token prompt ends when `budget` tokens
-    /// may be fed: at the next cut, or `None` when it is not within the budget.
+    /// may be fed: the furthest cut within the budget (the next one when runs do not span
+    /// chunks), or `None` when not even the next is within it. A run that would leave one
+    /// token takes it too, a token past the budget.
     fn run_end(self, start: usize, len: usize, budget: usize) -> Option<usize> {
         let next = ((start / self.chunk + 1) * self.chunk).min(len);
-        (next - start <= budget).then_some(next)
+        if next - start > budget {
+            return None;
+        }
+        let end = if self.spans {
+            let furthest = (start + budget.min(ALONE_ROUND_TOKENS)).min(len);
+            if furthest == len { len } else { (furthest / self.chunk * self.chunk).max(next) }
+        } else {
+            next
+        };
+        Some(if len - end == 1 { len } else { end })
     }
 }
 
@@ -205,13 +242,13 @@ pub(crate) struct Scheduler {
 
 impl Scheduler {
     pub fn new(
-        model: Model,
+        mut model: Model,
         tokenizer: Arc<Tokenizer>,
         config: EngineConfig,
         jobs: Receiver<Job>,
         stats: Arc<EngineStats>,
     ) -> Self {
-        let cut = Cut::new(config.prefill_chunk);
+        let cut = Cut::probe(&mut model, config.prefill_chunk);
         let prefix = PrefixCache::new(config.prefix_cache_bytes);
         let pacer = Pacer::new(config.stream_slowdown);
         let workers = (config.workers > 0)
@@ -244,6 +281,11 @@ impl Scheduler {
             resident_checked: Instant::now(),
             parked: None,
         }
+    }
+
+    /// The most prompt tokens one model run feeds.
+    pub fn longest_prefill_run(&self) -> usize {
+        if self.cut.spans { ALONE_ROUND_TOKENS } else { self.cut.chunk }
     }
 
     /// Runs until the engine is dropped and every admitted request has finished.
@@ -881,18 +923,51 @@ mod tests {
         assert!(four > one, "{four} tokens with four prompts waiting, {one} with one");
     }
 
+    /// The ends of the runs feeding a `len`-token prompt from `start`, `budget` tokens a round.
+    fn runs(cut: Cut, start: usize, len: usize, budget: usize) -> Vec<usize> {
+        let (mut at, mut ends) = (start, Vec::new());
+        while at < len {
+            let end = cut.run_end(at, len, budget).expect("the next cut is within the budget");
+            ends.push(end);
+            at = end;
+        }
+        ends
+    }
+
     #[test]
-    fn runs_end_at_the_next_chunk_multiple_or_the_prompt_end() {
-        let cut = Cut::new(16);
-        assert_eq!(cut.run_end(0, 40, 256), Some(16));
-        assert_eq!(cut.run_end(32, 40, 256), Some(40));
-        // Resumed from a restored prefix, a run still ends on the same cut.
-        assert_eq!(cut.run_end(20, 600, 256), Some(32));
+    fn runs_end_at_chunk_multiples_or_the_prompt_end() {
+        let single = Cut { chunk: 16, spans: false };
+        assert_eq!(runs(single, 0, 40, 256), [16, 32, 40]);
+        let spanning = Cut { chunk: 16, spans: true };
+        assert_eq!(runs(spanning, 0, 40, 256), [40]);
+        assert_eq!(runs(spanning, 0, 600, 256), [256, 512, 600]);
+        // A budget that is not a multiple of the chunk stops at the last cut within it.
+        assert_eq!(runs(spanning, 0, 120, 40), [32, 64, 96, 120]);
+        // Resumed from a restored prefix, runs still end on the same cuts.
+        assert_eq!(runs(spanning, 20, 600, 256), [272, 528, 600]);
+        assert_eq!(runs(single, 20, 40, 256), [32, 40]);
+    }
+
+    #[test]
+    fn no_run_leaves_a_single_token_behind() {
+        // A one-token run would round differently (see `Cut`).
+        for cut in [Cut { chunk: 16, spans: false }, Cut { chunk: 16, spans: true }] {
+            assert_eq!(*runs(cut, 0, 33, 16).last().unwrap(), 33);
+            assert_eq!(cut.run_end(16, 33, 16), Some(33), "{cut:?}");
+            for len in 2..100 {
+                for budget in [16, 48, 256] {
+                    let ends = runs(cut, 0, len, budget);
+                    let starts = std::iter::once(0).chain(ends.iter().copied());
+                    assert!(starts.zip(&ends).all(|(s, e)| e - s >= 2), "{cut:?} {len} {budget}: {ends:?}");
+                }
+            }
+        }
+        assert_eq!(runs(Cut { chunk: 16, spans: true }, 0, 257, 256), [257]);
     }
 
     #[test]
     fn nothing_runs_when_the_next_cut_is_past_the_budget() {
-        let cut = Cut::new(16);
+        let cut = Cut { chunk: 16, spans: true };
         assert_eq!(cut.run_end(0, 600, 15), None);
         assert_eq!(cut.run_end(0, 10, 10), Some(10));
         assert_eq!(cut.run_end(0, 600, 0), None);

@@ -308,6 +308,27 @@ impl Model {
         matches!(self.layout, Layout::Genai(_))
     }
 
+    /// Whether feeding `tokens` in one run gives bit for bit what feeding them in runs of
+    /// `piece` tokens gives, on this machine's kernels: the last logits of both are compared.
+    /// ONNX Runtime's CPU kernels pass for runs of two tokens or more (they treat each row
+    /// alone), though a one-token run rounds differently (see the scheduler's `Cut`); a GPU's
+    /// matrix kernels may pick their algorithm by the number of rows.
+    pub fn runs_agree(&mut self, tokens: &[u32], piece: usize) -> Result<bool> {
+        let vocab = self.info.vocab_size;
+        let mut whole = vec![0.0f32; vocab];
+        let mut cache = self.new_cache()?;
+        self.forward(tokens, &mut cache, &mut whole)?;
+        drop(cache);
+        let mut pieces = vec![0.0f32; vocab];
+        let mut cache = self.new_cache()?;
+        for part in tokens.chunks(piece.max(1)) {
+            self.forward(part, &mut cache, &mut pieces)?;
+        }
+        drop(cache);
+        self.release_idle_memory();
+        Ok(whole.iter().zip(&pieces).all(|(a, b)| a.to_bits() == b.to_bits()))
+    }
+
     /// Like `forward`, but writes the logits after every one of `tokens` into `logits`
     /// (`tokens.len()` vocabulary-sized rows): checking draft tokens takes one run.
     pub fn verify(&mut self, tokens: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {

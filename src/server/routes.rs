@@ -223,6 +223,10 @@ fn health_json(shared: &Shared, ready: &Ready) -> Value {
             "cached_tokens": stats.prefix_cached_tokens,
             "bytes": stats.prefix_cache_bytes,
         },
+        "prefill": {
+            "chunk": ready.engine.config().prefill_chunk,
+            "longest_run": ready.engine.longest_prefill_run(),
+        },
         "decode_steps": stats.decode_steps,
         "decode_tokens": stats.decode_tokens,
         "speculative": {
