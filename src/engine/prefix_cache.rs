@@ -38,8 +38,9 @@ impl PrefixCache {
 
     /// The entry with the longest common prefix with `prompt`, and how much of it to reuse: a
     /// multiple of `chunk` (so the rest of the prompt is cut exactly as without the cache, see
-    /// the scheduler's `Cut`), leaving at least two prompt tokens to run: the last one's logits
-    /// start the completion, and a run of one token alone would round differently.
+    /// the scheduler's `Cut`), leaving at least `SHORTEST_RUN` (two) prompt tokens to run: the
+    /// last one's logits start the completion, and a run of one token alone would round
+    /// differently.
     pub fn lookup(&mut self, prompt: &[u32], chunk: usize) -> Option<(&KvSnapshot, usize)> {
         let (index, len) = self
             .entries
@@ -104,7 +105,8 @@ const IDLE_MAX_BYTES: usize = 48 << 20;
 /// How many positions of a cache holding `tokens` a request for `prompt` may reuse (see
 /// `lookup`); 0 when not worth it.
 pub(super) fn reusable(tokens: &[u32], prompt: &[u32], chunk: usize) -> usize {
-    let len = common_prefix(tokens, prompt).min(prompt.len().saturating_sub(2)) / chunk * chunk;
+    let len =
+        common_prefix(tokens, prompt).min(prompt.len().saturating_sub(super::scheduler::SHORTEST_RUN)) / chunk * chunk;
     if len < MIN_REUSE.max(chunk) { 0 } else { len }
 }
 

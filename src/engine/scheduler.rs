@@ -29,6 +29,9 @@ const ALONE_ROUND_TOKENS: usize = 256;
 /// however they are cut, which `Cut::probe` checks at start: then a run may span several
 /// chunks, up to the round's budget (`ALONE_ROUND_TOKENS` when nothing else runs), since matrix
 /// kernels are faster per token on more rows; else every run is one chunk.
+/// The fewest tokens a prompt run feeds (but for a one-token prompt): see `Cut`.
+pub(super) const SHORTEST_RUN: usize = 2;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Cut {
     chunk: usize,
@@ -40,7 +43,7 @@ impl Cut {
     fn probe(model: &mut Model, chunk: usize) -> Cut {
         let chunk = chunk.max(1);
         // A one-token chunk is itself the lone run that rounds differently.
-        if !(2..ALONE_ROUND_TOKENS).contains(&chunk) {
+        if !(SHORTEST_RUN..ALONE_ROUND_TOKENS).contains(&chunk) {
             return Cut { chunk, spans: false };
         }
         let vocab = model.info().vocab_size;
@@ -60,6 +63,11 @@ impl Cut {
         Cut { chunk, spans }
     }
 
+    /// The most prompt tokens one run feeds.
+    fn longest_run(self) -> usize {
+        if self.spans { ALONE_ROUND_TOKENS } else { self.chunk }
+    }
+
     /// Where the run from position `start` of a `len`-token prompt ends when `budget` tokens
     /// may be fed: the furthest cut within the budget (the next one when runs do not span
     /// chunks), or `None` when not even the next is within it. A run that would leave one
@@ -70,12 +78,12 @@ impl Cut {
             return None;
         }
         let end = if self.spans {
-            let furthest = (start + budget.min(ALONE_ROUND_TOKENS)).min(len);
+            let furthest = (start + budget.min(self.longest_run())).min(len);
             if furthest == len { len } else { (furthest / self.chunk * self.chunk).max(next) }
         } else {
             next
         };
-        Some(if len - end == 1 { len } else { end })
+        Some(if len - end < SHORTEST_RUN { len } else { end })
     }
 }
 
@@ -285,7 +293,7 @@ impl Scheduler {
 
     /// The most prompt tokens one model run feeds.
     pub fn longest_prefill_run(&self) -> usize {
-        if self.cut.spans { ALONE_ROUND_TOKENS } else { self.cut.chunk }
+        self.cut.longest_run()
     }
 
     /// Runs until the engine is dropped and every admitted request has finished.
