@@ -151,7 +151,40 @@ impl Daemon {
     /// Waits until the server holds no connection but the one asking (`chatd_connections_open`
     /// counts a connection until tiny_http is done with it).
     pub fn wait_connections_closed(&self, timeout: Duration) -> bool {
-        wait_until(timeout, || self.metric("chatd_connections_open") == Some(1.0))
+        wait_until(timeout, || self.other_connections() == Some(0.0))
+    }
+
+    /// `chatd_connections_open` less the connection asking. That one is kept alive, so it is
+    /// surely counted while its request is answered (one that asks to close may be let go
+    /// before the gauge is read, or after, as the threads happen to run); then it asks to
+    /// close, and is gone once the server has closed it.
+    fn other_connections(&self) -> Option<f64> {
+        let mut stream = TcpStream::connect(&self.addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(600))).ok()?;
+        write!(stream, "GET /metrics HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr).ok()?;
+        let mut reader = BufReader::new(stream);
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse::<usize>().ok();
+            }
+        }
+        let mut body = vec![0; length?];
+        reader.read_exact(&mut body).ok()?;
+        let mut stream = reader.into_inner();
+        write!(stream, "GET /health HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr).ok()?;
+        stream.read_to_end(&mut Vec::new()).ok()?;
+        let body = String::from_utf8(body).ok()?;
+        body.lines().find_map(|l| l.strip_prefix("chatd_connections_open ")?.parse::<f64>().ok()).map(|n| n - 1.0)
     }
 
     /// Waits until a log line contains `text`.
