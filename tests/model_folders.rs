@@ -45,13 +45,75 @@ fn a_list_of_named_templates_uses_tool_use_when_tools_are_given() {
     // transformers: `chat_template` as [{"name", "template"}]; "tool_use" is chosen for tools.
     let config = tokenizer_config(json!([
         {"name": "default", "template": "D:{{ messages[0]['content'] }}"},
-        {"name": "tool_use", "template": "T{{ tools | length }}:{{ messages[0]['content'] }}"},
+        {"name": "tool_use", "template": "T{{ tools | length }}{{ tools[0].function.name }}:{{ messages[-1]['content'] }}"},
     ]));
     let dir = folder("list", &config, &[]);
     let d = Daemon::start_with_model(&dir, &[]);
     let tools: Value = serde_json::from_str(WEATHER).unwrap();
     assert_eq!(rendered(&d, json!({"messages": user("hi")})), "D:hi");
-    assert_eq!(rendered(&d, json!({"messages": user("hi"), "tools": tools})), "T1:hi");
+    assert_eq!(rendered(&d, json!({"messages": user("hi"), "tools": tools})), "T1get_weather:hi");
+    drop(d);
+    remove(&dir);
+}
+
+#[test]
+fn tools_a_template_takes_but_leaves_out_reach_the_prompt_as_chatds_own() {
+    // The template reads `tools` only to count them: the model would never see them.
+    let template = "{% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}{{ tools | length }}";
+    let dir = folder("leaves-out", &tokenizer_config(json!(template)), &[]);
+    let d = Daemon::start_with_model(&dir, &[]);
+    let tools: Value = serde_json::from_str(WEATHER).unwrap();
+    let prompt = rendered(&d, json!({"messages": user("hi"), "tools": tools}));
+    assert!(prompt.starts_with("[system:You are a function calling AI model."), "{prompt}");
+    assert!(prompt.contains("\"get_weather\"") && prompt.ends_with("[user:hi]1"), "{prompt}");
+    // Only when they are offered.
+    let none = rendered(&d, json!({"messages": user("hi"), "tools": tools, "tool_choice": "none"}));
+    assert_eq!(none, "[user:hi]1");
+    drop(d);
+    remove(&dir);
+}
+
+#[test]
+fn a_forced_call_is_written_in_the_templates_format_and_parsed_back() {
+    // Qwen2.5's way: calls between <tool_call> tags (spelled out: SmolLM2 has no such token).
+    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}\
+                    {% if tools %}<tools>{{ tools | tojson }}</tools> Reply with <tool_call>\\n{...}\\n</tool_call>{% endif %}\
+                    <|im_start|>assistant\n";
+    let dir = folder("qwen-calls", &tokenizer_config(json!(template)), &[]);
+    let d = Daemon::start_with_model(&dir, &[]);
+    let tools: Value = serde_json::from_str(WEATHER).unwrap();
+    let body = json!({"messages": user("Weather in Rome?"), "tools": tools, "tool_choice": "required",
+        "max_tokens": 60, "temperature": 0});
+    let v = d.chat(body.clone());
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let call = &choice["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "get_weather", "{v}");
+    let arguments: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(arguments.is_object() && arguments.as_object().unwrap().keys().all(|k| k == "city"), "{v}");
+    // The markers were generated: they are in the completion's tokens.
+    let mut with_logprobs = body.clone();
+    with_logprobs["logprobs"] = json!(true);
+    let plain = d.chat(with_logprobs);
+    let tokens: String = plain["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap())
+        .collect();
+    assert!(tokens.starts_with("<tool_call>\n{\"name\":\"get_weather\",\"arguments\":"), "{tokens}");
+    assert!(tokens.ends_with("}\n</tool_call>"), "{tokens}");
+    // Streamed, the arguments add up to the same text, without the markers.
+    let mut stream = body;
+    stream["stream"] = json!(true);
+    let r = d.post("/v1/chat/completions", &stream);
+    let streamed: String = r
+        .events()
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(streamed, call["arguments"].as_str().unwrap(), "{v}");
     drop(d);
     remove(&dir);
 }

@@ -7,8 +7,8 @@ use super::compat;
 use super::constraints;
 use super::params::{self, Fields, wrong_type};
 use super::reasoning::{Markers, Reasoning};
-use super::tools::{self, ToolMode, ToolsIn};
-use crate::constraint::{Compiler, Prepared, Spec};
+use super::tools::{self, CallFormat, ToolMode, ToolsIn};
+use crate::constraint::{Compiler, Prepared};
 use crate::engine::{Engine, EngineError, ErrorKind, GenerateRequest, RequestHandle, SubmitError, ThinkingBudget};
 use crate::model::ModelInfo;
 use crate::sampling::SamplingParams;
@@ -82,10 +82,11 @@ pub struct ParsedRequest {
     pub generate: GenerateRequest,
 }
 
-/// A chat template and where it takes the request's tools.
+/// A chat template, where it takes the request's tools, and how the model writes a call.
 struct Template {
     jinja: ChatTemplate,
     tools_in: ToolsIn,
+    call_format: CallFormat,
 }
 
 /// Turns OpenAI request bodies into engine requests for one served model: parsing, validation,
@@ -108,20 +109,23 @@ pub struct Frontend {
 impl Frontend {
     pub fn new(engine: &Engine, served_name: Option<String>, limits: Limits) -> anyhow::Result<Self> {
         let tokenizer = engine.tokenizer().clone();
+        let info = engine.info().clone();
         let compile = |source: &Option<String>| -> anyhow::Result<Option<Template>> {
             let Some(source) = source else { return Ok(None) };
             let jinja = ChatTemplate::new(source, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?;
-            Ok(Some(Template { jinja, tools_in: ToolsIn::of(source) }))
+            let tools_in = ToolsIn::of(source);
+            let takes_tools = tools_in != ToolsIn::Nowhere;
+            let call_format = CallFormat::of(source, takes_tools, &tokenizer, info.markers.tool_call);
+            Ok(Some(Template { jinja, tools_in, call_format }))
         };
         let template = compile(&tokenizer.chat_template)?;
         let tool_use_template = compile(&tokenizer.tool_use_template)?;
-        let info = engine.info().clone();
         let served_name = served_name.unwrap_or_else(|| info.name.clone());
         let constraints = Compiler::new(&tokenizer, &info.eos_token_ids, info.vocab_size).map_err(|e| {
             log::warn!("constrained decoding is unavailable: {e:#}");
             format!("{e:#}")
         });
-        let markers = Markers::of(&tokenizer);
+        let markers = Markers::of(&tokenizer, info.markers.reasoning);
         if let Some(m) = &markers {
             log::info!("thinking model: reasoning between {} and {} goes to reasoning_content", m.start, m.end);
         }
@@ -358,7 +362,8 @@ impl Frontend {
             }
             Some(other) => return Err(wrong_type("tools", "an array", other)),
         };
-        Ok((tools::tool_mode(tools, f.get("tool_choice"))?, tools))
+        let format = self.template_for(tools.is_some()).map(|t| t.call_format.clone()).unwrap_or_default();
+        Ok((tools::tool_mode(tools, f.get("tool_choice"), &format)?, tools))
     }
 
     /// The one constraint a request may carry, compiled.
@@ -370,8 +375,8 @@ impl Frontend {
         limits: &Limits,
     ) -> Result<Option<Prepared>, ApiError> {
         let mut given = constraints::given(f, limits.max_constraint_bytes)?;
-        if let ToolMode::Forced(names) = mode {
-            given.push(("tool_choice".to_owned(), Spec::JsonSchema(tools::call_schema(tools, names))));
+        if let ToolMode::Forced { names, format } = mode {
+            given.push(("tool_choice".to_owned(), format.spec(tools, names)));
         }
         let (field, spec) = match given.len() {
             0 => return Ok(None),
@@ -420,10 +425,19 @@ impl Frontend {
                 "a constrained answer (tool_choice, response_format, regex, grammar...) starts at once, without reasoning",
             ));
         }
-        let split = separate && !constrained && !matches!(tools, ToolMode::Forced(_));
+        let split = separate && !constrained && !matches!(tools, ToolMode::Forced { .. });
         let thinking =
             budget.map(|tokens| ThinkingBudget { tokens, start: markers.start_id, end: markers.end_id, opened });
         Ok((split.then(|| Reasoning { markers: markers.clone(), opened }), thinking))
+    }
+
+    /// The template a chat is rendered with: as transformers, the model's tool-use template
+    /// when tools are offered and it has one.
+    fn template_for(&self, tools_offered: bool) -> Option<&Template> {
+        match tools_offered {
+            true => self.tool_use_template.as_ref().or(self.template.as_ref()),
+            false => self.template.as_ref(),
+        }
     }
 
     /// The chat request's messages rendered by the model's template.
@@ -461,14 +475,9 @@ impl Frontend {
         if let Some(at_least) = self.tokenizer.fewest_tokens(text_bytes).filter(|&n| n > self.prompt_budget(limits)) {
             return Err(self.prompt_too_long("messages", limits, format!("at least {at_least}")));
         }
-        // As transformers: the model's tool-use template when tools are given and it has one.
         // With `tool_choice: "none"` the tools reach only a template that takes the variable.
         let offered = tools.filter(|_| *mode != ToolMode::None);
-        let template = match offered {
-            Some(_) => self.tool_use_template.as_ref().or(self.template.as_ref()),
-            None => self.template.as_ref(),
-        };
-        let template = template.ok_or_else(|| {
+        let template = self.template_for(offered.is_some()).ok_or_else(|| {
             ApiError::invalid(
                 "messages",
                 "this model has no chat template (chat_template.jinja or tokenizer_config.json); use /v1/completions",
@@ -498,10 +507,22 @@ impl Frontend {
         // that use them.
         let tools = tools.filter(|_| template.tools_in == ToolsIn::Variable);
         let last = continue_final.then(|| final_message_text(&normalized)).transpose()?;
-        let mut text =
-            template.jinja.render(&Value::Array(normalized), tools, add_generation_prompt, kwargs).map_err(|e| {
+        let render = |messages: &Value, tools: Option<&Value>| {
+            template.jinja.render(messages, tools, add_generation_prompt, kwargs).map_err(|e| {
                 ApiError::invalid("messages", format!("the model's chat template rejected the messages: {e}"))
-            })?;
+            })
+        };
+        let mut messages = Value::Array(normalized);
+        let mut text = render(&messages, tools)?;
+        // A template that takes `tools` may still leave them out of the prompt (in some
+        // branches, for some roles): the model must see them, so chatd's tool prompt is added.
+        if let Some(offered) = offered.filter(|o| template.tools_in == ToolsIn::Variable && !tools::all_in(o, &text)) {
+            log::debug!("the chat template took the tools but did not render them: chatd's tool prompt is added");
+            if let Value::Array(list) = &mut messages {
+                add_system_text(list, &tools::system_prompt(offered));
+            }
+            text = render(&messages, tools)?;
+        }
         if let Some(last) = last {
             cut_after_final_message(&mut text, &last)?;
         }

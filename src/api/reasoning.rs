@@ -2,8 +2,8 @@
 //! into `reasoning_content` (SGLang's and llama.cpp's name) and `reasoning` (vLLM's), whole and
 //! streamed.
 //!
-//! Which markers a model uses comes from its tokenizer: a pair of [`PAIRS`] that are both single
-//! tokens of its vocabulary (Qwen3, QwQ, DeepSeek-R1 distills, SmolLM3, Phi-4-mini-reasoning:
+//! Which markers a model uses comes from its files: the pair `genai_config.json` names, else a
+//! pair of [`PAIRS`] that are both single tokens of its vocabulary (Qwen3, QwQ, DeepSeek-R1 distills, SmolLM3, Phi-4-mini-reasoning:
 //! `<think>`; Magistral: `[THINK]`). A model without such a pair is not a thinking model and its
 //! text is never split. Where the output starts comes from the rendered prompt: a template
 //! that ends the generation prompt with the start marker (DeepSeek-R1, Qwen3 thinking-only)
@@ -27,8 +27,15 @@ pub struct Markers {
 }
 
 impl Markers {
-    /// The first of [`PAIRS`] whose markers are both tokens of `tokenizer`.
-    pub fn of(tokenizer: &Tokenizer) -> Option<Self> {
+    /// The pair the model's files name (`named`, from `genai_config.json`), else the first of
+    /// [`PAIRS`] whose markers are both tokens of `tokenizer`.
+    pub fn of(tokenizer: &Tokenizer, named: Option<(u32, u32)>) -> Option<Self> {
+        if let Some((start_id, end_id)) = named {
+            let (start, end) = (tokenizer.token_text(start_id), tokenizer.token_text(end_id));
+            if !start.is_empty() && !end.is_empty() {
+                return Some(Self { start, end, start_id, end_id });
+            }
+        }
         PAIRS.iter().find_map(|&(start, end)| {
             Some(Self {
                 start: start.to_owned(),
@@ -196,6 +203,18 @@ mod tests {
 
     fn split(reasoning: &str, content: &str) -> Split {
         Split { reasoning: reasoning.into(), content: content.into() }
+    }
+
+    #[test]
+    fn markers_come_from_the_ids_the_model_names_then_from_the_vocabulary() {
+        let tok =
+            crate::text::smollm_tokenizer_with(&[("<think>", true), ("</think>", true), ("<r>", true), ("</r>", true)]);
+        let id = |t: &str| tok.token_id(t).unwrap();
+        let found = Markers::of(&tok, None).unwrap();
+        assert_eq!((found.start.as_str(), found.end_id), ("<think>", id("</think>")));
+        let named = Markers::of(&tok, Some((id("<r>"), id("</r>")))).unwrap();
+        assert_eq!((named.start.as_str(), named.end.as_str(), named.start_id), ("<r>", "</r>", id("<r>")));
+        assert_eq!(Markers::of(&crate::text::smollm_tokenizer(), None), None);
     }
 
     #[test]

@@ -48,7 +48,16 @@ impl Meta {
         match &self.tools {
             ToolMode::None => None,
             ToolMode::Auto => tools::detect(text),
-            ToolMode::Forced(_) => tools::parse_forced(text).map(|call| (String::new(), call)),
+            ToolMode::Forced { format, .. } => format.parse(text).map(|call| (String::new(), call)),
+        }
+    }
+
+    /// A forced call's name and arguments so far (see `CallFormat::parts`); `None` for other
+    /// tool modes.
+    fn forced_parts<'t>(&self, text: &'t str, complete: bool) -> Option<(String, &'t str)> {
+        match &self.tools {
+            ToolMode::Forced { format, .. } => format.parts(text, complete),
+            _ => None,
         }
     }
 
@@ -200,7 +209,10 @@ impl Collector {
             .enumerate()
             .map(|(index, c)| {
                 let logprobs = meta.logprobs_json(&c.logprobs, tokenizer, 0);
-                let forced = matches!(meta.tools, ToolMode::Forced(_));
+                let forced = match &meta.tools {
+                    ToolMode::Forced { format, .. } => Some(format),
+                    _ => None,
+                };
                 let (reasoning, text) = match &meta.reasoning {
                     Some(r) => {
                         let Split { reasoning, content } = r.split(&c.text);
@@ -211,7 +223,8 @@ impl Collector {
                 let call = match c.finish {
                     Some(FinishReason::Stop) => meta.tool_call(&text),
                     // Cut off by max_tokens: the call so far, where a whole one would be.
-                    Some(FinishReason::Length) if forced => tools::forced_parts(&text, false)
+                    Some(FinishReason::Length) => forced
+                        .and_then(|format| format.parts(&text, false))
                         .map(|(name, arguments)| (String::new(), ToolCall { name, arguments: arguments.to_owned() })),
                     _ => None,
                 };
@@ -228,7 +241,7 @@ impl Collector {
                         "finish_reason": if c.finish == Some(FinishReason::Stop) { json!("tool_calls") } else { finish_json(c.finish) },
                     }),
                     // A forced call's text is never content, even when too little of it came.
-                    (Endpoint::Chat, None) if forced => json!({
+                    (Endpoint::Chat, None) if forced.is_some() => json!({
                         "index": index,
                         "message": {"role": "assistant", "content": null, "refusal": null},
                         "logprobs": logprobs,
@@ -272,10 +285,9 @@ enum Pending {
     Free,
     /// Text that may still turn out to be a tool call (`tool_choice` "auto").
     MaybeCall(String, Vec<TokenLogprobs>),
-    /// A forced call: its text so far, its id, where its arguments start in the text (`None`
-    /// until its name is complete and its head chunk went out), and how many bytes of them
-    /// were sent.
-    Forced { text: String, id: String, args_at: Option<usize>, sent: usize },
+    /// A forced call: its text so far, its id, whether its head chunk went out (once its name
+    /// is complete), and how many bytes of its arguments were sent.
+    Forced { text: String, id: String, named: bool, sent: usize },
 }
 
 /// Turns a request's events into the JSON payloads of server-sent events, in OpenAI's order:
@@ -302,8 +314,8 @@ impl StreamEncoder {
         let chat = request.endpoint == Endpoint::Chat;
         let pending = (0..n)
             .map(|_| match &request.tools {
-                ToolMode::Forced(_) if chat => {
-                    Pending::Forced { text: String::new(), id: call_id(), args_at: None, sent: 0 }
+                ToolMode::Forced { .. } if chat => {
+                    Pending::Forced { text: String::new(), id: call_id(), named: false, sent: 0 }
                 }
                 ToolMode::Auto if chat => Pending::MaybeCall(String::new(), Vec::new()),
                 _ => Pending::Free,
@@ -392,10 +404,10 @@ impl StreamEncoder {
                             None => {}
                         }
                     }
-                    Pending::Forced { text, id, args_at, sent } => {
+                    Pending::Forced { text, id, named, sent } => {
                         let complete = reason == "stop";
-                        if let Some((name, arguments)) = tools::forced_parts(&text, complete) {
-                            if args_at.is_none() {
+                        if let Some((name, arguments)) = self.meta.forced_parts(&text, complete) {
+                            if !named {
                                 chunks.push(self.call_head(*choice, &id, &name));
                             }
                             let rest = &arguments[sent.min(arguments.len())..];
@@ -465,23 +477,15 @@ impl StreamEncoder {
                 self.pending[choice] = Pending::Free;
                 vec![self.content_chunk(choice, &text, &logprobs, tokenizer)]
             }
-            Some(Pending::Forced { text: so_far, id, args_at, sent }) => {
+            Some(Pending::Forced { text: so_far, id, named, sent }) => {
                 so_far.push_str(text);
-                // The head is parsed once: after it, each piece only extends the arguments.
-                let head = match *args_at {
-                    Some(_) => None,
-                    None => {
-                        let Some((name, arguments)) = tools::forced_parts(so_far, false) else { return Vec::new() };
-                        *args_at = Some(so_far.len() - arguments.len());
-                        Some((id.clone(), name))
-                    }
-                };
-                let arguments = &so_far[args_at.unwrap_or(so_far.len())..];
-                // The last `}` may close the call rather than its arguments: it waits for the
-                // next piece, or for the finish.
-                let ready = arguments.len() - usize::from(arguments.ends_with('}'));
-                let piece = arguments[(*sent).min(ready)..ready].to_owned();
-                *sent = ready.max(*sent);
+                // The arguments so far end where their object closes: what follows closes the
+                // call.
+                let Some((name, arguments)) = self.meta.forced_parts(so_far, false) else { return Vec::new() };
+                let head = (!*named).then(|| (id.clone(), name));
+                *named = true;
+                let piece = arguments[(*sent).min(arguments.len())..].to_owned();
+                *sent = arguments.len().max(*sent);
                 let mut chunks = Vec::new();
                 if let Some((id, name)) = head {
                     chunks.push(self.call_head(choice, &id, &name));

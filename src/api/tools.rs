@@ -1,16 +1,21 @@
 //! Tool calls: what `tools` and `tool_choice` ask for, the schema a forced call must follow,
 //! and finding a call in a model's output.
 //!
-//! A forced call (`tool_choice: "required"` or a named function) is generated as the JSON object
-//! `{"name": ..., "arguments": {...}}` under a schema built from the tools' `parameters`, so it is
-//! always well formed. With `"auto"` the model decides; a call is recognised in two formats:
-//! Hermes-style `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (Qwen2.5, SmolLM3,
-//! Hermes, and the tool prompt chatd adds for templates without tools), or an output that is
-//! just such a JSON object (Llama 3.x style; `parameters` is accepted for `arguments`).
+//! A forced call (`tool_choice: "required"` or a named function) is generated under a schema
+//! built from the tools' `parameters`, so it is always well formed, and in the model's own
+//! format ([`CallFormat`]): between its markers where its files name some (Qwen's `<tool_call>`,
+//! Phi-4-mini's `<|tool_call|>`, Mistral's `[TOOL_CALLS]`), with Llama 3's `parameters` for
+//! `arguments`, else as the JSON object `{"name": ..., "arguments": {...}}`. With `"auto"` the
+//! model decides, and a call is recognised in each of those formats.
+//!
+//! This module must not know HTTP or the engine: it sees request JSON, template text and output
+//! text.
 
 use serde_json::{Map, Value, json};
 
 use super::ApiError;
+use crate::constraint::{Literal, Spec};
+use crate::text::Tokenizer;
 
 /// How the answer relates to tools.
 #[derive(Clone, Debug, PartialEq)]
@@ -19,8 +24,9 @@ pub enum ToolMode {
     None,
     /// The model may call a tool; its output is checked for a call.
     Auto,
-    /// The output is a call to one of the tools of these names, by construction.
-    Forced(Vec<String>),
+    /// The output is a call to one of the tools of these names, by construction, written in
+    /// `format`.
+    Forced { names: Vec<String>, format: CallFormat },
 }
 
 /// A call found in (or forced on) the output.
@@ -34,8 +40,10 @@ pub struct ToolCall {
 /// Most tools a request may offer (OpenAI's limit).
 pub const MAX_TOOLS: usize = 128;
 
-/// Reads `tools` (already checked to be at most `MAX_TOOLS` function tools) and `tool_choice`.
-pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolMode, ApiError> {
+/// Reads `tools` (already checked to be at most `MAX_TOOLS` function tools) and `tool_choice`;
+/// a forced call is to be written in `format`.
+pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>, format: &CallFormat) -> Result<ToolMode, ApiError> {
+    let forced = |names: Vec<String>| ToolMode::Forced { names, format: format.clone() };
     let tools = tool_list(tools);
     let names = || tools.iter().map(name_of).collect::<Vec<_>>().join(", ");
     match choice {
@@ -52,13 +60,13 @@ pub fn tool_mode(tools: Option<&Value>, choice: Option<&Value>) -> Result<ToolMo
             if tools.is_empty() {
                 return Err(ApiError::invalid("tool_choice", "`tool_choice` \"required\" needs `tools`"));
             }
-            Ok(ToolMode::Forced(tools.iter().map(|t| name_of(t).to_owned()).collect()))
+            Ok(forced(tools.iter().map(|t| name_of(t).to_owned()).collect()))
         }
         Some(Value::Object(obj)) => {
             let name = obj.get("function").and_then(|f| f.get("name")).and_then(Value::as_str);
             match (obj.get("type").and_then(Value::as_str), name) {
                 (Some("function"), Some(name)) => match tools.iter().find(|t| name_of(t) == name) {
-                    Some(_) => Ok(ToolMode::Forced(vec![name.to_owned()])),
+                    Some(_) => Ok(forced(vec![name.to_owned()])),
                     None => Err(ApiError::invalid(
                         "tool_choice",
                         format!("`tool_choice` names the function {name:?}, which is not in `tools` ({})", names()),
@@ -86,11 +94,11 @@ fn name_of(tool: &Value) -> &str {
 }
 
 /// The schema of a call to one of the tools named `names` among `tools`:
-/// `{"name": <its name>, "arguments": <its parameters>}` (`{"type": "object"}` when it has
+/// `{"name": <its name>, <arguments_key>: <its parameters>}` (`{"type": "object"}` when it has
 /// none). Arguments get no properties beyond those declared unless the schema says otherwise
 /// (as OpenAI's strict function calling does): left open, a small model keeps inventing keys.
 /// The schemas are copied only here, once the prompt has been found to fit.
-pub fn call_schema(tools: Option<&Value>, names: &[String]) -> Value {
+fn call_schema(tools: Option<&Value>, names: &[String], arguments_key: &str) -> Value {
     // A schema with references (`$ref: "#/$defs/..."`, what nested pydantic models give) is
     // moved whole under the root's `$defs` and its references rewritten to point into it, so
     // that they resolve from the call schema's root.
@@ -113,8 +121,8 @@ pub fn call_schema(tools: Option<&Value>, names: &[String]) -> Value {
         }
         json!({
             "type": "object",
-            "properties": {"name": {"const": name_of(t)}, "arguments": arguments},
-            "required": ["name", "arguments"],
+            "properties": {"name": {"const": name_of(t)}, arguments_key: arguments},
+            "required": ["name", arguments_key],
             "additionalProperties": false,
         })
     };
@@ -193,6 +201,11 @@ impl ToolsIn {
     }
 }
 
+/// Whether every tool's name is in `prompt`: a template that takes `tools` rendered them.
+pub fn all_in(tools: &Value, prompt: &str) -> bool {
+    tool_list(Some(tools)).iter().all(|t| prompt.contains(name_of(t)))
+}
+
 /// The tools as Phi-4-mini's documentation puts them in the system message: a JSON text of
 /// the function objects.
 pub fn system_message_tools(tools: &Value) -> String {
@@ -211,44 +224,166 @@ pub fn system_prompt(tools: &Value) -> String {
     )
 }
 
-/// The call in a forced output so far: `{"name":"...","arguments":...}`, which the constraint
-/// generates in that order and without free whitespace. `None` until the name is complete;
-/// then the name and the arguments' text so far, exactly as generated. When the output is
-/// `complete`, the call's closing brace is left out and the arguments must be a JSON object.
-pub fn forced_parts(text: &str, complete: bool) -> Option<(String, &str)> {
-    const KEY: &str = "\"arguments\"";
-    let key = text.find(KEY)?;
-    let after_key = &text[key + KEY.len()..];
-    let colon = after_key.find(':')?;
-    let head = format!("{}}}", text[..key].trim_end().trim_end_matches(',').trim_end());
-    let name = serde_json::from_str::<Value>(&head).ok()?.get("name")?.as_str()?.to_owned();
-    let mut arguments = after_key[colon + 1..].trim_start();
-    if complete {
-        arguments = arguments.trim_end().strip_suffix('}')?.trim_end();
-        serde_json::from_str::<Map<String, Value>>(arguments).ok()?;
-    }
-    Some((name, arguments))
+/// How a family writes a call in free output: its opening and closing markers (Mistral's has
+/// no closing one), whether the calls between them are a JSON list, and whether a newline
+/// stands on each side of the call inside the markers.
+struct Markers {
+    open: &'static str,
+    close: &'static str,
+    list: bool,
+    newlines: bool,
 }
 
-/// The call in a complete forced output (the whole output is the call's JSON object), its
-/// arguments as generated.
-pub fn parse_forced(text: &str) -> Option<ToolCall> {
-    forced_parts(text, true)
-        .map(|(name, arguments)| ToolCall { name, arguments: arguments.to_owned() })
-        .or_else(|| call_from_json(&serde_json::from_str(text.trim()).ok()?))
-}
-
-/// Where families write a call in free output, as (opening, closing) marker: Qwen's and
-/// Hermes' `<tool_call>`, Phi-4-mini's `<|tool_call|>`, Mistral's `[TOOL_CALLS]` (no closing).
+/// Qwen's and Hermes' `<tool_call>`, Phi-4-mini's `<|tool_call|>`, Mistral's `[TOOL_CALLS]`.
 /// Markers that are special tokens never reach the text: the call is then the bare JSON (an
 /// object, or a list of calls as Phi-4 and Mistral write them), as Llama 3's is anyway.
-const CALL_MARKERS: &[(&str, &str)] =
-    &[("<tool_call>", "</tool_call>"), ("<|tool_call|>", "<|/tool_call|>"), ("[TOOL_CALLS]", "")];
+const MARKERS: &[Markers] = &[
+    Markers { open: "<tool_call>", close: "</tool_call>", list: false, newlines: true },
+    Markers { open: "<|tool_call|>", close: "<|/tool_call|>", list: true, newlines: false },
+    Markers { open: "[TOOL_CALLS]", close: "", list: true, newlines: false },
+];
+
+/// How a model writes a tool call: what stands before and after the call object, and the key
+/// of its arguments. A forced call is generated in this format, so that the model writes what
+/// it was trained to write (and what its template renders for the calls of earlier turns).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallFormat {
+    before: Vec<Literal>,
+    after: Vec<Literal>,
+    /// `arguments`, or `parameters` as Llama 3 writes it.
+    arguments_key: &'static str,
+}
+
+impl Default for CallFormat {
+    /// The JSON object alone: `{"name": ..., "arguments": {...}}`.
+    fn default() -> Self {
+        Self { before: Vec::new(), after: Vec::new(), arguments_key: "arguments" }
+    }
+}
+
+impl CallFormat {
+    /// The format of a model whose template is `template`: the markers its files name
+    /// (`named`, token ids from `genai_config.json`), else the markers the template writes,
+    /// else Llama 3's `parameters` where the template writes that, else those of [`MARKERS`]
+    /// that are tokens of the vocabulary when the template takes tools (Phi-4-mini's renders
+    /// no call).
+    pub fn of(template: &str, takes_tools: bool, tokenizer: &Tokenizer, named: Option<(u32, u32)>) -> Self {
+        let literal = |text: &str| Literal { text: text.to_owned(), token: tokenizer.token_id(text) };
+        if let Some((open, close)) = named {
+            let (open, close) = (tokenizer.token_text(open), tokenizer.token_text(close));
+            let known = MARKERS.iter().find(|m| m.open == open);
+            return match known {
+                Some(markers) => Self::between(markers, literal),
+                None if !open.is_empty() => {
+                    Self { before: vec![literal(&open)], after: vec![literal(&close)], ..Self::default() }
+                }
+                None => Self::default(),
+            };
+        }
+        if let Some(markers) = MARKERS.iter().find(|m| template.contains(m.open)) {
+            return Self::between(markers, literal);
+        }
+        if template.contains("\"parameters\":") || template.contains("\\\"parameters\\\":") {
+            return Self { arguments_key: "parameters", ..Self::default() };
+        }
+        match MARKERS.iter().find(|m| takes_tools && tokenizer.token_id(m.open).is_some()) {
+            Some(markers) => Self::between(markers, literal),
+            None => Self::default(),
+        }
+    }
+
+    fn between(markers: &Markers, literal: impl Fn(&str) -> Literal) -> Self {
+        let text = |t: &str| Literal { text: t.to_owned(), token: None };
+        let mut before = vec![literal(markers.open)];
+        let mut after = Vec::new();
+        if markers.newlines {
+            before.push(text("\n"));
+            after.push(text("\n"));
+        }
+        if markers.list {
+            before.push(text("["));
+            after.push(text("]"));
+        }
+        if !markers.close.is_empty() {
+            after.push(literal(markers.close));
+        }
+        Self { before, after, arguments_key: "arguments" }
+    }
+
+    /// The constraint of a forced call to one of the tools named `names` among `tools`.
+    pub fn spec(&self, tools: Option<&Value>, names: &[String]) -> Spec {
+        let schema = call_schema(tools, names, self.arguments_key);
+        match (self.before.is_empty(), self.after.is_empty()) {
+            (true, true) => Spec::JsonSchema(schema),
+            _ => Spec::JsonBetween { before: self.before.clone(), schema, after: self.after.clone() },
+        }
+    }
+
+    /// The call in a forced output so far, which the constraint generated as `before`, then
+    /// `{"name":"...","<arguments_key>":...}` in that order and without free whitespace, then
+    /// `after`. `None` until the name is complete; then the name and the arguments' text so
+    /// far, exactly as generated, up to their closing brace. When the output is `complete` the
+    /// arguments must be a whole JSON object. Markers that are special tokens are not in the
+    /// text (they are skipped when decoding), so each is optional.
+    pub fn parts<'t>(&self, text: &'t str, complete: bool) -> Option<(String, &'t str)> {
+        let mut call = text;
+        for piece in &self.before {
+            call = call.trim_start();
+            call = call.strip_prefix(piece.text.trim()).unwrap_or(call);
+        }
+        let key = format!("\"{}\"", self.arguments_key);
+        let at = call.find(&key)?;
+        let after_key = &call[at + key.len()..];
+        let colon = after_key.find(':')?;
+        let head = format!("{}}}", call[..at].trim_start().trim_end().trim_end_matches(',').trim_end());
+        let name = serde_json::from_str::<Value>(&head).ok()?.get("name")?.as_str()?.to_owned();
+        let mut arguments = after_key[colon + 1..].trim_start();
+        match object_end(arguments) {
+            Some(end) => arguments = &arguments[..end],
+            None if complete => return None,
+            None => {}
+        }
+        if complete {
+            serde_json::from_str::<Map<String, Value>>(arguments).ok()?;
+        }
+        Some((name, arguments))
+    }
+
+    /// The call in a complete forced output, its arguments as generated.
+    pub fn parse(&self, text: &str) -> Option<ToolCall> {
+        self.parts(text, true).map(|(name, arguments)| ToolCall { name, arguments: arguments.to_owned() })
+    }
+}
+
+/// Where the JSON object at the start of `text` ends (just past its closing brace), once it
+/// has; `None` while it is still open, or when `text` does not start with one.
+fn object_end(text: &str) -> Option<usize> {
+    if !text.starts_with('{') {
+        return None;
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if in_string => escaped = true,
+            b'"' => in_string = !in_string,
+            b'{' | b'[' if !in_string => depth += 1,
+            b'}' | b']' if !in_string => {
+                depth -= 1;
+                if depth == 0 {
+                    return Some(i + 1);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
 
 /// A call in a free output, with the content before it. Of a list of calls, the first (chatd
 /// makes one call per answer).
 pub fn detect(text: &str) -> Option<(String, ToolCall)> {
-    for (open, close) in CALL_MARKERS {
+    for Markers { open, close, .. } in MARKERS {
         if let Some(start) = text.find(open) {
             let rest = &text[start + open.len()..];
             let body = if close.is_empty() { rest } else { rest.split(close).next().unwrap_or(rest) };
@@ -284,7 +419,7 @@ pub fn could_be_call(text: &str) -> bool {
         Some(rest) => rest.trim_start().is_empty() || rest.trim_start().starts_with('{'),
         None => t.starts_with('{'),
     };
-    t.is_empty() || json_start(t) || CALL_MARKERS.iter().any(|(open, _)| t.starts_with(open) || open.starts_with(t))
+    t.is_empty() || json_start(t) || MARKERS.iter().any(|m| t.starts_with(m.open) || m.open.starts_with(t))
 }
 
 fn call_from_json(value: &Value) -> Option<ToolCall> {
@@ -343,12 +478,101 @@ mod tests {
 
     #[test]
     fn forced_output_is_split_into_name_and_arguments_as_it_grows() {
-        assert_eq!(forced_parts("{\"name\":\"get_wea", false), None);
-        assert_eq!(forced_parts("{\"name\":\"f\",\"arguments\":{\"ci", false), Some(("f".into(), "{\"ci")));
-        let whole = "{\"name\":\"f\",\"arguments\":{\"city\":\"P\\u00e9\"}}";
-        assert_eq!(forced_parts(whole, true), Some(("f".into(), "{\"city\":\"P\\u00e9\"}")));
-        assert_eq!(parse_forced(whole).unwrap().arguments, "{\"city\":\"P\\u00e9\"}");
-        assert_eq!(forced_parts("{\"name\":\"f\",\"arguments\":{\"ci", true), None);
+        let bare = CallFormat::default();
+        assert_eq!(bare.parts("{\"name\":\"get_wea", false), None);
+        assert_eq!(bare.parts("{\"name\":\"f\",\"arguments\":{\"ci", false), Some(("f".into(), "{\"ci")));
+        // The call's own closing brace is not part of the arguments, even before the finish.
+        let whole = "{\"name\":\"f\",\"arguments\":{\"city\":\"P\\u00e9\",\"t\":\"}\\\"\"}}";
+        let arguments = "{\"city\":\"P\\u00e9\",\"t\":\"}\\\"\"}";
+        assert_eq!(bare.parts(whole, false), Some(("f".into(), arguments)));
+        assert_eq!(bare.parts(whole, true), Some(("f".into(), arguments)));
+        assert_eq!(bare.parse(whole).unwrap().arguments, arguments);
+        assert_eq!(bare.parts("{\"name\":\"f\",\"arguments\":{\"ci", true), None);
+    }
+
+    /// The format a template and vocabulary give, and the text a forced call to `f` is
+    /// generated as in it (markers that are tokens written as `<[id]>`).
+    fn forced_text(template: &str, tok: &Tokenizer, named: Option<(u32, u32)>) -> (CallFormat, String) {
+        let format = CallFormat::of(template, true, tok, named);
+        let piece = |l: &Literal| l.token.map_or(l.text.clone(), |id| format!("<[{id}]>"));
+        let text = |pieces: &[Literal]| pieces.iter().map(piece).collect::<String>();
+        let call = format!("{{\"name\":\"f\",\"{}\":{{\"x\":1}}}}", format.arguments_key);
+        let whole = format!("{}{call}{}", text(&format.before), text(&format.after));
+        (format, whole)
+    }
+
+    #[test]
+    fn forced_calls_are_written_in_each_familys_format() {
+        let tok = crate::text::smollm_tokenizer_with(&[("<tool_call>", false), ("</tool_call>", false)]);
+        let phi = crate::text::smollm_tokenizer_with(&[("<|tool_call|>", true), ("<|/tool_call|>", true)]);
+        let id = |t: &str| tok.token_id(t).or_else(|| phi.token_id(t)).unwrap();
+        let (open, close) = (id("<tool_call>"), id("</tool_call>"));
+        let qwen = "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}";
+        let (format, text) = forced_text(qwen, &tok, None);
+        assert_eq!(text, format!("<[{open}]>\n{{\"name\":\"f\",\"arguments\":{{\"x\":1}}}}\n<[{close}]>"));
+        // As decoded: a non-special marker is in the text.
+        let decoded = "<tool_call>\n{\"name\":\"f\",\"arguments\":{\"x\":1}}\n</tool_call>";
+        assert_eq!(format.parse(decoded).unwrap(), ToolCall { name: "f".into(), arguments: "{\"x\":1}".into() });
+        // Phi-4-mini's template renders no call: its vocabulary has the markers.
+        let (open, close) = (id("<|tool_call|>"), id("<|/tool_call|>"));
+        let phi4 = "{% if 'tools' in message %}{{ message['tools'] }}{% endif %}";
+        let (format, text) = forced_text(phi4, &phi, None);
+        assert_eq!(text, format!("<[{open}]>[{{\"name\":\"f\",\"arguments\":{{\"x\":1}}}}]<[{close}]>"));
+        // As decoded: special markers are skipped.
+        assert_eq!(format.parse("[{\"name\":\"f\",\"arguments\":{\"x\":1}}]").unwrap().arguments, "{\"x\":1}");
+        assert_eq!(CallFormat::of(phi4, false, &phi, None), CallFormat::default());
+        // Mistral v0.3 (the marker spelled out where it is not a token), Llama 3.2.
+        let mistral = "{{- \"[TOOL_CALLS][\" }}";
+        assert_eq!(forced_text(mistral, &tok, None).1, "[TOOL_CALLS][{\"name\":\"f\",\"arguments\":{\"x\":1}}]");
+        let llama = "{{- '{\"name\": \"' + tool_call.name + '\", ' }}{{- '\"parameters\": ' }}";
+        let (format, text) = forced_text(llama, &tok, None);
+        assert_eq!(text, "{\"name\":\"f\",\"parameters\":{\"x\":1}}");
+        assert_eq!(format.parse(&text).unwrap().arguments, "{\"x\":1}");
+        let plain = crate::text::smollm_tokenizer();
+        assert_eq!(forced_text("{{ messages }}", &plain, None).1, "{\"name\":\"f\",\"arguments\":{\"x\":1}}");
+        // The ids genai_config.json names come first.
+        let (_, text) = forced_text("{{ messages }}", &phi, Some((open, close)));
+        assert!(text.starts_with(&format!("<[{open}]>[")), "{text}");
+    }
+
+    /// Whether `prepared` takes exactly the tokens of `text` (markers as `<[id]>`).
+    fn accepts(prepared: &crate::constraint::Prepared, tok: &Tokenizer, text: &str) -> bool {
+        let mut ids = Vec::new();
+        for (i, part) in text.split("<[").enumerate() {
+            let (id, rest) = match i {
+                0 => (None, part),
+                _ => part.split_once("]>").map(|(id, rest)| (Some(id.parse::<u32>().unwrap()), rest)).unwrap(),
+            };
+            ids.extend(id);
+            ids.extend(tok.encode(rest).unwrap());
+        }
+        let mut constraint = prepared.start();
+        for id in ids {
+            let mut logits = vec![0.0; tok.vocab_size()];
+            if constraint.mask(&mut logits).is_err() || logits[id as usize] == f32::NEG_INFINITY {
+                return false;
+            }
+            constraint.consume(id).unwrap();
+        }
+        constraint.is_complete()
+    }
+
+    #[test]
+    fn forced_calls_in_a_familys_format_compile_and_follow_the_schema() {
+        let tok = crate::text::smollm_tokenizer_with(&[("<|tool_call|>", true), ("<|/tool_call|>", true)]);
+        let compiler = crate::constraint::Compiler::new(&tok, &[2], tok.vocab_size()).unwrap();
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]);
+        for template in ["{{ '<tool_call>' }}", "{% if 'tools' in message %}{% endif %}", "\"parameters\": "] {
+            let format = CallFormat::of(template, true, &tok, None);
+            let spec = format.spec(Some(&tools), &["f".to_owned()]);
+            let prepared = compiler.compile(&spec, 1 << 16).unwrap_or_else(|e| panic!("{template}: {e}"));
+            let (_, text) = forced_text(template, &tok, None);
+            assert!(accepts(&prepared, &tok, &text), "{template}: {text}");
+            let wrong = text.replace("{\"x\":1}", "{\"x\":\"1\"}");
+            assert!(!accepts(&prepared, &tok, &wrong), "{wrong}");
+            assert!(!accepts(&prepared, &tok, &text.replace("\":{", "\": {")), "free whitespace");
+        }
     }
 
     #[test]
@@ -356,7 +580,7 @@ mod tests {
         let tools = json!([{"type": "function", "function": {"name": "t", "parameters": {
             "$defs": {"Item": {"type": "object"}}, "type": "object",
             "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}, "self": {"$ref": "#"}}}}}]);
-        let schema = call_schema(Some(&tools), &["t".to_owned()]);
+        let schema = call_schema(Some(&tools), &["t".to_owned()], "arguments");
         assert_eq!(schema["properties"]["arguments"], json!({"$ref": "#/$defs/tool0"}));
         let moved = &schema["$defs"]["tool0"];
         assert_eq!(moved["properties"]["items"]["items"]["$ref"], "#/$defs/tool0/$defs/Item");
@@ -379,18 +603,20 @@ mod tests {
     #[test]
     fn tool_choice_is_checked_against_tools() {
         let tools = json!([{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "b", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]);
-        assert_eq!(tool_mode(Some(&tools), None).unwrap(), ToolMode::Auto);
-        assert_eq!(tool_mode(None, None).unwrap(), ToolMode::None);
-        let ToolMode::Forced(forced) =
-            tool_mode(Some(&tools), Some(&json!({"type": "function", "function": {"name": "b"}}))).unwrap()
+        let format = CallFormat::default();
+        assert_eq!(tool_mode(Some(&tools), None, &format).unwrap(), ToolMode::Auto);
+        assert_eq!(tool_mode(None, None, &format).unwrap(), ToolMode::None);
+        let ToolMode::Forced { names: forced, .. } =
+            tool_mode(Some(&tools), Some(&json!({"type": "function", "function": {"name": "b"}})), &format).unwrap()
         else {
             panic!()
         };
         assert_eq!(forced, ["b"]);
-        let e = tool_mode(Some(&tools), Some(&json!({"type": "function", "function": {"name": "c"}}))).unwrap_err();
+        let e = tool_mode(Some(&tools), Some(&json!({"type": "function", "function": {"name": "c"}})), &format)
+            .unwrap_err();
         assert!(e.message.contains("\"c\"") && e.message.contains("a, b"), "{}", e.message);
-        assert!(tool_mode(None, Some(&json!("required"))).is_err());
-        let arguments = &call_schema(Some(&tools), &forced)["properties"]["arguments"];
+        assert!(tool_mode(None, Some(&json!("required")), &format).is_err());
+        let arguments = &call_schema(Some(&tools), &forced, "arguments")["properties"]["arguments"];
         assert!(arguments["properties"]["x"].is_object() && arguments["additionalProperties"] == false);
     }
 }

@@ -32,6 +32,9 @@ pub enum Spec {
     JsonObject,
     /// `response_format: {"type": "json_schema", ...}`, or a forced tool call's schema.
     JsonSchema(Value),
+    /// JSON valid against `schema`, between fixed text: a forced tool call in the model's own
+    /// format (its markers around the call).
+    JsonBetween { before: Vec<Literal>, schema: Value, after: Vec<Literal> },
     /// `grammar`: llguidance's Lark dialect.
     Lark(String),
     /// SGLang's `ebnf`: GBNF (`root ::= ...`), converted to Lark.
@@ -46,6 +49,15 @@ impl Spec {
             Spec::JsonSchema(schema) => TopLevelGrammar::from_json_schema(strict_json(schema.clone())),
             Spec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
             Spec::Gbnf(text) => TopLevelGrammar::from_lark(gbnf::to_lark(text)?),
+            Spec::JsonBetween { before, schema, after } => {
+                let lark = |pieces: &[Literal]| pieces.iter().map(Literal::lark).collect::<Vec<_>>().join(" ");
+                TopLevelGrammar::from_lark(format!(
+                    "start: {} json {}\njson: %json {}",
+                    lark(before),
+                    lark(after),
+                    strict_json(schema.clone())
+                ))
+            }
         })
     }
 
@@ -54,7 +66,7 @@ impl Spec {
         match self {
             Spec::Regex(text) | Spec::Lark(text) | Spec::Gbnf(text) => text.len(),
             Spec::JsonObject => 0,
-            Spec::JsonSchema(schema) => json_len(schema),
+            Spec::JsonSchema(schema) | Spec::JsonBetween { schema, .. } => json_len(schema),
         }
     }
 
@@ -65,6 +77,25 @@ impl Spec {
             Spec::JsonSchema(schema) => format!("schema\0{schema}"),
             Spec::Lark(lark) => format!("lark\0{lark}"),
             Spec::Gbnf(text) => format!("gbnf\0{text}"),
+            Spec::JsonBetween { before, schema, after } => format!("between\0{before:?}\0{schema}\0{after:?}"),
+        }
+    }
+}
+
+/// Fixed text in a constraint: a token of the vocabulary where it is one (a model's special
+/// marker must be that token, not its spelling), else the text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Literal {
+    pub text: String,
+    pub token: Option<u32>,
+}
+
+impl Literal {
+    fn lark(&self) -> String {
+        match self.token {
+            Some(id) => format!("<[{id}]>"),
+            // A JSON string is a Lark string literal.
+            None => Value::String(self.text.clone()).to_string(),
         }
     }
 }

@@ -19,6 +19,28 @@ pub struct ModelInfo {
     pub bos_token_id: Option<u32>,
     /// Sampling defaults for requests that don't say.
     pub defaults: GenerationDefaults,
+    /// The tokens the model's files name as its markers (only `genai_config.json` does).
+    pub markers: MarkerIds,
+}
+
+/// Token ids of a model's markers, as onnxruntime-genai's builder (0.15 and later) records them
+/// in `genai_config.json`: a tool call's (`bot_token_id`, `eot_token_id`) and reasoning's
+/// (`bor_token_id`, `eor_token_id`), each pair only when both are given.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MarkerIds {
+    pub tool_call: Option<(u32, u32)>,
+    pub reasoning: Option<(u32, u32)>,
+}
+
+impl MarkerIds {
+    pub(super) fn from_json(model: &Value) -> Self {
+        let pair = |start: &str, end: &str| Some((id_of(model.get(start))?, id_of(model.get(end))?));
+        Self { tool_call: pair("bot_token_id", "eot_token_id"), reasoning: pair("bor_token_id", "eor_token_id") }
+    }
+}
+
+fn id_of(value: Option<&Value>) -> Option<u32> {
+    value?.as_u64().and_then(|id| u32::try_from(id).ok())
 }
 
 /// The sampling settings a model ships (`generation_config.json`, or the `search` section of
@@ -76,6 +98,7 @@ impl ModelInfo {
             eos_token_ids,
             bos_token_id: ids_of(config.get("bos_token_id")).first().copied(),
             defaults: GenerationDefaults::from_json(&generation),
+            markers: MarkerIds::default(),
         })
     }
 }
@@ -134,5 +157,18 @@ pub fn find_model_file(dir: &Path) -> Result<PathBuf> {
                 variants.iter().map(|p| p.file_name().unwrap().to_string_lossy()).collect::<Vec<_>>().join(", ")
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_ids_are_read_in_pairs_as_the_builder_writes_them() {
+        let model = serde_json::json!({"bot_token_id": 151657, "eot_token_id": 151658, "bor_token_id": 151667});
+        let ids = MarkerIds::from_json(&model);
+        assert_eq!(ids, MarkerIds { tool_call: Some((151657, 151658)), reasoning: None });
+        assert_eq!(MarkerIds::from_json(&serde_json::json!({})), MarkerIds::default());
     }
 }

@@ -17,7 +17,7 @@ use ort::session::Session;
 use ort::value::{DynValueRefMut, Shape, TensorElementType, TensorRef, TensorRefMut, ValueType};
 use serde_json::Value;
 
-use super::config::{GenerationDefaults, ids_of, read_json};
+use super::config::{GenerationDefaults, MarkerIds, ids_of, read_json};
 use super::kv_pool::{KvPool, RowLease};
 use super::kv_quant::{self, CacheNames, KvCacheDtype, Scales};
 use super::runtime::{self, RuntimeOptions};
@@ -95,6 +95,7 @@ impl GenaiConfig {
             eos_token_ids,
             bos_token_id: ids_of(model.get("bos_token_id")).first().copied(),
             defaults: GenerationDefaults::from_json(&sampling),
+            markers: MarkerIds::from_json(model),
         };
         let threads =
             decoder["session_options"].get("intra_op_num_threads").and_then(Value::as_u64).map(|n| n as usize);

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-pub use config::{GenerationDefaults, ModelInfo};
+pub use config::{GenerationDefaults, MarkerIds, ModelInfo};
 pub use kv_quant::KvCacheDtype;
 pub use runtime::{Provider, RuntimeError, RuntimeOptions};
 

@@ -250,6 +250,20 @@ pub(crate) mod tests {
         Tokenizer::load(&dir).unwrap_or_else(|e| panic!("the test model is needed at {}: {e:#}", dir.display()))
     }
 
+    /// SmolLM2's tokenizer with more added tokens: `(text, special)`, as another family's
+    /// vocabulary has them.
+    pub(crate) fn smollm_tokenizer_with(added: &[(&str, bool)]) -> Tokenizer {
+        let mut tok = smollm_tokenizer();
+        for &(text, special) in added {
+            let token = tokenizers::AddedToken::from(text.to_owned(), special);
+            match special {
+                true => tok.inner.add_special_tokens(&[token]),
+                false => tok.inner.add_tokens(&[token]),
+            };
+        }
+        tok
+    }
+
     #[test]
     fn add_special_adds_what_the_post_processor_says() {
         // SmolLM2's tokenizer with the post-processor of a Llama-3-style one (BOS first).
