@@ -76,6 +76,13 @@ impl ErrorClass {
     }
 }
 
+/// An OpenAI error object: `{"error": {"message", "type", "param", "code"}}`. Every error body
+/// chatd sends is written here: the API's errors (`ApiError::to_json`) and the HTTP library's
+/// own answers (malformed or oversize heads, too many connections).
+pub fn error_json(message: &str, kind: &str, param: Option<&str>, code: Option<&str>) -> serde_json::Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
 /// An OpenAI error object of a class: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiError {
@@ -186,8 +193,7 @@ impl ApiError {
     }
 
     pub fn to_json(&self) -> serde_json::Value {
-        let class = self.class;
-        json!({"error": {"message": self.message, "type": class.kind(), "param": self.param, "code": class.code()}})
+        error_json(&self.message, self.class.kind(), self.param.as_deref(), self.class.code())
     }
 }
 

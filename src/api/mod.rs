@@ -12,6 +12,6 @@ mod response;
 mod tokens;
 pub mod tools;
 
-pub use error::{ApiError, ErrorClass};
+pub use error::{ApiError, ErrorClass, error_json};
 pub use frontend::{Endpoint, Frontend, Limits, ParsedRequest};
 pub use response::{Collector, StreamEncoder};

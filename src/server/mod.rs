@@ -139,6 +139,7 @@ impl Server {
         let local_addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| config.listen.clone());
         let connections =
             tiny_http::ConnectionLimits::new(config.max_connections, config.idle_timeout, config.max_header_bytes);
+        connections.set_rejection_body(rejection_body);
         let http = tiny_http::Server::from_listener_with_limits(listener, None, connections.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("cannot serve on {local_addr}"))?;
@@ -278,4 +279,24 @@ impl Server {
         }
         drop(self.http);
     }
+}
+
+/// The body of an answer tiny_http gives itself (its status is the library's): an OpenAI error
+/// object, as every other error chatd sends.
+fn rejection_body(rejection: tiny_http::Rejection) -> (String, Vec<u8>) {
+    use tiny_http::Rejection::*;
+    let (code, message) = match rejection {
+        TooManyConnections => ("too_many_connections", "The server has too many open connections; retry shortly."),
+        BadRequestLine => ("bad_request_line", "The request line is not valid HTTP."),
+        BadHeader => ("bad_header", "A request header is not valid HTTP."),
+        BadRequest(message) => ("bad_request", message),
+        HeadTooLarge => ("headers_too_large", "The request line and headers are larger than this server accepts."),
+        HeadTimeout => ("request_timeout", "The request's headers did not arrive in time."),
+        ExpectationFailed => ("expectation_failed", "Only `Expect: 100-continue` is supported."),
+        HttpVersionNotSupported => {
+            ("http_version_not_supported", "This server only supports HTTP versions 1.0 and 1.1.")
+        }
+    };
+    let body = crate::api::error_json(message, "invalid_request_error", None, Some(code));
+    ("application/json".to_owned(), body.to_string().into_bytes())
 }

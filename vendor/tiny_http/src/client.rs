@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 
 use crate::common::{HTTPVersion, Method};
-use crate::limits::{error_bytes, ConnectionLimits};
+use crate::limits::{rejection_bytes, ConnectionLimits, Rejection};
 use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
@@ -184,11 +184,12 @@ impl ClientConnection {
         })
     }
 
-    /// chatd patch: answers an error tiny_http detects itself with a JSON body, and closes.
-    fn reject(&mut self, status: u16, reason: &str, code: &str, message: &str) -> Option<Request> {
+    /// chatd patch: answers an error tiny_http detects itself (with the program's body), and
+    /// closes.
+    fn reject(&mut self, rejection: Rejection) -> Option<Request> {
         self.limits.count_rejected_head();
         let mut writer = self.sink.next().unwrap();
-        let _ = writer.write_all(&error_bytes(status, reason, code, message));
+        let _ = writer.write_all(&rejection_bytes(&self.limits, rejection));
         let _ = writer.flush();
         None
     }
@@ -289,43 +290,17 @@ impl Iterator for ClientConnection {
 
         loop {
             let rq = match self.read() {
-                // chatd patch: JSON error bodies, and the head limits. After any of these we
-                // don't know where the next request would start, so the connection closes.
-                Err(ReadError::WrongRequestLine) => {
-                    return self.reject(400, "Bad Request", "bad_request_line", "The request line is not valid HTTP.")
-                }
-                Err(ReadError::WrongHeader(_)) => {
-                    return self.reject(400, "Bad Request", "bad_header", "A request header is not valid HTTP.")
-                }
-                Err(ReadError::BadHead(message)) => {
-                    return self.reject(400, "Bad Request", "bad_request", message)
-                }
-                Err(ReadError::HeadTooLarge) => {
-                    return self.reject(
-                        431,
-                        "Request Header Fields Too Large",
-                        "headers_too_large",
-                        "The request line and headers are larger than this server accepts.",
-                    )
-                }
-                Err(ReadError::HeadTimeout { started: true }) => {
-                    return self.reject(
-                        408,
-                        "Request Timeout",
-                        "request_timeout",
-                        "The request's headers did not arrive in time.",
-                    )
-                }
+                // chatd patch: the head limits, and errors answered with the program's body.
+                // After any of these we don't know where the next request would start, so the
+                // connection closes.
+                Err(ReadError::WrongRequestLine) => return self.reject(Rejection::BadRequestLine),
+                Err(ReadError::WrongHeader(_)) => return self.reject(Rejection::BadHeader),
+                Err(ReadError::BadHead(message)) => return self.reject(Rejection::BadRequest(message)),
+                Err(ReadError::HeadTooLarge) => return self.reject(Rejection::HeadTooLarge),
+                Err(ReadError::HeadTimeout { started: true }) => return self.reject(Rejection::HeadTimeout),
                 // An idle keep-alive connection: close it quietly.
                 Err(ReadError::HeadTimeout { started: false }) => return None,
-                Err(ReadError::ExpectationFailed(_)) => {
-                    return self.reject(
-                        417,
-                        "Expectation Failed",
-                        "expectation_failed",
-                        "Only `Expect: 100-continue` is supported.",
-                    )
-                }
+                Err(ReadError::ExpectationFailed(_)) => return self.reject(Rejection::ExpectationFailed),
 
                 Err(ReadError::ReadIoError(_)) => return None,
 
@@ -334,12 +309,7 @@ impl Iterator for ClientConnection {
 
             // checking HTTP version
             if *rq.http_version() > (1, 1) {
-                return self.reject(
-                    505,
-                    "HTTP Version Not Supported",
-                    "http_version_not_supported",
-                    "This server only supports HTTP versions 1.0 and 1.1.",
-                );
+                return self.reject(Rejection::HttpVersionNotSupported);
             }
 
             // updating the status of the connection

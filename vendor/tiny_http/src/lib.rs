@@ -112,7 +112,7 @@ use connection::Connection;
 use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
-pub use limits::ConnectionLimits;
+pub use limits::{ConnectionLimits, Rejection, RejectionBody};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
@@ -311,7 +311,7 @@ impl Server {
                             Some(place) => place,
                             None => {
                                 let _ = sock.set_timeouts(Some(Duration::from_secs(1)));
-                                limits::refuse(sock);
+                                limits::refuse(&limits, sock);
                                 continue;
                             }
                         };

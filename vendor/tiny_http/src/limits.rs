@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 /// Shared between the server and its connections; the embedding program may change the values
@@ -20,6 +20,7 @@ pub struct ConnectionLimits {
     open: AtomicUsize,
     refused: AtomicUsize,
     rejected_heads: AtomicUsize,
+    rejection_body: OnceLock<RejectionBody>,
 }
 
 impl ConnectionLimits {
@@ -31,7 +32,13 @@ impl ConnectionLimits {
             open: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
             rejected_heads: AtomicUsize::new(0),
+            rejection_body: OnceLock::new(),
         })
+    }
+
+    /// How the program writes the body of the answers tiny_http gives itself; set once.
+    pub fn set_rejection_body(&self, body: RejectionBody) {
+        let _ = self.rejection_body.set(body);
     }
 
     /// No limits: tiny_http's own behaviour.
@@ -86,24 +93,62 @@ impl Drop for OpenConnection {
     }
 }
 
-/// An OpenAI-style JSON error response, written whole, for errors tiny_http answers itself.
-pub(crate) fn error_bytes(status: u16, reason: &str, code: &str, message: &str) -> Vec<u8> {
-    let body = format!(
-        r#"{{"error":{{"message":"{message}","type":"invalid_request_error","param":null,"code":"{code}"}}}}"#
-    );
-    format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
+/// Why tiny_http answered a connection itself instead of handing a request to the program.
+/// After any of these the connection is closed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// More connections than `max_connections` are open.
+    TooManyConnections,
+    /// The request line is not valid HTTP.
+    BadRequestLine,
+    /// A header line is not valid HTTP.
+    BadHeader,
+    /// Another malformed request (a non-ASCII or cut-off head, a body shorter than its
+    /// Content-Length); the text says which.
+    BadRequest(&'static str),
+    /// The request line and headers are over `max_head_bytes`.
+    HeadTooLarge,
+    /// The head did not arrive within `idle_timeout` of its first byte.
+    HeadTimeout,
+    /// An `Expect` other than `100-continue`.
+    ExpectationFailed,
+    /// An HTTP version above 1.1.
+    HttpVersionNotSupported,
+}
+
+impl Rejection {
+    pub fn status(self) -> u16 {
+        match self {
+            Self::TooManyConnections => 503,
+            Self::BadRequestLine | Self::BadHeader | Self::BadRequest(_) => 400,
+            Self::HeadTooLarge => 431,
+            Self::HeadTimeout => 408,
+            Self::ExpectationFailed => 417,
+            Self::HttpVersionNotSupported => 505,
+        }
+    }
+}
+
+/// The Content-Type and body of the answer to a rejection, as the embedding program writes them.
+pub type RejectionBody = fn(Rejection) -> (String, Vec<u8>);
+
+/// The whole answer to a rejection: its status, the program's body (none unless it set
+/// `ConnectionLimits::set_rejection_body`, as tiny_http itself answers), `Connection: close`.
+pub(crate) fn rejection_bytes(limits: &ConnectionLimits, rejection: Rejection) -> Vec<u8> {
+    let status = rejection.status();
+    let reason = crate::StatusCode(status).default_reason_phrase();
+    let (content_type, body) = limits.rejection_body.get().map(|write| write(rejection)).unwrap_or_default();
+    let mut head = format!("HTTP/1.1 {status} {reason}\r\n");
+    if !content_type.is_empty() {
+        head += &format!("Content-Type: {content_type}\r\n");
+    }
+    head += &format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes
 }
 
 /// Answers a connection over the limit with 503 and drops it.
-pub(crate) fn refuse(mut stream: impl Write) {
-    let _ = stream.write_all(&error_bytes(
-        503,
-        "Service Unavailable",
-        "too_many_connections",
-        "The server has too many open connections; retry shortly.",
-    ));
+pub(crate) fn refuse(limits: &ConnectionLimits, mut stream: impl Write) {
+    let _ = stream.write_all(&rejection_bytes(limits, Rejection::TooManyConnections));
 }
