@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use crate::api::{ApiError, Collector, Endpoint, Frontend};
+use crate::api::{ApiError, Collector, Ended, Endpoint, Frontend, follow};
 use crate::config::Config;
 use crate::engine::{Engine, Event};
 use crate::model::{Model, kv_quant, runtime};
@@ -220,24 +220,26 @@ impl Service {
         {
             return Err(CallError::Cancelled { pieces });
         }
-        loop {
-            match handle.recv() {
-                Some(Event::Done { usage, .. }) => return Ok(collector.finish(&usage, self.frontend.tokenizer())),
-                Some(Event::Error(e)) => return Err(CallError::Api(Frontend::engine_error(&e))),
-                Some(event) => {
-                    if let (Event::Text { text, .. }, Some(on_text)) = (&event, on_text.as_mut())
-                        && !text.is_empty()
-                    {
-                        pieces += 1;
-                        if !on_text(text) {
-                            // Dropping the handle cancels the request; the engine frees it next step.
-                            return Err(CallError::Cancelled { pieces });
-                        }
+        let ended = follow(
+            || Ok(handle.recv()),
+            |event| {
+                if let (Event::Text { text, .. }, Some(on_text)) = (&event, on_text.as_mut())
+                    && !text.is_empty()
+                {
+                    pieces += 1;
+                    if !on_text(text) {
+                        return Err(CallError::Cancelled { pieces });
                     }
-                    collector.add(event);
                 }
-                None => return Err(CallError::Api(ApiError::engine_dropped())),
-            }
+                collector.add(event);
+                Ok(())
+            },
+        );
+        match ended {
+            Ended::Done { usage, .. } => Ok(collector.finish(&usage, self.frontend.tokenizer())),
+            Ended::Failed(e) => Err(CallError::Api(e)),
+            // Dropping the handle (on return) cancels the request; the engine frees it next step.
+            Ended::Stopped(stop) => Err(stop),
         }
     }
 }

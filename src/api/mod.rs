@@ -5,6 +5,7 @@
 mod compat;
 mod constraints;
 mod error;
+mod follow;
 mod frontend;
 mod params;
 mod reasoning;
@@ -13,5 +14,6 @@ mod tokens;
 pub mod tools;
 
 pub use error::{ApiError, ErrorClass, error_json};
+pub use follow::{Ended, follow};
 pub use frontend::{Endpoint, Frontend, Limits, ParsedRequest};
 pub use response::{Collector, StreamEncoder};

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crossbeam_channel::RecvTimeoutError;
 
-use crate::api::{ApiError, Collector, Endpoint, Frontend, StreamEncoder};
+use crate::api::{ApiError, Collector, Ended, Endpoint, Frontend, ParsedRequest, StreamEncoder, follow};
 use crate::engine::{Event, RequestHandle, StatsSnapshot, Timings, Usage};
 
 thread_local! {
@@ -369,85 +369,118 @@ fn generate(
         respond_error(request, &error);
         gone(None)
     };
-    // Nothing is sent before the first event (`Started` once the request leaves the queue), so a
-    // request refused while queued still gets its own status (429, 504) rather than an error
-    // inside a 200 stream; a stream starts then, and keep-alives cover its prompt's reading.
-    let first = match next_event(&handle, &client, || true) {
-        Next::Event(Event::Error(e)) => return respond_error(request, &Frontend::engine_error(&e)),
-        Next::Event(e) => e,
-        Next::Gone => return gone_early(request),
-        Next::Dropped => return respond_error(request, &ApiError::engine_dropped()),
-    };
     if !parsed.stream {
         let mut collector = Collector::new(&parsed);
-        let mut event = first;
-        loop {
-            match event {
-                Event::Done { usage, timings } => {
-                    let body = collector.finish(&usage, tokenizer);
-                    let mut outcome = respond_json(request, 200, &body);
-                    outcome.usage = Some(usage);
-                    outcome.timings = Some(timings);
-                    return outcome;
-                }
-                Event::Error(e) => return respond_error(request, &Frontend::engine_error(&e)),
-                other => collector.add(other),
+        let ended = follow(
+            || next_event(&handle, &client, || true),
+            |event| {
+                collector.add(event);
+                Ok(())
+            },
+        );
+        return match ended {
+            Ended::Done { usage, timings } => {
+                let body = collector.finish(&usage, tokenizer);
+                let mut outcome = respond_json(request, 200, &body);
+                outcome.usage = Some(usage);
+                outcome.timings = Some(timings);
+                outcome
             }
-            event = match next_event(&handle, &client, || true) {
-                Next::Event(e) => e,
-                Next::Gone => return gone_early(request),
-                Next::Dropped => return respond_error(request, &ApiError::engine_dropped()),
-            };
-        }
+            Ended::Failed(error) => respond_error(request, &error),
+            Ended::Stopped(Gone) => gone_early(request),
+        };
     }
     let mut encoder = StreamEncoder::new(&parsed);
-    let cors: String = cors_headers().iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
-    let Ok(mut sse) = SseWriter::start(request, &cors) else { return gone(None) };
-    for chunk in encoder.start(&parsed, tokenizer) {
-        if sse.event(&chunk).is_err() {
-            return gone(None);
+    let stream = std::cell::RefCell::new(Stream::new(request));
+    let keep_alive = config.sse_keepalive;
+    let ended = follow(
+        // Before the stream starts there is nothing to keep alive.
+        || {
+            next_event(&handle, &client, || match (keep_alive, stream.borrow_mut().sse.as_mut()) {
+                (Some(every), Some(sse)) => sse.keep_alive(every).is_ok(),
+                _ => true,
+            })
+        },
+        |event| {
+            let mut stream = stream.borrow_mut();
+            let sse = stream.started(&mut encoder, &parsed, frontend)?;
+            for chunk in encoder.encode(&event, tokenizer) {
+                // Checking first catches a closed connection one token earlier than the write
+                // error would.
+                if client.gone() || sse.event(&chunk).is_err() {
+                    return Err(Gone);
+                }
+            }
+            Ok(())
+        },
+    );
+    let mut stream = stream.into_inner();
+    match ended {
+        // Nothing was sent: the request, refused while queued or failed, gets its own status
+        // (429, 504, 500) rather than an error inside a 200 stream.
+        Ended::Failed(error) if stream.sse.is_none() => match stream.request.take() {
+            Some(request) => respond_error(request, &error),
+            None => gone(None),
+        },
+        Ended::Stopped(Gone) if stream.sse.is_none() => stream.request.take().map_or_else(|| gone(None), gone_early),
+        Ended::Stopped(Gone) => gone(None),
+        Ended::Failed(error) => {
+            if let Ok(sse) = stream.started(&mut encoder, &parsed, frontend) {
+                let _ = sse.event(&error.to_json().to_string());
+            }
+            stream.finish();
+            Outcome { status: error.status(), note: Some(error.message), ..Outcome::default() }
+        }
+        Ended::Done { usage, timings } => {
+            let Ok(sse) = stream.started(&mut encoder, &parsed, frontend) else { return gone(Some(usage)) };
+            if let Some(chunk) = encoder.usage(&usage)
+                && sse.event(&chunk).is_err()
+            {
+                return gone(Some(usage));
+            }
+            stream.finish();
+            Outcome { status: 200, usage: Some(usage), timings: Some(timings), ..Outcome::default() }
         }
     }
-    let mut event = first;
-    loop {
-        match &event {
-            Event::Done { usage, timings } => {
-                if let Some(chunk) = encoder.usage(usage) {
-                    if sse.event(&chunk).is_err() {
-                        return gone(Some(*usage));
-                    }
-                }
-                let _ = sse.finish();
-                return Outcome { status: 200, usage: Some(*usage), timings: Some(*timings), ..Outcome::default() };
+}
+
+/// A streamed answer: nothing is sent before the request's first event (`Started` once it
+/// leaves the queue), so that a request refused while queued still gets its own status; the
+/// stream starts then, and keep-alives cover its prompt's reading.
+struct Stream {
+    /// The request, until the stream starts.
+    request: Option<Request>,
+    sse: Option<SseWriter>,
+}
+
+impl Stream {
+    fn new(request: Request) -> Self {
+        Self { request: Some(request), sse: None }
+    }
+
+    /// The stream, started (head and first chunks sent) if it was not yet.
+    fn started(
+        &mut self,
+        encoder: &mut StreamEncoder,
+        parsed: &ParsedRequest,
+        frontend: &Frontend,
+    ) -> Result<&mut SseWriter, Gone> {
+        if self.sse.is_none() {
+            let request = self.request.take().ok_or(Gone)?;
+            let cors: String = cors_headers().iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
+            let mut sse = SseWriter::start(request, &cors).map_err(|_| Gone)?;
+            for chunk in encoder.start(parsed, frontend.tokenizer()) {
+                sse.event(&chunk).map_err(|_| Gone)?;
             }
-            Event::Error(e) => {
-                let error = Frontend::engine_error(e);
-                let _ = sse.event(&error.to_json().to_string());
-                let _ = sse.finish();
-                return Outcome { status: error.status(), note: Some(error.message), ..Outcome::default() };
-            }
-            _ => {
-                for chunk in encoder.encode(&event, tokenizer) {
-                    // Checking first catches a closed connection one token earlier than the
-                    // write error would.
-                    if client.gone() || sse.event(&chunk).is_err() {
-                        // Dropping the handle cancels the request; the engine frees it next step.
-                        return gone(None);
-                    }
-                }
-            }
+            self.sse = Some(sse);
         }
-        let keep_alive = config.sse_keepalive;
-        event = match next_event(&handle, &client, || keep_alive.is_none_or(|every| sse.keep_alive(every).is_ok())) {
-            Next::Event(e) => e,
-            Next::Gone => return gone(None),
-            Next::Dropped => {
-                let error = ApiError::engine_dropped();
-                let _ = sse.event(&error.to_json().to_string());
-                let _ = sse.finish();
-                return Outcome { status: error.status(), note: Some(error.message), ..Outcome::default() };
-            }
-        };
+        self.sse.as_mut().ok_or(Gone)
+    }
+
+    fn finish(self) {
+        if let Some(sse) = self.sse {
+            let _ = sse.finish();
+        }
     }
 }
 
@@ -498,28 +531,22 @@ pub(super) fn memory_use(shared: &Shared, ready: Option<(&Ready, &StatsSnapshot)
 /// How often a handler waiting for the engine checks that its client is still there.
 const CLIENT_POLL: Duration = Duration::from_millis(20);
 
-enum Next {
-    Event(Event),
-    /// The client closed its connection.
-    Gone,
-    /// The engine dropped the request without a final event.
-    Dropped,
-}
+/// The client closed its connection.
+struct Gone;
 
-/// The request's next event, watching the client's connection meanwhile (at least every
-/// `CLIENT_POLL`, also while events keep coming).
-/// The request's next event; while none comes, `idle` runs every `CLIENT_POLL` (false: the
-/// client is gone).
-fn next_event(handle: &RequestHandle, client: &Client, mut idle: impl FnMut() -> bool) -> Next {
+/// The request's next event (`None`: the engine dropped it without a last event), watching the
+/// client's connection meanwhile (at least every `CLIENT_POLL`, also while events keep coming);
+/// while none comes, `idle` runs every `CLIENT_POLL` (false: the client is gone).
+fn next_event(handle: &RequestHandle, client: &Client, mut idle: impl FnMut() -> bool) -> Result<Option<Event>, Gone> {
     loop {
         if client.due() && client.gone() {
-            return Next::Gone;
+            return Err(Gone);
         }
         match handle.recv_timeout(CLIENT_POLL) {
-            Ok(event) => return Next::Event(event),
-            Err(RecvTimeoutError::Timeout) if !idle() => return Next::Gone,
+            Ok(event) => return Ok(Some(event)),
+            Err(RecvTimeoutError::Timeout) if !idle() => return Err(Gone),
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return Next::Dropped,
+            Err(RecvTimeoutError::Disconnected) => return Ok(None),
         }
     }
 }
