@@ -78,7 +78,7 @@ mod tests {
         let done = Event::Done { usage: Usage::default(), timings: Timings::default() };
         let (ended, seen) = run(vec![Event::Started, text("a"), text("b"), done, text("never")]);
         assert!(matches!(ended, Ended::Done { .. }) && seen == ["a", "b"], "{ended:?} {seen:?}");
-        let error = EngineError { kind: ErrorKind::Overloaded, message: "full".into() };
+        let error = EngineError::new(ErrorKind::Overloaded, "full");
         let (ended, _) = run(vec![text("a"), Event::Error(error)]);
         assert!(matches!(&ended, Ended::Failed(e) if e.status() == 429), "{ended:?}");
         let (ended, seen) = run(vec![text("a")]);

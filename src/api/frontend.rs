@@ -321,12 +321,12 @@ impl Frontend {
     /// The API error for a request the engine gave up on.
     pub fn engine_error(error: &EngineError) -> ApiError {
         match error.kind {
-            ErrorKind::Overloaded => ApiError::overloaded(error.message.clone()),
-            ErrorKind::Timeout => ApiError::timeout(error.message.clone()),
-            ErrorKind::TooLarge => ApiError::context_length("max_tokens", error.message.clone()),
-            ErrorKind::Constraint => ApiError::constraint_failed(error.message.clone()),
-            ErrorKind::Internal => ApiError::internal(error.message.clone()),
-            ErrorKind::Unavailable => ApiError::unavailable(error.message.clone()),
+            ErrorKind::Overloaded => ApiError::overloaded(error.message()),
+            ErrorKind::Timeout => ApiError::timeout(error.message()),
+            ErrorKind::TooLarge => ApiError::context_length("max_tokens", error.message()),
+            ErrorKind::Constraint => ApiError::constraint_failed(error.message()),
+            ErrorKind::Internal => ApiError::internal(error.message()),
+            ErrorKind::Unavailable => ApiError::unavailable(error.message()),
         }
     }
 

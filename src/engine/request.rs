@@ -140,21 +140,38 @@ pub enum ErrorKind {
     Unavailable,
 }
 
+/// Why the engine ended a request, with the whole chain of what went wrong (anyhow's context
+/// and sources), kept as it is until someone shows it; one failure of a batch is shared by
+/// every request in it, not copied into each as text.
 #[derive(Clone, Debug)]
 pub struct EngineError {
     pub kind: ErrorKind,
-    pub message: String,
+    error: Arc<anyhow::Error>,
 }
 
 impl EngineError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into() }
+        Self::caused(kind, Arc::new(anyhow::anyhow!(message.into())))
+    }
+
+    pub fn caused(kind: ErrorKind, error: Arc<anyhow::Error>) -> Self {
+        Self { kind, error }
+    }
+
+    /// The chain as one line, outermost first (`a: b: c`): what clients are told.
+    pub fn message(&self) -> String {
+        format!("{:#}", self.error)
+    }
+
+    /// The failure itself, for finding out its type (`downcast_ref`) or walking its chain.
+    pub fn cause(&self) -> &anyhow::Error {
+        &self.error
     }
 }
 
 impl std::fmt::Display for EngineError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
+        write!(f, "{:#}", self.error)
     }
 }
 
@@ -187,5 +204,28 @@ impl RequestHandle {
 impl Drop for RequestHandle {
     fn drop(&mut self) {
         self.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_engine_error_keeps_its_chain_and_its_type_until_shown() {
+        let inner = anyhow::Error::new(crate::constraint::Failed("no token allowed".into()));
+        let error = Arc::new(inner.context("decode step").context("batch of 3"));
+        let (a, b) = (
+            EngineError::caused(ErrorKind::Constraint, error.clone()),
+            EngineError::caused(ErrorKind::Constraint, error),
+        );
+        assert!(Arc::ptr_eq(&a.error, &b.error), "one failure shared by the requests of a batch");
+        assert!(a.cause().downcast_ref::<crate::constraint::Failed>().is_some());
+        assert_eq!(a.cause().chain().count(), 3);
+        assert_eq!(
+            a.message(),
+            "batch of 3: decode step: the request's constraint could not be followed: no token allowed"
+        );
+        assert_eq!(EngineError::new(ErrorKind::Timeout, "late").message(), "late");
     }
 }

@@ -451,7 +451,8 @@ impl Scheduler {
             let (cache, cached) = match self.start_cache(&job.request.prompt) {
                 Ok(c) => c,
                 Err(e) => {
-                    let error = EngineError::new(ErrorKind::Internal, format!("cannot allocate the KV cache: {e:#}"));
+                    let error =
+                        EngineError::caused(ErrorKind::Internal, Arc::new(e.context("cannot allocate the KV cache")));
                     let _ = job.events.send(Event::Error(error));
                     continue;
                 }
@@ -512,7 +513,7 @@ impl Scheduler {
             if matches!(group.state, State::Prefill { .. }) {
                 match prefill_step(&mut self.model, &self.tokenizer, &mut self.prefill_logits, self.cut, left, group) {
                     Ok(fed) => left = left.saturating_sub(fed),
-                    Err(e) => fail(group, e),
+                    Err(e) => fail(group, Arc::new(e)),
                 }
             }
         }
@@ -557,10 +558,10 @@ impl Scheduler {
         drop(items);
         let elapsed = started.elapsed();
         log::trace!("decode step, batch {batch}: {:.1} ms", elapsed.as_secs_f64() * 1e3);
-        if let Err(e) = &result {
-            let message = format!("{e:#}");
+        if let Err(e) = result {
+            let error = Arc::new(e);
             for group in self.groups.iter_mut().filter(|g| matches!(g.state, State::Decode { .. })) {
-                fail(group, anyhow::anyhow!(message.clone()));
+                fail(group, error.clone());
             }
             return elapsed;
         }
@@ -624,7 +625,7 @@ impl Scheduler {
         let elapsed = started.elapsed();
         log::trace!("speculative step, {} draft tokens: {:.1} ms", draft.len(), elapsed.as_secs_f64() * 1e3);
         if let Err(e) = result {
-            fail(group, e);
+            fail(group, Arc::new(e));
             return Some(elapsed);
         }
         group.timings.model += elapsed;
@@ -650,7 +651,7 @@ impl Scheduler {
         self.stats.draft_tokens.fetch_add(draft.len(), Ordering::Relaxed);
         self.stats.draft_accepted.fetch_add(used, Ordering::Relaxed);
         if let Err(e) = outcome {
-            fail(group, e);
+            fail(group, Arc::new(e));
         }
         Some(elapsed)
     }
@@ -748,7 +749,7 @@ fn advance_group(group: &mut Group, info: &ModelInfo, tokenizer: &Arc<Tokenizer>
         }
     }
     if let Err(e) = outcome {
-        fail(group, e);
+        fail(group, Arc::new(e));
     }
 }
 
@@ -818,7 +819,7 @@ fn prefill_chunk(
     Ok(())
 }
 
-fn fail(group: &mut Group, error: anyhow::Error) {
+fn fail(group: &mut Group, error: Arc<anyhow::Error>) {
     let kind = if error.downcast_ref::<crate::constraint::Failed>().is_some() {
         log::info!("request ended by its constraint: {error:#}");
         ErrorKind::Constraint
@@ -827,7 +828,7 @@ fn fail(group: &mut Group, error: anyhow::Error) {
         ErrorKind::Internal
     };
     group.events.clear();
-    let _ = group.job.events.send(Event::Error(EngineError::new(kind, format!("{error:#}"))));
+    let _ = group.job.events.send(Event::Error(EngineError::caused(kind, error)));
     group.state = State::Done;
 }
 
