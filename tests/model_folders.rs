@@ -73,13 +73,19 @@ fn tools_a_template_takes_but_leaves_out_reach_the_prompt_as_chatds_own() {
     remove(&dir);
 }
 
-#[test]
-fn a_forced_call_is_written_in_the_templates_format_and_parsed_back() {
-    // Qwen2.5's way: calls between <tool_call> tags (spelled out: SmolLM2 has no such token).
-    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}\
-                    {% if tools %}<tools>{{ tools | tojson }}</tools> Reply with <tool_call>\\n{...}\\n</tool_call>{% endif %}\
-                    <|im_start|>assistant\n";
-    let dir = folder("qwen-calls", &tokenizer_config(json!(template)), &[]);
+/// A chat template of `tools_part`'s family: the messages in SmolLM2's own form (so the model
+/// answers sensibly), then the tools and the family's way of writing a call.
+fn calling_template(tools_part: &str) -> String {
+    format!(
+        "{{% for m in messages %}}<|im_start|>{{{{ m['role'] }}}}\n{{{{ m['content'] }}}}<|im_end|>\n{{% endfor %}}\
+         {{% if tools %}}<tools>{{{{ tools | tojson }}}}</tools> {tools_part}{{% endif %}}<|im_start|>assistant\n"
+    )
+}
+
+/// A forced call through a folder with `template`: answered as a call, its generated tokens
+/// starting with `starts` and ending with `ends`, and streamed to the same arguments.
+fn forced_call_round_trip(name: &str, template: &str, starts: &str, ends: &str) {
+    let dir = folder(name, &tokenizer_config(json!(template)), &[]);
     let d = Daemon::start_with_model(&dir, &[]);
     // A bounded city: the whole call fits max_tokens whatever the model picks.
     let tools = json!([{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
@@ -103,8 +109,7 @@ fn a_forced_call_is_written_in_the_templates_format_and_parsed_back() {
         .iter()
         .map(|t| t["token"].as_str().unwrap())
         .collect();
-    assert!(tokens.starts_with("<tool_call>\n{\"name\":\"get_weather\",\"arguments\":"), "{tokens}");
-    assert!(tokens.ends_with("}\n</tool_call>"), "{tokens}");
+    assert!(tokens.starts_with(starts) && tokens.ends_with(ends), "{tokens}");
     // Streamed, the arguments add up to the same text, without the markers.
     let mut stream = body;
     stream["stream"] = json!(true);
@@ -118,6 +123,21 @@ fn a_forced_call_is_written_in_the_templates_format_and_parsed_back() {
     assert_eq!(streamed, call["arguments"].as_str().unwrap(), "{v}");
     drop(d);
     remove(&dir);
+}
+
+#[test]
+fn a_forced_call_is_written_in_the_templates_format_and_parsed_back() {
+    // Qwen2.5's way: calls between <tool_call> tags (spelled out: SmolLM2 has no such token).
+    let qwen = calling_template("Reply with <tool_call>\\n{...}\\n</tool_call>");
+    forced_call_round_trip(
+        "qwen-calls",
+        &qwen,
+        "<tool_call>\n{\"name\":\"get_weather\",\"arguments\":",
+        "}\n</tool_call>",
+    );
+    // Ministral 3's: the name, [ARGS], then the arguments alone.
+    let ministral = calling_template("Reply with [TOOL_CALLS]name[ARGS]{...}");
+    forced_call_round_trip("ministral-calls", &ministral, "[TOOL_CALLS]get_weather[ARGS]{\"city\":", "}");
 }
 
 #[test]

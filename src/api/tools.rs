@@ -104,15 +104,7 @@ fn call_schema(tools: Option<&Value>, names: &[String], arguments_key: &str) -> 
     // that they resolve from the call schema's root.
     let mut defs = serde_json::Map::new();
     let mut one = |index: usize, t: &Value| {
-        let mut arguments = match &t["function"]["parameters"] {
-            Value::Null => json!({"type": "object"}),
-            p => p.clone(),
-        };
-        if let Value::Object(schema) = &mut arguments
-            && schema.contains_key("properties")
-        {
-            schema.entry("additionalProperties").or_insert(Value::Bool(false));
-        }
+        let mut arguments = arguments_schema(t);
         if has_local_ref(&arguments) {
             let key = format!("tool{index}");
             rebase_refs(&mut arguments, &format!("#/$defs/{key}"));
@@ -126,15 +118,34 @@ fn call_schema(tools: Option<&Value>, names: &[String], arguments_key: &str) -> 
             "additionalProperties": false,
         })
     };
-    let chosen: Vec<&Value> = tool_list(tools).iter().filter(|t| names.iter().any(|n| n == name_of(t))).collect();
-    let mut schema = match chosen.as_slice() {
+    let mut schema = match chosen(tools, names).as_slice() {
         [tool] => one(0, tool),
-        _ => json!({"anyOf": chosen.into_iter().enumerate().map(|(i, t)| one(i, t)).collect::<Vec<_>>()}),
+        chosen => json!({"anyOf": chosen.iter().enumerate().map(|(i, t)| one(i, t)).collect::<Vec<_>>()}),
     };
     if !defs.is_empty() {
         schema["$defs"] = Value::Object(defs);
     }
     schema
+}
+
+/// The tools named `names` among `tools`, in their order.
+fn chosen<'t>(tools: Option<&'t Value>, names: &[String]) -> Vec<&'t Value> {
+    tool_list(tools).iter().filter(|t| names.iter().any(|n| n == name_of(t))).collect()
+}
+
+/// A tool's arguments schema: its `parameters` (`{"type": "object"}` when it has none), with no
+/// properties beyond those declared unless it says otherwise.
+fn arguments_schema(tool: &Value) -> Value {
+    let mut arguments = match &tool["function"]["parameters"] {
+        Value::Null => json!({"type": "object"}),
+        p => p.clone(),
+    };
+    if let Value::Object(schema) = &mut arguments
+        && schema.contains_key("properties")
+    {
+        schema.entry("additionalProperties").or_insert(Value::Bool(false));
+    }
+    arguments
 }
 
 /// Whether `schema` holds a `$ref` into itself (`#...`).
@@ -249,17 +260,29 @@ const MARKERS: &[Markers] = &[
 #[derive(Clone, Debug, PartialEq)]
 pub struct CallFormat {
     before: Vec<Literal>,
+    shape: Shape,
     after: Vec<Literal>,
-    /// `arguments`, or `parameters` as Llama 3 writes it.
-    arguments_key: &'static str,
+}
+
+/// How the call itself is written.
+#[derive(Clone, Debug, PartialEq)]
+enum Shape {
+    /// `{"name": ..., <key>: {...}}`; the key is `arguments`, or `parameters` as Llama 3
+    /// writes it.
+    Object { arguments_key: &'static str },
+    /// The name, `between`, then the arguments object: Mistral's newer `name[ARGS]{...}`.
+    NameThenArguments { between: Literal },
 }
 
 impl Default for CallFormat {
     /// The JSON object alone: `{"name": ..., "arguments": {...}}`.
     fn default() -> Self {
-        Self { before: Vec::new(), after: Vec::new(), arguments_key: "arguments" }
+        Self { before: Vec::new(), shape: Shape::Object { arguments_key: "arguments" }, after: Vec::new() }
     }
 }
+
+/// Mistral's marker between a call's name and its arguments (Ministral 3, Mistral Small 3.2).
+const ARGS_MARKER: &str = "[ARGS]";
 
 impl CallFormat {
     /// The format of a model whose template is `template`: the markers its files name
@@ -281,10 +304,19 @@ impl CallFormat {
             };
         }
         if let Some(markers) = MARKERS.iter().find(|m| template.contains(m.open)) {
-            return Self::between(markers, literal);
+            let mut format = Self::between(markers, literal);
+            if template.contains(ARGS_MARKER) {
+                // `[TOOL_CALLS]name[ARGS]{...}`: no list around the call.
+                format = Self {
+                    before: vec![literal(markers.open)],
+                    shape: Shape::NameThenArguments { between: literal(ARGS_MARKER) },
+                    after: Vec::new(),
+                };
+            }
+            return format;
         }
         if template.contains("\"parameters\":") || template.contains("\\\"parameters\\\":") {
-            return Self { arguments_key: "parameters", ..Self::default() };
+            return Self { shape: Shape::Object { arguments_key: "parameters" }, ..Self::default() };
         }
         match MARKERS.iter().find(|m| takes_tools && tokenizer.token_id(m.open).is_some()) {
             Some(markers) => Self::between(markers, literal),
@@ -307,12 +339,23 @@ impl CallFormat {
         if !markers.close.is_empty() {
             after.push(literal(markers.close));
         }
-        Self { before, after, arguments_key: "arguments" }
+        Self { before, after, ..Self::default() }
     }
 
     /// The constraint of a forced call to one of the tools named `names` among `tools`.
     pub fn spec(&self, tools: Option<&Value>, names: &[String]) -> Spec {
-        let schema = call_schema(tools, names, self.arguments_key);
+        let arguments_key = match &self.shape {
+            Shape::Object { arguments_key } => arguments_key,
+            Shape::NameThenArguments { between } => {
+                let calls = chosen(tools, names).into_iter().map(|t| (name_of(t).to_owned(), arguments_schema(t)));
+                return Spec::NamedJson {
+                    before: self.before.clone(),
+                    between: between.clone(),
+                    calls: calls.collect(),
+                };
+            }
+        };
+        let schema = call_schema(tools, names, arguments_key);
         match (self.before.is_empty(), self.after.is_empty()) {
             (true, true) => Spec::JsonSchema(schema),
             _ => Spec::JsonBetween { before: self.before.clone(), schema, after: self.after.clone() },
@@ -320,24 +363,37 @@ impl CallFormat {
     }
 
     /// The call in a forced output so far, which the constraint generated as `before`, then
-    /// `{"name":"...","<arguments_key>":...}` in that order and without free whitespace, then
-    /// `after`. `None` until the name is complete; then the name and the arguments' text so
-    /// far, exactly as generated, up to their closing brace. When the output is `complete` the
-    /// arguments must be a whole JSON object. Markers that are special tokens are not in the
-    /// text (they are skipped when decoding), so each is optional.
+    /// `{"name":"...","<arguments_key>":...}` in that order and without free whitespace (or
+    /// the name, `between` and the arguments), then `after`. `None` until the name is
+    /// complete; then the name and the arguments' text so far, exactly as generated, up to
+    /// their closing brace. When the output is `complete` the arguments must be a whole JSON
+    /// object. Markers that are special tokens are not in the text (they are skipped when
+    /// decoding), so each is optional.
     pub fn parts<'t>(&self, text: &'t str, complete: bool) -> Option<(String, &'t str)> {
         let mut call = text;
         for piece in &self.before {
             call = call.trim_start();
             call = call.strip_prefix(piece.text.trim()).unwrap_or(call);
         }
-        let key = format!("\"{}\"", self.arguments_key);
-        let at = call.find(&key)?;
-        let after_key = &call[at + key.len()..];
-        let colon = after_key.find(':')?;
-        let head = format!("{}}}", call[..at].trim_start().trim_end().trim_end_matches(',').trim_end());
-        let name = serde_json::from_str::<Value>(&head).ok()?.get("name")?.as_str()?.to_owned();
-        let mut arguments = after_key[colon + 1..].trim_start();
+        let (name, mut arguments) = match &self.shape {
+            Shape::Object { arguments_key } => {
+                let key = format!("\"{arguments_key}\"");
+                let at = call.find(&key)?;
+                let after_key = &call[at + key.len()..];
+                let colon = after_key.find(':')?;
+                let head = format!("{}}}", call[..at].trim_start().trim_end().trim_end_matches(',').trim_end());
+                let name = serde_json::from_str::<Value>(&head).ok()?.get("name")?.as_str()?.to_owned();
+                (name, after_key[colon + 1..].trim_start())
+            }
+            // The name ends at the marker, or (a special marker skipped) where the arguments
+            // begin.
+            Shape::NameThenArguments { between } => {
+                let end = call.find(between.text.as_str()).or_else(|| call.find('{'))?;
+                let rest = &call[end..];
+                let rest = rest.strip_prefix(between.text.as_str()).unwrap_or(rest);
+                (call[..end].trim().to_owned(), rest.trim_start())
+            }
+        };
         match object_end(arguments) {
             Some(end) => arguments = &arguments[..end],
             None if complete => return None,
@@ -496,7 +552,10 @@ mod tests {
         let format = CallFormat::of(template, true, tok, named);
         let piece = |l: &Literal| l.token.map_or(l.text.clone(), |id| format!("<[{id}]>"));
         let text = |pieces: &[Literal]| pieces.iter().map(piece).collect::<String>();
-        let call = format!("{{\"name\":\"f\",\"{}\":{{\"x\":1}}}}", format.arguments_key);
+        let call = match &format.shape {
+            Shape::Object { arguments_key } => format!("{{\"name\":\"f\",\"{arguments_key}\":{{\"x\":1}}}}"),
+            Shape::NameThenArguments { between } => format!("f{}{{\"x\":1}}", piece(between)),
+        };
         let whole = format!("{}{call}{}", text(&format.before), text(&format.after));
         (format, whole)
     }
@@ -528,6 +587,14 @@ mod tests {
         let (format, text) = forced_text(llama, &tok, None);
         assert_eq!(text, "{\"name\":\"f\",\"parameters\":{\"x\":1}}");
         assert_eq!(format.parse(&text).unwrap().arguments, "{\"x\":1}");
+        // Ministral 3 and Mistral Small 3.2: the name, then `[ARGS]`, then the arguments.
+        let ministral = "{{- '[TOOL_CALLS]' }}{{- name + '[ARGS]' + arguments }}";
+        let (format, text) = forced_text(ministral, &tok, None);
+        assert_eq!(text, "[TOOL_CALLS]f[ARGS]{\"x\":1}");
+        assert_eq!(format.parse(&text).unwrap(), ToolCall { name: "f".into(), arguments: "{\"x\":1}".into() });
+        assert_eq!(format.parse("f{\"x\":1}").unwrap().name, "f", "special markers skipped");
+        assert_eq!(format.parts("[TOOL_CALLS]get_wea", false), None);
+        assert_eq!(format.parts("[TOOL_CALLS]f[ARGS]{\"x\":", false), Some(("f".into(), "{\"x\":")));
         let plain = crate::text::smollm_tokenizer();
         assert_eq!(forced_text("{{ messages }}", &plain, None).1, "{\"name\":\"f\",\"arguments\":{\"x\":1}}");
         // The ids genai_config.json names come first.
@@ -563,7 +630,9 @@ mod tests {
         let compiler = crate::constraint::Compiler::new(&tok, &[2], tok.vocab_size()).unwrap();
         let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {
             "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]);
-        for template in ["{{ '<tool_call>' }}", "{% if 'tools' in message %}{% endif %}", "\"parameters\": "] {
+        let ministral = "{{- '[TOOL_CALLS]' }}{{- name + '[ARGS]' + arguments }}";
+        for template in ["{{ '<tool_call>' }}", "{% if 'tools' in message %}{% endif %}", "\"parameters\": ", ministral]
+        {
             let format = CallFormat::of(template, true, &tok, None);
             let spec = format.spec(Some(&tools), &["f".to_owned()]);
             let prepared = compiler.compile(&spec, 1 << 16).unwrap_or_else(|e| panic!("{template}: {e}"));
@@ -571,7 +640,8 @@ mod tests {
             assert!(accepts(&prepared, &tok, &text), "{template}: {text}");
             let wrong = text.replace("{\"x\":1}", "{\"x\":\"1\"}");
             assert!(!accepts(&prepared, &tok, &wrong), "{wrong}");
-            assert!(!accepts(&prepared, &tok, &text.replace("\":{", "\": {")), "free whitespace");
+            assert!(!accepts(&prepared, &tok, &text.replace("\"x\":1", "\"x\": 1")), "free whitespace");
+            assert!(!accepts(&prepared, &tok, &text.replace("\"f\"", "\"g\"").replace("f[", "g[")), "another name");
         }
     }
 

@@ -35,6 +35,10 @@ pub enum Spec {
     /// JSON valid against `schema`, between fixed text: a forced tool call in the model's own
     /// format (its markers around the call).
     JsonBetween { before: Vec<Literal>, schema: Value, after: Vec<Literal> },
+    /// `before`, then one of `calls`' names, `between`, and JSON valid against that name's
+    /// schema: a forced tool call written as Mistral's newer models write one
+    /// (`[TOOL_CALLS]name[ARGS]{...}`).
+    NamedJson { before: Vec<Literal>, between: Literal, calls: Vec<(String, Value)> },
     /// `grammar`: llguidance's Lark dialect.
     Lark(String),
     /// SGLang's `ebnf`: GBNF (`root ::= ...`), converted to Lark.
@@ -49,14 +53,22 @@ impl Spec {
             Spec::JsonSchema(schema) => TopLevelGrammar::from_json_schema(strict_json(schema.clone())),
             Spec::Lark(lark) => TopLevelGrammar::from_lark(lark.clone()),
             Spec::Gbnf(text) => TopLevelGrammar::from_lark(gbnf::to_lark(text)?),
-            Spec::JsonBetween { before, schema, after } => {
-                let lark = |pieces: &[Literal]| pieces.iter().map(Literal::lark).collect::<Vec<_>>().join(" ");
-                TopLevelGrammar::from_lark(format!(
-                    "start: {} json {}\njson: %json {}",
-                    lark(before),
-                    lark(after),
-                    strict_json(schema.clone())
-                ))
+            Spec::JsonBetween { before, schema, after } => TopLevelGrammar::from_lark(format!(
+                "start: {} json {}\njson: %json {}",
+                lark(before),
+                lark(after),
+                strict_json(schema.clone())
+            )),
+            Spec::NamedJson { before, between, calls } => {
+                let name = |name: &str| Literal { text: name.to_owned(), token: None }.lark();
+                let choices: Vec<String> =
+                    (0..calls.len()).map(|i| format!("{} {} json{i}", name(&calls[i].0), between.lark())).collect();
+                let rules: String = calls
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, schema))| format!("json{i}: %json {}\n", strict_json(schema.clone())))
+                    .collect();
+                TopLevelGrammar::from_lark(format!("start: {} ({})\n{rules}", lark(before), choices.join(" | ")))
             }
         })
     }
@@ -67,6 +79,7 @@ impl Spec {
             Spec::Regex(text) | Spec::Lark(text) | Spec::Gbnf(text) => text.len(),
             Spec::JsonObject => 0,
             Spec::JsonSchema(schema) | Spec::JsonBetween { schema, .. } => json_len(schema),
+            Spec::NamedJson { calls, .. } => calls.iter().map(|(name, schema)| name.len() + json_len(schema)).sum(),
         }
     }
 
@@ -78,6 +91,7 @@ impl Spec {
             Spec::Lark(lark) => format!("lark\0{lark}"),
             Spec::Gbnf(text) => format!("gbnf\0{text}"),
             Spec::JsonBetween { before, schema, after } => format!("between\0{before:?}\0{schema}\0{after:?}"),
+            Spec::NamedJson { before, between, calls } => format!("named\0{before:?}\0{between:?}\0{calls:?}"),
         }
     }
 }
@@ -88,6 +102,11 @@ impl Spec {
 pub struct Literal {
     pub text: String,
     pub token: Option<u32>,
+}
+
+/// Fixed pieces in a row, in Lark.
+fn lark(pieces: &[Literal]) -> String {
+    pieces.iter().map(Literal::lark).collect::<Vec<_>>().join(" ")
 }
 
 impl Literal {
