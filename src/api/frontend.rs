@@ -362,8 +362,9 @@ impl Frontend {
             }
             Some(other) => return Err(wrong_type("tools", "an array", other)),
         };
-        let format = self.template_for(tools.is_some()).map(|t| t.call_format.clone()).unwrap_or_default();
-        Ok((tools::tool_mode(tools, f.get("tool_choice"), &format)?, tools))
+        let default = CallFormat::default();
+        let format = self.template_for(tools.is_some()).map_or(&default, |t| &t.call_format);
+        Ok((tools::tool_mode(tools, f.get("tool_choice"), format)?, tools))
     }
 
     /// The one constraint a request may carry, compiled.

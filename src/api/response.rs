@@ -209,10 +209,7 @@ impl Collector {
             .enumerate()
             .map(|(index, c)| {
                 let logprobs = meta.logprobs_json(&c.logprobs, tokenizer, 0);
-                let forced = match &meta.tools {
-                    ToolMode::Forced { format, .. } => Some(format),
-                    _ => None,
-                };
+                let forced = matches!(meta.tools, ToolMode::Forced { .. });
                 let (reasoning, text) = match &meta.reasoning {
                     Some(r) => {
                         let Split { reasoning, content } = r.split(&c.text);
@@ -223,8 +220,8 @@ impl Collector {
                 let call = match c.finish {
                     Some(FinishReason::Stop) => meta.tool_call(&text),
                     // Cut off by max_tokens: the call so far, where a whole one would be.
-                    Some(FinishReason::Length) => forced
-                        .and_then(|format| format.parts(&text, false))
+                    Some(FinishReason::Length) => meta
+                        .forced_parts(&text, false)
                         .map(|(name, arguments)| (String::new(), ToolCall { name, arguments: arguments.to_owned() })),
                     _ => None,
                 };
@@ -241,7 +238,7 @@ impl Collector {
                         "finish_reason": if c.finish == Some(FinishReason::Stop) { json!("tool_calls") } else { finish_json(c.finish) },
                     }),
                     // A forced call's text is never content, even when too little of it came.
-                    (Endpoint::Chat, None) if forced.is_some() => json!({
+                    (Endpoint::Chat, None) if forced => json!({
                         "index": index,
                         "message": {"role": "assistant", "content": null, "refusal": null},
                         "logprobs": logprobs,
@@ -285,9 +282,10 @@ enum Pending {
     Free,
     /// Text that may still turn out to be a tool call (`tool_choice` "auto").
     MaybeCall(String, Vec<TokenLogprobs>),
-    /// A forced call: its text so far, its id, whether its head chunk went out (once its name
-    /// is complete), and how many bytes of its arguments were sent.
-    Forced { text: String, id: String, named: bool, sent: usize },
+    /// A forced call: its text so far, its id, where its arguments start in the text (`None`
+    /// until its name is complete and its head chunk went out), and how many bytes of them
+    /// were sent.
+    Forced { text: String, id: String, args_at: Option<usize>, sent: usize },
 }
 
 /// Turns a request's events into the JSON payloads of server-sent events, in OpenAI's order:
@@ -315,7 +313,7 @@ impl StreamEncoder {
         let pending = (0..n)
             .map(|_| match &request.tools {
                 ToolMode::Forced { .. } if chat => {
-                    Pending::Forced { text: String::new(), id: call_id(), named: false, sent: 0 }
+                    Pending::Forced { text: String::new(), id: call_id(), args_at: None, sent: 0 }
                 }
                 ToolMode::Auto if chat => Pending::MaybeCall(String::new(), Vec::new()),
                 _ => Pending::Free,
@@ -404,10 +402,10 @@ impl StreamEncoder {
                             None => {}
                         }
                     }
-                    Pending::Forced { text, id, named, sent } => {
+                    Pending::Forced { text, id, args_at, sent } => {
                         let complete = reason == "stop";
                         if let Some((name, arguments)) = self.meta.forced_parts(&text, complete) {
-                            if !named {
+                            if args_at.is_none() {
                                 chunks.push(self.call_head(*choice, &id, &name));
                             }
                             let rest = &arguments[sent.min(arguments.len())..];
@@ -477,13 +475,19 @@ impl StreamEncoder {
                 self.pending[choice] = Pending::Free;
                 vec![self.content_chunk(choice, &text, &logprobs, tokenizer)]
             }
-            Some(Pending::Forced { text: so_far, id, named, sent }) => {
+            Some(Pending::Forced { text: so_far, id, args_at, sent }) => {
                 so_far.push_str(text);
-                // The arguments so far end where their object closes: what follows closes the
-                // call.
-                let Some((name, arguments)) = self.meta.forced_parts(so_far, false) else { return Vec::new() };
-                let head = (!*named).then(|| (id.clone(), name));
-                *named = true;
+                // The head is parsed once: after it, each piece only extends the arguments.
+                let head = match *args_at {
+                    Some(_) => None,
+                    None => {
+                        let Some((name, arguments)) = self.meta.forced_parts(so_far, false) else { return Vec::new() };
+                        *args_at = Some(arguments.as_ptr() as usize - so_far.as_ptr() as usize);
+                        Some((id.clone(), name))
+                    }
+                };
+                // They end where their object closes: what follows closes the call.
+                let arguments = tools::arguments_so_far(&so_far[args_at.unwrap_or(so_far.len())..]);
                 let piece = arguments[(*sent).min(arguments.len())..].to_owned();
                 *sent = arguments.len().max(*sent);
                 let mut chunks = Vec::new();

@@ -394,11 +394,7 @@ impl CallFormat {
                 (call[..end].trim().to_owned(), rest.trim_start())
             }
         };
-        match object_end(arguments) {
-            Some(end) => arguments = &arguments[..end],
-            None if complete => return None,
-            None => {}
-        }
+        arguments = arguments_so_far(arguments);
         if complete {
             serde_json::from_str::<Map<String, Value>>(arguments).ok()?;
         }
@@ -409,6 +405,12 @@ impl CallFormat {
     pub fn parse(&self, text: &str) -> Option<ToolCall> {
         self.parts(text, true).map(|(name, arguments)| ToolCall { name, arguments: arguments.to_owned() })
     }
+}
+
+/// The arguments in a forced call's text that starts with them: up to where their object
+/// closes, or all of it while it is open.
+pub fn arguments_so_far(text: &str) -> &str {
+    &text[..object_end(text).unwrap_or(text.len())]
 }
 
 /// Where the JSON object at the start of `text` ends (just past its closing brace), once it

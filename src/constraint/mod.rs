@@ -60,14 +60,12 @@ impl Spec {
                 strict_json(schema.clone())
             )),
             Spec::NamedJson { before, between, calls } => {
-                let name = |name: &str| Literal { text: name.to_owned(), token: None }.lark();
-                let choices: Vec<String> =
-                    (0..calls.len()).map(|i| format!("{} {} json{i}", name(&calls[i].0), between.lark())).collect();
-                let rules: String = calls
-                    .iter()
-                    .enumerate()
-                    .map(|(i, (_, schema))| format!("json{i}: %json {}\n", strict_json(schema.clone())))
-                    .collect();
+                let (mut choices, mut rules) = (Vec::new(), String::new());
+                for (i, (name, schema)) in calls.iter().enumerate() {
+                    let name = Literal { text: name.clone(), token: None }.lark();
+                    choices.push(format!("{name} {} json{i}", between.lark()));
+                    rules += &format!("json{i}: %json {}\n", strict_json(schema.clone()));
+                }
                 TopLevelGrammar::from_lark(format!("start: {} ({})\n{rules}", lark(before), choices.join(" | ")))
             }
         })
