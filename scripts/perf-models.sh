@@ -6,7 +6,7 @@
 #
 # Usage: scripts/perf-models.sh [--shapes qwen2.5-0.5b,llama-3.2-1b] [--no-gguf]
 # Environment: CHATD_PERF_CACHE (default ${XDG_CACHE_HOME:-$HOME/.cache}/chatd-perf).
-# The first run installs torch and transformers into CACHE/venv (several GB) and builds llama.cpp's
+# The first run installs the exporters (scripts/exporters-env.sh, several GB) and builds llama.cpp's
 # tools (scripts/build-llama-server.sh); later runs reuse everything.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,19 +22,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-log() { echo "[perf-models] $*" >&2; }
 mkdir -p "$CACHE"
-venv="$CACHE/venv"
-# The versions these benchmarks were made with; onnxruntime matches scripts/setup-onnxruntime.sh.
-packages=(torch==2.15.0 transformers==5.24.0 onnx==1.23.2 onnx-ir==1.1.0 onnxruntime==1.32.0
-          onnxruntime-genai==0.18.0 gguf==0.19.0 sentencepiece==0.2.3)
-stamp="$venv/.installed"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${packages[*]}" ]; then
-  log "installing ${packages[*]} into $venv"
-  python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${packages[@]}"
-  echo "${packages[*]}" >"$stamp"
-fi
+python="$("$root/scripts/exporters-env.sh")"
 
 src="$("$root/scripts/build-llama-server.sh" --src)"
 args=(--out "$CACHE/models" --llama-src "$src" --shapes "$shapes")
@@ -42,4 +31,4 @@ if [ "$gguf" = yes ]; then
   server="$("$root/scripts/build-llama-server.sh")"
   args+=(--quantize "$(dirname "$server")/llama-quantize")
 fi
-exec "$venv/bin/python" "$root/scripts/perf_models.py" "${args[@]}"
+exec "$python" "$root/scripts/perf_models.py" "${args[@]}"

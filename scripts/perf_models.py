@@ -84,6 +84,7 @@ SHAPES = {
         },
         "generation": {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]},
         "vocab": "ggml-vocab-llama-bpe.gguf",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "template": "meta-llama-Llama-3.2-3B-Instruct.jinja",
     },
 }
@@ -116,6 +117,12 @@ def make_hf(shape, spec, llama_src, out):
     tokenizer.chat_template = (models / "templates" / spec["template"]).read_text()
     tokenizer.save_pretrained(tmp)
     drop_tokens_beyond_vocab(tmp, spec["config"]["vocab_size"])
+    name_tokens(tmp, spec.get("name_tokens", {}))
+    if "tokenizer_class" in spec:
+        # transformers 5 writes its own backend's name for a tokenizer read from GGUF, which
+        # transformers 4 (and so Optimum) cannot load; the real folders name this class.
+        path = tmp / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": spec["tokenizer_class"]}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
@@ -129,7 +136,28 @@ def drop_tokens_beyond_vocab(folder, vocab_size):
     path.write_text(json.dumps(tokenizer, ensure_ascii=False))
 
 
-def make_genai(shape, hf, out, python):
+def name_tokens(folder, names):
+    """Gives ids the GGUF file fills with padding the text a later model of the family gave them
+    (Qwen3's `<think>` is Qwen2's `[PAD151667]`)."""
+    if not names:
+        return
+    path = folder / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    for token in tokenizer["added_tokens"]:
+        token["content"] = names.get(str(token["id"]), token["content"])
+    vocab = tokenizer["model"]["vocab"]
+    for id, text in names.items():
+        old = next(key for key, value in vocab.items() if value == int(id))
+        vocab[text] = vocab.pop(old)
+    path.write_text(json.dumps(tokenizer, ensure_ascii=False))
+    config_path = folder / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    for id, token in config.get("added_tokens_decoder", {}).items():
+        token["content"] = names.get(id, token["content"])
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
+def make_genai(shape, hf, out, python, log_file=None):
     if (out / "genai_config.json").exists():
         return
     log(f"{shape}: onnxruntime-genai builder, int4 for CPU -> {out}")
@@ -140,6 +168,8 @@ def make_genai(shape, hf, out, python):
         [python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(tmp), "-p", "int4", "-e", "cpu",
          "-c", str(cache)],
         check=True,
+        stdout=log_file,
+        stderr=log_file,
     )
     shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)

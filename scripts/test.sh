@@ -9,6 +9,10 @@ cd "$root"
 [ -d ../shared/models/smollm2-135m-instruct ] || { echo "test.sh: ../shared/models is needed beside the checkout" >&2; exit 1; }
 scripts/setup-onnxruntime.sh
 scripts/python-env.sh
+# Tiny models of other families with their reference answers (tests/python/test_fixtures.py);
+# built once into a cache outside the repo, reused while their recipe is unchanged.
+CHATD_FIXTURES="$(scripts/make-fixtures.sh)"
+export CHATD_FIXTURES
 cargo build --release --locked
 cargo test --release --locked
 # Installed as a user would (pip install ./bindings/python), fresh each run.

@@ -1,0 +1,341 @@
+#!/usr/bin/env python3
+"""Builds the test fixtures: tiny random-weight models of several families, each with its family's
+real tokenizer and chat template, exported as today's tools export them, with the answers chatd must
+give recorded beside them by the reference implementations.
+
+For each family, in OUT/<family>/:
+  hf/           transformers `from_config` (seed 0) with the family's real config made tiny (2
+                layers, hidden 64; the real vocabulary, special tokens, rope settings); tokenizer
+                from llama.cpp's models/ggml-vocab-*.gguf, template from models/templates/*.jinja,
+                saved by transformers' save_pretrained (so the template is in chat_template.jinja);
+  genai-int4/   onnxruntime-genai's model builder, int4 for CPU, from hf/;
+  optimum/      Optimum's ONNX export (fp32, text-generation-with-past), from hf/; Optimum needs
+                transformers < 4.58 where the builder needs 5.x, so it runs with the overlay
+                scripts/exporters-env.sh installs beside the environment;
+  expected.json per case: the prompt's token ids as transformers' apply_chat_template makes them
+                (chat) or as its tokenizer encodes a text (completions, BOS by the post-processor),
+                and, per layout, the greedy tokens from exactly those ids (onnxruntime-genai's
+                Generator on genai-int4/, a plain onnxruntime loop on optimum/), with each token's
+                text as tokenizers decodes it alone (what chatd reports in logprobs).
+A family is rebuilt when its recipe (config, files, cases, package versions) changes; otherwise it
+is reused. Driven by scripts/make-fixtures.sh; checked by tests/python/test_fixtures.py.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import perf_models  # noqa: E402
+
+# Small enough to build and run in seconds; the shapes that matter here are the vocabulary and
+# the attention layout (grouped-query: 4 heads over 2 KV heads).
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    # Wider than the real 0.02, so that random logits are far apart and greedy choices are not
+    # near-ties that rounding could flip.
+    "initializer_range": 0.2,
+}
+
+
+def tiny(config):
+    """`config` with TINY's sizes (and Qwen2's count of full-attention layers kept to all of them)."""
+    out = {**config, **TINY}
+    if "max_window_layers" in config:
+        out["max_window_layers"] = TINY["num_hidden_layers"]
+    return out
+
+
+FAMILIES = {
+    "qwen2.5": {
+        **perf_models.SHAPES["qwen2.5-0.5b"],
+        "config": tiny(perf_models.SHAPES["qwen2.5-0.5b"]["config"]),
+    },
+    "llama-3.2": {
+        **perf_models.SHAPES["llama-3.2-1b"],
+        "config": tiny(perf_models.SHAPES["llama-3.2-1b"]["config"]),
+    },
+    # Qwen3-0.6B's config; its vocabulary is Qwen2's plus four added tokens.
+    "qwen3": {
+        "config": tiny({
+            "architectures": ["Qwen3ForCausalLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+            "hidden_act": "silu",
+            "max_position_embeddings": 40960,
+            "model_type": "qwen3",
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 1000000,
+            "tie_word_embeddings": True,
+            "use_cache": True,
+            "use_sliding_window": False,
+            "vocab_size": 151936,
+        }),
+        "generation": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643},
+        "vocab": "ggml-vocab-qwen2.gguf",
+        "name_tokens": {"151665": "<tool_response>", "151666": "</tool_response>", "151667": "<think>",
+                        "151668": "</think>"},
+        "template": "Qwen-Qwen3-0.6B.jinja",
+    },
+    # Phi-3.5-mini-instruct's config without its long-context rope scaling (which needs 4k+ positions
+    # to matter); its vocabulary is Phi-3's.
+    "phi-3.5": {
+        "config": tiny({
+            "architectures": ["Phi3ForCausalLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "bos_token_id": 1,
+            "embd_pdrop": 0.0,
+            "eos_token_id": 32000,
+            "hidden_act": "silu",
+            "max_position_embeddings": 4096,
+            "model_type": "phi3",
+            "original_max_position_embeddings": 4096,
+            "pad_token_id": 32000,
+            "resid_pdrop": 0.0,
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 10000.0,
+            "sliding_window": 262144,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "vocab_size": 32064,
+        }),
+        "generation": {"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000], "pad_token_id": 32000},
+        "vocab": "ggml-vocab-phi-3.gguf",
+        "tokenizer_class": "LlamaTokenizer",
+        "template": "microsoft-Phi-3.5-mini-instruct.jinja",
+    },
+}
+
+MAX_NEW_TOKENS = 16
+
+# Chat cases (messages, template arguments) and a completions case (text).
+CASES = {
+    "question": {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+    "system": {
+        "messages": [
+            {"role": "system", "content": "You answer in one word."},
+            {"role": "user", "content": "Name a colour."},
+        ]
+    },
+    "turns": {
+        "messages": [
+            {"role": "user", "content": "Hello!"},
+            {"role": "assistant", "content": "Hi. How can I help?"},
+            {"role": "user", "content": "Tell me a short fact about the moon."},
+        ]
+    },
+    "no-thinking": {
+        "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+        "chat_template_kwargs": {"enable_thinking": False},
+        "families": ["qwen3"],
+    },
+    "text": {"prompt": "The capital of France is"},
+}
+
+
+def log(*a):
+    print("[make-fixtures]", *a, file=sys.stderr, flush=True)
+
+
+def recipe_hash(family, spec, llama_src):
+    """What a family's fixture is made from; a change rebuilds it."""
+    import onnxruntime_genai
+    import transformers
+
+    h = hashlib.sha256()
+    h.update(json.dumps([family, spec, CASES, MAX_NEW_TOKENS], sort_keys=True).encode())
+    h.update(f"{transformers.__version__} {onnxruntime_genai.__version__}".encode())
+    for name in (spec["vocab"], "templates/" + spec["template"]):
+        h.update((llama_src / "models" / name).read_bytes())
+    here = Path(__file__).parent
+    for script in (here / "make_fixtures.py", here / "perf_models.py", here / "exporters-env.sh"):
+        h.update(script.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def prompt_ids(tokenizer, case):
+    if "prompt" in case:
+        return list(tokenizer(case["prompt"])["input_ids"])
+    ids = tokenizer.apply_chat_template(
+        case["messages"], add_generation_prompt=True, tokenize=True, **case.get("chat_template_kwargs", {})
+    )
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def greedy(next_logits, eos):
+    """Greedy decoding over `next_logits(token)` (the last position's logits after feeding the
+    prompt, when `token` is None, else `token`): up to MAX_NEW_TOKENS ids, eos left out, each
+    one's margin over the runner-up, and the finish reason."""
+    import numpy as np
+
+    new, margins, token = [], [], None
+    while len(new) < MAX_NEW_TOKENS:
+        logits = next_logits(token)
+        token = int(np.argmax(logits))
+        if token in eos:
+            return new, margins, "stop"
+        runner_up, best = np.partition(logits, -2)[-2:]
+        new.append(token)
+        margins.append(float(best - runner_up))
+    return new, margins, "length"
+
+
+def genai_logits(folder):
+    """`next_logits` makers for onnxruntime-genai's Generator on a genai folder."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    config = og.Config(str(folder))
+    config.clear_providers()
+    model = og.Model(config)
+
+    def start(prompt):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(prompt) + MAX_NEW_TOKENS)
+        generator = og.Generator(model, params)
+
+        def next_logits(token):
+            generator.append_tokens(prompt if token is None else [token])
+            return np.array(generator.get_logits())[0, -1]
+
+        return next_logits
+
+    return start
+
+
+def onnx_logits(folder):
+    """`next_logits` makers for an Optimum folder: a plain onnxruntime loop feeding the KV cache
+    back."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+
+    def start(prompt):
+        state = {
+            "position": 0,
+            "past": {
+                name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+                for name, i in inputs.items()
+                if name.startswith("past_key_values")
+            },
+        }
+
+        def next_logits(token):
+            step = list(prompt) if token is None else [token]
+            position, past = state["position"], state["past"]
+            end = position + len(step)
+            feed = {"input_ids": np.array([step], np.int64), "attention_mask": np.ones((1, end), np.int64), **past}
+            if "position_ids" in inputs:
+                feed["position_ids"] = np.arange(position, end, dtype=np.int64)[None]
+            result = dict(zip(outputs, session.run(None, feed)))
+            state["past"] = {name: result[name.replace("past_key_values", "present")] for name in past}
+            state["position"] = end
+            return result["logits"][0, -1]
+
+        return next_logits
+
+    return start
+
+
+# Each layout's folder and its reference greedy decoder.
+LAYOUTS = {
+    "genai-int4": genai_logits,
+    "optimum": onnx_logits,
+}
+
+
+def record_expected(family, spec, base):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base / "hf"))
+    eos = set(spec["generation"]["eos_token_id"])
+    cases = {
+        name: {**{k: v for k, v in case.items() if k != "families"}, "prompt_ids": prompt_ids(tokenizer, case),
+               "greedy": {}}
+        for name, case in CASES.items()
+        if family in case.get("families", [family])
+    }
+    for layout, reference in LAYOUTS.items():
+        folder = base / layout
+        start = reference(folder)
+        alone = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        for case in cases.values():
+            new, margins, finish = greedy(start(case["prompt_ids"]), eos)
+            case["greedy"][layout] = {
+                "ids": new,
+                "texts": [alone.decode([t], skip_special_tokens=False) for t in new],
+                "margins": margins,
+                "finish_reason": finish,
+            }
+    return {"family": family, "max_tokens": MAX_NEW_TOKENS, "cases": cases}
+
+
+def make_optimum(family, hf, out, python, log_file):
+    """Optimum's export, run with its transformers (the overlay beside the environment)."""
+    log(f"{family}: Optimum's ONNX export -> {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    overlay = Path(python).parent.parent / "optimum"
+    subprocess.run(
+        [python, "-m", "optimum.exporters.onnx", "--model", str(hf), "--task", "text-generation-with-past", str(tmp)],
+        check=True,
+        stdout=log_file,
+        stderr=log_file,
+        env={**os.environ, "PYTHONPATH": str(overlay)},
+    )
+    tmp.rename(out)
+
+
+def make(family, spec, llama_src, out, python):
+    base = out / family
+    stamp = recipe_hash(family, spec, llama_src)
+    expected = base / "expected.json"
+    if expected.exists() and json.loads(expected.read_text()).get("recipe") == stamp:
+        return base
+    shutil.rmtree(base, ignore_errors=True)
+    hf = base / "hf"
+    perf_models.make_hf(family, spec, llama_src, hf)
+    with open(base / "exporters.log", "w") as exporters_log:
+        perf_models.make_genai(family, hf, base / "genai-int4", python, exporters_log)
+        make_optimum(family, hf, base / "optimum", python, exporters_log)
+    log(f"{family}: recording transformers' prompts and each layout's greedy tokens")
+    result = record_expected(family, spec, base)
+    result["recipe"] = stamp
+    expected.write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    return base
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--llama-src", required=True, type=Path)
+    p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated, of {', '.join(FAMILIES)}")
+    args = p.parse_args()
+    for family in args.families.split(","):
+        if family not in FAMILIES:
+            sys.exit(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        print(make(family, FAMILIES[family], args.llama_src, args.out, sys.executable))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""chatd on model folders of other families, as onnxruntime-genai's builder and Optimum write them,
+against the references recorded when the fixtures were made (scripts/make-fixtures.sh, run by
+scripts/test.sh): the prompt's token ids as transformers' apply_chat_template makes them (template
+in chat_template.jinja, real vocabulary, `chat_template_kwargs`), a text prompt's ids as the
+tokenizer's post-processor makes them (BOS), and the greedy tokens from that prompt of
+onnxruntime-genai's Generator (genai layout) or a plain onnxruntime loop (Optimum layout).
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+from conftest import ROOT, post_json, start_chatd, stop
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import make_fixtures  # noqa: E402  (the families and cases, declared once there)
+
+FIXTURES = pathlib.Path(
+    os.environ.get("CHATD_FIXTURES", pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+                   / "chatd-fixtures")
+)
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(family, layout) for family in sorted(make_fixtures.FAMILIES) for layout in make_fixtures.LAYOUTS],
+    ids=lambda p: "/".join(p),
+)
+def fixture(request):
+    """(expected, layout, base URL) for chatd serving one family's folder of one layout."""
+    family, layout = request.param
+    expected_path = FIXTURES / family / "expected.json"
+    assert expected_path.exists(), f"{expected_path} is missing: make it with scripts/make-fixtures.sh"
+    proc, base = start_chatd(FIXTURES / family / layout, f"pytest-fixture-{family}-{layout}.log")
+    yield json.loads(expected_path.read_text()), layout, base
+    stop(proc)
+
+
+def chat_body(case, max_tokens):
+    body = {"messages": case["messages"], "temperature": 0, "max_tokens": max_tokens, "logprobs": True}
+    if "chat_template_kwargs" in case:
+        body["chat_template_kwargs"] = case["chat_template_kwargs"]
+    return body
+
+
+def answer(base, case, max_tokens):
+    """(prompt ids chatd tokenizes, usage, generated token texts, finish reason) for one case."""
+    if "prompt" in case:
+        status, tokenized = post_json(base, "/tokenize", {"prompt": case["prompt"]})
+        assert status == 200, tokenized
+        status, r = post_json(
+            base, "/v1/completions", {"prompt": case["prompt"], "temperature": 0, "max_tokens": max_tokens, "logprobs": 0}
+        )
+        assert status == 200, r
+        choice = r["choices"][0]
+        texts = choice["logprobs"]["tokens"]
+    else:
+        body = chat_body(case, max_tokens)
+        del body["temperature"], body["max_tokens"], body["logprobs"]
+        status, tokenized = post_json(base, "/tokenize", body)
+        assert status == 200, tokenized
+        status, r = post_json(base, "/v1/chat/completions", chat_body(case, max_tokens))
+        assert status == 200, r
+        choice = r["choices"][0]
+        texts = [entry["token"] for entry in choice["logprobs"]["content"]]
+    return tokenized["tokens"], r["usage"], texts, choice["finish_reason"]
+
+
+# Two correct runs of one graph differ in their logits by rounding (chatd feeds a prompt in chunks,
+# the references whole), well under this: a parting of the ways where the reference's best token
+# led its runner-up by less is a tie, not a bug, and the tokens after it are not compared.
+NEAR_TIE = 1e-3
+
+
+def greedy_problems(texts, finish, usage, greedy):
+    """How chatd's greedy tokens differ from the reference's, where that is not a near-tie."""
+    want = greedy["texts"]
+    parted = next((i for i, (a, b) in enumerate(zip(texts, want)) if a != b), None)
+    if parted is not None:
+        if greedy["margins"][parted] < NEAR_TIE:
+            return []
+        return [f"greedy tokens part at {parted} (reference margin {greedy['margins'][parted]:.4f}): {texts} != {want}"]
+    problems = []
+    if texts != want:
+        problems.append(f"greedy tokens {texts} != the reference's {want}")
+    if finish != greedy["finish_reason"]:
+        problems.append(f"finish_reason {finish!r} != {greedy['finish_reason']!r}")
+    # chatd counts the end token it stopped on; the reference leaves it out.
+    if usage["completion_tokens"] != len(want) + (finish == "stop"):
+        problems.append(f"usage.completion_tokens {usage['completion_tokens']} for {len(want)} tokens")
+    return problems
+
+
+def test_prompts_and_greedy_tokens_equal_the_references(fixture):
+    expected, layout, base = fixture
+    failures = []
+    for name, case in expected["cases"].items():
+        ids, usage, texts, finish = answer(base, case, expected["max_tokens"])
+        problems = greedy_problems(texts, finish, usage, case["greedy"][layout])
+        if ids != case["prompt_ids"]:
+            problems.append(f"prompt ids {ids} != transformers' {case['prompt_ids']}")
+        if usage["prompt_tokens"] != len(case["prompt_ids"]):
+            problems.append(f"usage.prompt_tokens {usage['prompt_tokens']} != {len(case['prompt_ids'])}")
+        if problems:
+            failures.append(f"[{expected['family']}/{layout}/{name}] " + "; ".join(problems))
+    assert not failures, "\n".join(failures)
