@@ -64,7 +64,7 @@ FAMILIES = {
         **perf_models.SHAPES["llama-3.2-1b"],
         "config": tiny(perf_models.SHAPES["llama-3.2-1b"]["config"]),
     },
-    # Qwen3-0.6B's config; its vocabulary is Qwen2's plus four added tokens.
+    # Qwen3-0.6B's config; its vocabulary is Qwen2.5's plus four added tokens.
     "qwen3": {
         "config": tiny({
             "architectures": ["Qwen3ForCausalLM"],
@@ -84,8 +84,13 @@ FAMILIES = {
         }),
         "generation": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643},
         "vocab": "ggml-vocab-qwen2.gguf",
-        "name_tokens": {"151665": "<tool_response>", "151666": "</tool_response>", "151667": "<think>",
-                        "151668": "</think>"},
+        "name_tokens": {
+            **perf_models.QWEN25_TOKENS,
+            "151665": ("<tool_response>", False),
+            "151666": ("</tool_response>", False),
+            "151667": ("<think>", False),
+            "151668": ("</think>", False),
+        },
         "template": "Qwen-Qwen3-0.6B.jinja",
     },
     # Phi-3.5-mini-instruct's config without its long-context rope scaling (which needs 4k+ positions

@@ -19,6 +19,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Qwen2.5's added tokens that Qwen2's GGUF vocabulary has as padding: id -> (text, special).
+QWEN25_TOKENS = {
+    str(151646 + i): (text, i < 11)
+    for i, text in enumerate([
+        "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+        "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>",
+        "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+        "<|file_sep|>",
+    ])
+}
+
 # The real configs (config.json of the Instruct models on the Hugging Face hub), and the vocab
 # and template files in llama.cpp's tree that carry their tokenizers and chat templates.
 SHAPES = {
@@ -48,6 +59,7 @@ SHAPES = {
         },
         "generation": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643},
         "vocab": "ggml-vocab-qwen2.gguf",
+        "name_tokens": QWEN25_TOKENS,
         "template": "Qwen-Qwen2.5-7B-Instruct.jinja",
     },
     "llama-3.2-1b": {
@@ -137,23 +149,24 @@ def drop_tokens_beyond_vocab(folder, vocab_size):
 
 
 def name_tokens(folder, names):
-    """Gives ids the GGUF file fills with padding the text a later model of the family gave them
-    (Qwen3's `<think>` is Qwen2's `[PAD151667]`)."""
+    """Gives ids the GGUF file fills with padding the text (and special flag) a later model of the
+    family gave them (Qwen2.5's `<tool_call>` and Qwen3's `<think>` are Qwen2's `[PAD151657]` and
+    `[PAD151667]`); `names`: id -> (text, special)."""
     if not names:
         return
     path = folder / "tokenizer.json"
     tokenizer = json.loads(path.read_text())
     for token in tokenizer["added_tokens"]:
-        token["content"] = names.get(str(token["id"]), token["content"])
+        token["content"], token["special"] = names.get(str(token["id"]), (token["content"], token["special"]))
     vocab = tokenizer["model"]["vocab"]
-    for id, text in names.items():
+    for id, (text, _) in names.items():
         old = next(key for key, value in vocab.items() if value == int(id))
         vocab[text] = vocab.pop(old)
     path.write_text(json.dumps(tokenizer, ensure_ascii=False))
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     for id, token in config.get("added_tokens_decoder", {}).items():
-        token["content"] = names.get(id, token["content"])
+        token["content"], token["special"] = names.get(id, (token["content"], token["special"]))
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 

@@ -107,3 +107,36 @@ def test_prompts_and_greedy_tokens_equal_the_references(fixture):
         if problems:
             failures.append(f"[{expected['family']}/{layout}/{name}] " + "; ".join(problems))
     assert not failures, "\n".join(failures)
+
+
+# How each family's template asks for a call, as a forced call must then be written: Qwen's
+# `<tool_call>` (one token of its vocabulary), Llama 3's bare object with "parameters", and for
+# Phi-3.5, whose template takes no tools, chatd's own prompt and format.
+CALL_FORMATS = {
+    "qwen2.5": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
+    "qwen3": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
+    "llama-3.2": ('{"name":"get_weather","parameters":', "}"),
+    "phi-3.5": ('{"name":"get_weather","arguments":', "}"),
+}
+
+
+def test_a_forced_call_is_written_in_the_familys_format(fixture):
+    expected, _, base = fixture
+    starts, ends = CALL_FORMATS[expected["family"]]
+    # A bounded city: the whole call fits max_tokens whatever the model picks.
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}]
+    body = {"messages": [{"role": "user", "content": "Weather in Rome?"}], "tools": tools, "tool_choice": "required",
+            "max_tokens": 60, "temperature": 0, "logprobs": True}
+    status, r = post_json(base, "/v1/chat/completions", body)
+    assert status == 200, r
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "tool_calls", r
+    call = choice["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather", r
+    assert list(json.loads(call["arguments"])) == ["city"], r
+    tokens = [t["token"] for t in choice["logprobs"]["content"]]
+    text = "".join(tokens)
+    assert text.startswith(starts) and text.endswith(ends), text
+    if starts.startswith("<tool_call>"):
+        assert tokens[0] == "<tool_call>", tokens
