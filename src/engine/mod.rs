@@ -10,6 +10,7 @@ mod request;
 mod scheduler;
 mod sequence;
 mod speculation;
+mod waiting;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -10,6 +10,7 @@ use super::prefix_cache::{self, PrefixCache};
 use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Timings, Usage};
 use super::sequence::{Rules, Sequence};
 use super::speculation::Drafter;
+use super::waiting::{Admission, Waiting};
 use super::{EngineConfig, EngineStats};
 use rayon::prelude::*;
 
@@ -230,7 +231,7 @@ pub(crate) struct Scheduler {
     stats: Arc<EngineStats>,
     groups: Vec<Group>,
     /// Jobs taken off the channel, waiting for room, oldest first (first come, first served).
-    queue: VecDeque<Job>,
+    waiting: Waiting,
     running: usize,
     prefix: PrefixCache,
     pacer: Pacer,
@@ -277,7 +278,7 @@ impl Scheduler {
             jobs,
             stats,
             groups: Vec::new(),
-            queue: VecDeque::new(),
+            waiting: Waiting::new(),
             running: 0,
             prefix,
             pacer,
@@ -330,18 +331,24 @@ impl Scheduler {
             }
             self.memory_held = true;
             self.running = self.groups.iter().map(|g| g.job.request.n).sum();
-            self.stats.running.store(self.running, Ordering::Relaxed);
-            self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
-            let parked_bytes = if self.parked.is_some() { self.model.kv_row_bytes() } else { 0 };
-            let used = self.model.kv_pool_used_bytes().saturating_sub(parked_bytes);
-            self.stats.kv_pool_used_bytes.store(used, Ordering::Relaxed);
-            self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
-            self.stats.sequence_bytes.store(self.sequence_bytes(), Ordering::Relaxed);
-            if self.resident_checked.elapsed() >= RESIDENT_CHECK_EVERY {
-                // Asking the kernel page by page costs ~0.1 ms for a large pool: not every round.
-                self.stats.kv_pool_resident_bytes.store(self.model.kv_pool_resident_bytes(), Ordering::Relaxed);
-                self.resident_checked = Instant::now();
-            }
+            self.publish_round_stats();
+        }
+    }
+
+    /// What a round leaves in the engine's statistics: places taken and memory held.
+    fn publish_round_stats(&mut self) {
+        self.stats.running.store(self.running, Ordering::Relaxed);
+        self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
+        // The parked row is the prefix cache's, not a request's.
+        let parked_bytes = if self.parked.is_some() { self.model.kv_row_bytes() } else { 0 };
+        let used = self.model.kv_pool_used_bytes().saturating_sub(parked_bytes);
+        self.stats.kv_pool_used_bytes.store(used, Ordering::Relaxed);
+        self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+        self.stats.sequence_bytes.store(self.sequence_bytes(), Ordering::Relaxed);
+        if self.resident_checked.elapsed() >= RESIDENT_CHECK_EVERY {
+            // Asking the kernel page by page costs ~0.1 ms for a large pool: not every round.
+            self.stats.kv_pool_resident_bytes.store(self.model.kv_pool_resident_bytes(), Ordering::Relaxed);
+            self.resident_checked = Instant::now();
         }
     }
 
@@ -377,92 +384,84 @@ impl Scheduler {
     /// long, and admits the oldest while there is room. Blocks only when there is nothing to
     /// do. Returns false when the engine is closed and everything has finished.
     fn admit(&mut self) -> bool {
-        while self.groups.is_empty() && self.queue.is_empty() {
+        while self.groups.is_empty() && self.waiting.is_empty() {
             let every = self.config.heartbeat.as_ref().map_or(Duration::from_secs(3600), |h| h.every);
             let wait = if self.memory_held { every.min(IDLE_RELEASE_AFTER) } else { every };
             match self.jobs.recv_timeout(wait) {
-                Ok(job) => self.queue.push_back(job),
+                Ok(job) => self.waiting.push(job),
                 Err(RecvTimeoutError::Timeout) => {
                     self.beat();
                     if self.memory_held {
-                        if let Some(parked) = self.parked.take() {
-                            stash(&self.model, &mut self.prefix, parked);
-                        }
-                        self.model.release_idle_memory();
-                        self.prefix.shrink_for_idle();
-                        self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
-                        self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
-                        let resident = self.model.kv_pool_resident_bytes();
-                        self.stats.kv_pool_resident_bytes.store(resident, Ordering::Relaxed);
-                        self.stats.kv_pool_used_bytes.store(self.model.kv_pool_used_bytes(), Ordering::Relaxed);
-                        self.memory_held = false;
+                        self.release_idle_memory();
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return false,
             }
         }
-        while let Ok(job) = self.jobs.try_recv() {
-            self.queue.push_back(job);
-        }
-        let config = &self.config;
-        let stats = &self.stats;
-        self.queue.retain(|job| {
-            let waited = job.queued_at.elapsed();
-            let refusal = if job.cancel.load(Ordering::Relaxed) {
-                None
-            } else if stats.stopping.load(Ordering::Relaxed) {
-                Some(EngineError::new(ErrorKind::Unavailable, "the server is shutting down"))
-            } else if Instant::now() >= job.deadline {
-                Some(EngineError::new(ErrorKind::Timeout, "the request's deadline passed while it waited in the queue"))
-            } else if waited >= config.max_queue_wait {
-                let message =
-                    format!("the server is busy: the request waited {:.0} s for a place", waited.as_secs_f64());
-                Some(EngineError::new(ErrorKind::Overloaded, message))
-            } else {
-                return true;
-            };
-            if let Some(error) = refusal {
-                let _ = job.events.send(Event::Error(error));
-            }
-            stats.queued.fetch_sub(1, Ordering::SeqCst);
-            false
-        });
-        while let Some(job) = self.queue.front() {
+        self.waiting.take_sent(&self.jobs);
+        let stopping = self.stats.stopping.load(Ordering::Relaxed);
+        self.waiting.expire(stopping, self.config.max_queue_wait, &self.stats.queued);
+        while let Some(job) = self.waiting.oldest() {
             let n = job.request.n;
             let fits =
                 self.running + n <= self.config.max_running && self.model.has_room_for(job.request.prompt.len() + 1, n);
-            if !fits && let Some(parked) = self.parked.take() {
-                stash(&self.model, &mut self.prefix, parked);
-                continue;
-            }
-            if !fits && !self.groups.is_empty() {
-                break;
-            }
-            let job = self.queue.pop_front().expect("front exists");
-            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
-            if !fits {
-                // Nothing is running, so nothing will free room: it can never run.
-                let error =
-                    EngineError::new(ErrorKind::TooLarge, "the request does not fit the server's KV cache budget");
-                let _ = job.events.send(Event::Error(error));
-                continue;
-            }
-            let timings = Timings { queued: job.queued_at.elapsed(), ..Timings::default() };
-            let (cache, cached) = match self.start_cache(&job.request.prompt) {
-                Ok(c) => c,
-                Err(e) => {
+            match Admission::decide(fits, self.parked.is_some(), !self.groups.is_empty()) {
+                Admission::Start => {}
+                Admission::FreeParked => {
+                    if let Some(parked) = self.parked.take() {
+                        stash(&self.model, &mut self.prefix, parked);
+                    }
+                    continue;
+                }
+                Admission::Wait => break,
+                Admission::Refuse => {
+                    let job = self.waiting.take_oldest(&self.stats.queued).expect("oldest exists");
                     let error =
-                        EngineError::caused(ErrorKind::Internal, Arc::new(e.context("cannot allocate the KV cache")));
+                        EngineError::new(ErrorKind::TooLarge, "the request does not fit the server's KV cache budget");
                     let _ = job.events.send(Event::Error(error));
                     continue;
                 }
-            };
-            let state = State::Prefill { cache, fed: cached };
-            let _ = job.events.send(Event::Started);
-            self.running += n;
-            self.groups.push(Group { job, state, timings, first_token: false, cached, events: Vec::new() });
+            }
+            let job = self.waiting.take_oldest(&self.stats.queued).expect("oldest exists");
+            self.start(job);
         }
         true
+    }
+
+    /// Gives back what an idle engine need not hold: the parked row goes to the prefix cache,
+    /// the model's working memory and the prefix cache's slack are released.
+    fn release_idle_memory(&mut self) {
+        if let Some(parked) = self.parked.take() {
+            stash(&self.model, &mut self.prefix, parked);
+        }
+        self.model.release_idle_memory();
+        self.prefix.shrink_for_idle();
+        self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+        self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
+        let resident = self.model.kv_pool_resident_bytes();
+        self.stats.kv_pool_resident_bytes.store(resident, Ordering::Relaxed);
+        self.stats.kv_pool_used_bytes.store(self.model.kv_pool_used_bytes(), Ordering::Relaxed);
+        self.memory_held = false;
+    }
+
+    /// Admits `job`: its cache (restored from the parked row or the prefix cache where they
+    /// hold its prompt's start) and its place among the running groups.
+    fn start(&mut self, job: Job) {
+        let n = job.request.n;
+        let timings = Timings { queued: job.queued_at.elapsed(), ..Timings::default() };
+        let (cache, cached) = match self.start_cache(&job.request.prompt) {
+            Ok(c) => c,
+            Err(e) => {
+                let error =
+                    EngineError::caused(ErrorKind::Internal, Arc::new(e.context("cannot allocate the KV cache")));
+                let _ = job.events.send(Event::Error(error));
+                return;
+            }
+        };
+        let state = State::Prefill { cache, fed: cached };
+        let _ = job.events.send(Event::Started);
+        self.running += n;
+        self.groups.push(Group { job, state, timings, first_token: false, cached, events: Vec::new() });
     }
 
     /// A cache for `prompt`: the parked one when the prompt continues it, else one restored
@@ -696,7 +695,7 @@ impl Scheduler {
         }
         // Parked only when the engine goes idle with it (a chat's turn done, its next one on
         // the way); under load, rows are copied out at once as other requests are waiting.
-        let idle = self.queue.is_empty() && self.groups.iter().all(|g| matches!(g.state, State::Done));
+        let idle = self.waiting.is_empty() && self.groups.iter().all(|g| matches!(g.state, State::Done));
         let keep = (idle && self.model.can_verify()).then(|| finished.pop()).flatten();
         for parked in finished.into_iter().chain(self.parked.take()) {
             stash(&self.model, &mut self.prefix, parked);
