@@ -2,8 +2,8 @@
 
 `greedy(model_dir, messages, max_new_tokens)` renders the model's chat template, encodes it with the
 onnxruntime-genai tokenizer, decodes greedily until eos or the token limit, and returns
-{"text", "token_ids", "prompt_tokens"}: `token_ids` are the new tokens only, without the prompt and without
-the eos token. Run as a script it prints the results for a few prompts as JSON:
+{"text", "token_ids", "margins", "prompt_tokens"}: `token_ids` are the new tokens only, without the prompt and
+without the eos token; `margins` how far each one's logit led the runner-up's. Run as a script it prints the results for a few prompts as JSON:
 
     .venv/bin/python tests/python/genai_reference.py [MODEL_DIR]
 """
@@ -14,6 +14,7 @@ import pathlib
 import sys
 import time
 
+import numpy as np
 import onnxruntime_genai as og
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -81,7 +82,9 @@ def greedy(model_dir, messages, max_new_tokens):
     t_prefill = None
     new = []
     finish = "length"
+    margins = []
     while not generator.is_done():
+        logits = np.array(generator.get_logits())[0, -1]
         generator.generate_next_token()
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
@@ -90,12 +93,15 @@ def greedy(model_dir, messages, max_new_tokens):
             finish = "stop"
             break
         new.append(token)
+        runner_up, best = np.partition(logits, -2)[-2:]
+        margins.append(float(best - runner_up))
         if len(new) >= max_new_tokens:
             break
     elapsed = time.perf_counter() - t0
     return {
         "text": tokenizer.decode(new) if new else "",
         "token_ids": new,
+        "margins": margins,
         "prompt_tokens": int(len(prompt)),
         "finish_reason": finish,
         "seconds": round(elapsed, 3),

@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT.parent / "shared" / "models" / "smollm2-135m-instruct-genai"
+OPTIMUM_MODEL = ROOT.parent / "shared" / "models" / "smollm2-135m-instruct"
 
 os.environ.setdefault("LIBCHAT_PATH", str(ROOT / "target" / "release" / "libchat.so"))
 if importlib.util.find_spec("libchat") is None:
@@ -137,9 +138,19 @@ def test_closed_engine():
         engine.chat(ask(QUESTION))
 
 
-def test_threads_share_the_engine(engine):
-    """Concurrent requests are batched together; each must still get its own answer, the one
-    it gets alone (greedy decoding)."""
+@pytest.fixture(scope="module")
+def optimum_engine():
+    """An engine on the Optimum layout, which runs each sequence alone in a round: its answers
+    cannot depend on what else runs (the genai layout's batched runs may turn a near-tie on some
+    CPUs; tests/batching.rs checks those)."""
+    with libchat.Engine({"model": str(OPTIMUM_MODEL), "threads": 2}) as engine:
+        yield engine
+
+
+def test_threads_share_the_engine(optimum_engine):
+    """Concurrent requests share the engine's rounds; each must still get its own answer, the
+    one it gets alone (greedy decoding)."""
+    engine = optimum_engine
     questions = [QUESTION, "Name a primary color.", "What is 2 + 2?", "What do bees make?"]
     alone = [content(engine.chat(ask(q))) for q in questions]
     together = [None] * len(questions)

@@ -51,7 +51,19 @@ def chat(base, messages):
         return json.load(r)
 
 
-def check(name, ref, response, token_texts):
+# In a batch, ONNX Runtime's 4-bit kernels take another path on some CPUs (on an AVX2-only AMD EPYC
+# onnxruntime-genai's own logits move by up to 1.2 between batch sizes 1 and 2; on AVX-512 machines
+# not at all): a batched answer may then part from the reference where the reference's two best tokens
+# were this close, and is not compared past that (tests/batching.rs says more).
+NEAR_TIE = 0.5
+
+
+def parted_at_near_tie(ref, got_tokens, want_tokens, tie):
+    parted = next((i for i, (a, b) in enumerate(zip(got_tokens, want_tokens)) if a != b), None)
+    return parted is not None and ref["margins"][parted] < tie
+
+
+def check(name, ref, response, token_texts, tie=0.0):
     choice = response["choices"][0]
     text = choice["message"]["content"]
     finish = choice["finish_reason"]
@@ -71,6 +83,8 @@ def check(name, ref, response, token_texts):
         f"  reference: {ref['text']!r}"
     )
     assert usage["prompt_tokens"] == ref["prompt_tokens"], detail
+    if parted_at_near_tie(ref, got_tokens, want_tokens, tie):
+        return
     assert text == ref["text"], detail
     # chatd counts the eos token it stopped on; the reference ids leave it out.
     assert usage["completion_tokens"] == len(ref_ids) + (1 if finish == "stop" else 0), detail
@@ -85,7 +99,8 @@ def test_greedy_matches_onnxruntime_genai(chatd_genai, reference, token_texts, n
 
 
 def test_concurrent_greedy_matches_onnxruntime_genai(chatd_genai, reference, token_texts):
-    """All prompts at once (each twice), so chatd batches them: batching must not change greedy outputs."""
+    """All prompts at once (each twice), so chatd batches them: batching must not change greedy outputs
+    (but where ONNX Runtime's batched arithmetic may turn a near-tie, see NEAR_TIE)."""
     jobs = NAMES * 2
     barrier = threading.Barrier(len(jobs))
 
@@ -98,7 +113,7 @@ def test_concurrent_greedy_matches_onnxruntime_genai(chatd_genai, reference, tok
     failures = []
     for name, response in zip(jobs, responses):
         try:
-            check(name, reference[name], response, token_texts)
+            check(name, reference[name], response, token_texts, NEAR_TIE)
         except AssertionError as e:
             failures.append(str(e))
     assert not failures, "\n".join(failures)
