@@ -55,35 +55,24 @@ def tiny(config):
     return out
 
 
+QWEN25 = perf_models.SHAPES["qwen2.5-0.5b"]
+LLAMA32 = perf_models.SHAPES["llama-3.2-1b"]
+
 FAMILIES = {
-    "qwen2.5": {
-        **perf_models.SHAPES["qwen2.5-0.5b"],
-        "config": tiny(perf_models.SHAPES["qwen2.5-0.5b"]["config"]),
-    },
-    "llama-3.2": {
-        **perf_models.SHAPES["llama-3.2-1b"],
-        "config": tiny(perf_models.SHAPES["llama-3.2-1b"]["config"]),
-    },
-    # Qwen3-0.6B's config; its vocabulary is Qwen2.5's plus four added tokens.
+    "qwen2.5": {**QWEN25, "config": tiny(QWEN25["config"])},
+    "llama-3.2": {**LLAMA32, "config": tiny(LLAMA32["config"])},
+    # Qwen3-0.6B's config where it differs from Qwen2.5's; its vocabulary is Qwen2.5's plus four
+    # added tokens.
     "qwen3": {
+        **QWEN25,
         "config": tiny({
+            **QWEN25["config"],
             "architectures": ["Qwen3ForCausalLM"],
             "attention_bias": False,
-            "attention_dropout": 0.0,
-            "bos_token_id": 151643,
-            "eos_token_id": 151645,
-            "hidden_act": "silu",
             "max_position_embeddings": 40960,
             "model_type": "qwen3",
-            "rms_norm_eps": 1e-06,
-            "rope_theta": 1000000,
-            "tie_word_embeddings": True,
-            "use_cache": True,
-            "use_sliding_window": False,
-            "vocab_size": 151936,
+            "sliding_window": None,
         }),
-        "generation": {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643},
-        "vocab": "ggml-vocab-qwen2.gguf",
         "name_tokens": {
             **perf_models.QWEN25_TOKENS,
             "151665": ("<tool_response>", False),
