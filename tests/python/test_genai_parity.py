@@ -52,8 +52,8 @@ def chat(base, messages):
 
 
 # In a batch, ONNX Runtime's 4-bit kernels take another path on some CPUs (on an AVX2-only AMD EPYC
-# onnxruntime-genai's own logits move by up to 1.2 between batch sizes 1 and 2; on AVX-512 machines
-# not at all): a batched answer may then part from the reference where the reference's two best tokens
+# onnxruntime-genai's own logits move by up to 1.2 between batch sizes 1 and 2; on the machines the
+# suite ran on before, not at all): a batched answer may then part from the reference where the reference's two best tokens
 # were this close, and is not compared past that (tests/batching.rs says more).
 NEAR_TIE = 0.5
 
