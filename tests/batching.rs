@@ -6,9 +6,9 @@
 //! matrix kernels take another path for several rows than for one. On an AVX2-only AMD EPYC,
 //! onnxruntime-genai's own Generator moves SmolLM2's logits by up to 1.2 between batch sizes 1
 //! and 2 on the same prompt; on the machines the suite ran on before, the answers were equal bit
-//! for bit. So there a
-//! batched answer may part from the lone one, but only where the lone run's two best tokens were
-//! nearly tied; a wrong KV row, mask or position parts at once and far from any tie.
+//! for bit. So there a batched answer may part from the lone one, but only where the lone run's
+//! two best tokens were nearly tied; a wrong KV row, mask or position parts at once and far from
+//! any tie.
 
 mod common;
 
