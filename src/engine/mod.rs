@@ -7,6 +7,7 @@
 
 mod prefix_cache;
 mod request;
+mod reuse;
 mod scheduler;
 mod sequence;
 mod speculation;

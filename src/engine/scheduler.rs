@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use super::prefix_cache::{self, PrefixCache};
 use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateRequest, Timings, Usage};
+use super::reuse::{Parked, Reuse};
 use super::sequence::{Rules, Sequence};
 use super::speculation::Drafter;
 use super::waiting::{Admission, Waiting};
@@ -179,18 +179,6 @@ impl Pacer {
     }
 }
 
-/// The KV cache of the last finished request, left in the pool as it is instead of copied into
-/// the prefix cache: a chat's next turn resends the conversation and adds to it, and continues
-/// from this row without any copy. (Copying 2000 positions out took ~0.2 s on the 2-core box,
-/// most of it faulting in fresh memory, and the next turn waited for it.) It goes to the prefix
-/// cache when the next request admitted does not continue it or after a second idle. Only a
-/// request that leaves the engine idle is parked: under load rows are copied out at once, so
-/// no parked row rides along in batched steps.
-struct Parked {
-    tokens: Vec<u32>,
-    cache: KvCache,
-}
-
 /// A request as it travels from `Engine::submit` to the scheduler.
 pub(crate) struct Job {
     pub request: GenerateRequest,
@@ -233,7 +221,8 @@ pub(crate) struct Scheduler {
     /// Jobs taken off the channel, waiting for room, oldest first (first come, first served).
     waiting: Waiting,
     running: usize,
-    prefix: PrefixCache,
+    /// The parked row and the prefix cache.
+    reuse: Reuse,
     pacer: Pacer,
     /// Logits of the last prompt chunk run, reused from chunk to chunk.
     prefill_logits: Vec<f32>,
@@ -246,7 +235,6 @@ pub(crate) struct Scheduler {
     memory_held: bool,
     /// When the KV pool's resident size was last read (see `RESIDENT_CHECK_EVERY`).
     resident_checked: Instant,
-    parked: Option<Parked>,
 }
 
 impl Scheduler {
@@ -258,7 +246,7 @@ impl Scheduler {
         stats: Arc<EngineStats>,
     ) -> Self {
         let cut = Cut::probe(&mut model, config.prefill_chunk);
-        let prefix = PrefixCache::new(config.prefix_cache_bytes);
+        let reuse = Reuse::new(config.prefix_cache_bytes);
         let pacer = Pacer::new(config.stream_slowdown);
         let workers = (config.workers > 0)
             .then(|| {
@@ -280,7 +268,7 @@ impl Scheduler {
             groups: Vec::new(),
             waiting: Waiting::new(),
             running: 0,
-            prefix,
+            reuse,
             pacer,
             prefill_logits: Vec::new(),
             verify_logits: Vec::new(),
@@ -288,7 +276,6 @@ impl Scheduler {
             last_beat: None,
             memory_held: false,
             resident_checked: Instant::now(),
-            parked: None,
         }
     }
 
@@ -340,10 +327,10 @@ impl Scheduler {
         self.stats.running.store(self.running, Ordering::Relaxed);
         self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
         // The parked row is the prefix cache's, not a request's.
-        let parked_bytes = if self.parked.is_some() { self.model.kv_row_bytes() } else { 0 };
+        let parked_bytes = if self.reuse.is_parked() { self.model.kv_row_bytes() } else { 0 };
         let used = self.model.kv_pool_used_bytes().saturating_sub(parked_bytes);
         self.stats.kv_pool_used_bytes.store(used, Ordering::Relaxed);
-        self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+        self.stats.prefix_cache_bytes.store(self.reuse.prefix_bytes(), Ordering::Relaxed);
         self.stats.sequence_bytes.store(self.sequence_bytes(), Ordering::Relaxed);
         if self.resident_checked.elapsed() >= RESIDENT_CHECK_EVERY {
             // Asking the kernel page by page costs ~0.1 ms for a large pool: not every round.
@@ -405,12 +392,10 @@ impl Scheduler {
             let n = job.request.n;
             let fits =
                 self.running + n <= self.config.max_running && self.model.has_room_for(job.request.prompt.len() + 1, n);
-            match Admission::decide(fits, self.parked.is_some(), !self.groups.is_empty()) {
+            match Admission::decide(fits, self.reuse.is_parked(), !self.groups.is_empty()) {
                 Admission::Start => {}
                 Admission::FreeParked => {
-                    if let Some(parked) = self.parked.take() {
-                        stash(&self.model, &mut self.prefix, parked);
-                    }
+                    self.reuse.unpark(&self.model);
                     continue;
                 }
                 Admission::Wait => break,
@@ -431,12 +416,9 @@ impl Scheduler {
     /// Gives back what an idle engine need not hold: the parked row goes to the prefix cache,
     /// the model's working memory and the prefix cache's slack are released.
     fn release_idle_memory(&mut self) {
-        if let Some(parked) = self.parked.take() {
-            stash(&self.model, &mut self.prefix, parked);
-        }
+        self.reuse.release_idle(&self.model);
         self.model.release_idle_memory();
-        self.prefix.shrink_for_idle();
-        self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+        self.stats.prefix_cache_bytes.store(self.reuse.prefix_bytes(), Ordering::Relaxed);
         self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
         let resident = self.model.kv_pool_resident_bytes();
         self.stats.kv_pool_resident_bytes.store(resident, Ordering::Relaxed);
@@ -449,55 +431,20 @@ impl Scheduler {
     fn start(&mut self, job: Job) {
         let n = job.request.n;
         let timings = Timings { queued: job.queued_at.elapsed(), ..Timings::default() };
-        let (cache, cached) = match self.start_cache(&job.request.prompt) {
-            Ok(c) => c,
-            Err(e) => {
-                let error =
-                    EngineError::caused(ErrorKind::Internal, Arc::new(e.context("cannot allocate the KV cache")));
-                let _ = job.events.send(Event::Error(error));
-                return;
-            }
-        };
+        let (cache, cached) =
+            match self.reuse.cache_for(&mut self.model, &job.request.prompt, self.cut.chunk, &self.stats) {
+                Ok(c) => c,
+                Err(e) => {
+                    let error =
+                        EngineError::caused(ErrorKind::Internal, Arc::new(e.context("cannot allocate the KV cache")));
+                    let _ = job.events.send(Event::Error(error));
+                    return;
+                }
+            };
         let state = State::Prefill { cache, fed: cached };
         let _ = job.events.send(Event::Started);
         self.running += n;
         self.groups.push(Group { job, state, timings, first_token: false, cached, events: Vec::new() });
-    }
-
-    /// A cache for `prompt`: the parked one when the prompt continues it, else one restored
-    /// from the longest cached prefix, else an empty one.
-    fn start_cache(&mut self, prompt: &[u32]) -> Result<(KvCache, usize)> {
-        let chunk = self.cut.chunk;
-        if let Some(mut parked) = self.parked.take() {
-            let len = prefix_cache::reusable(&parked.tokens, prompt, chunk);
-            // A chat's next turn shares all of it but the last few tokens (the cut at a chunk
-            // boundary, the reply's end as the template writes it).
-            if len > 0 && parked.tokens.len() - len <= 2 * chunk {
-                self.model.truncate(&mut parked.cache, len)?;
-                self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
-                self.stats.prefix_cached_tokens.fetch_add(len, Ordering::Relaxed);
-                return Ok((parked.cache, len));
-            }
-            // Otherwise into the prefix cache, where this request may still find part of it;
-            // left parked, the row would ride along in every batched step.
-            stash(&self.model, &mut self.prefix, parked);
-        }
-        if let Some((snapshot, len)) = self.prefix.lookup(prompt, chunk) {
-            let started = Instant::now();
-            match self.model.restore(snapshot, len) {
-                Ok(cache) => {
-                    log::debug!(
-                        "prefix cache: restored {len} positions in {:.1} ms",
-                        started.elapsed().as_secs_f64() * 1e3
-                    );
-                    self.stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
-                    self.stats.prefix_cached_tokens.fetch_add(len, Ordering::Relaxed);
-                    return Ok((cache, len));
-                }
-                Err(e) => log::warn!("prefix cache restore failed, computing the prompt: {e:#}"),
-            }
-        }
-        Ok((self.model.new_cache()?, 0))
     }
 
     /// Feeds up to `budget` prompt tokens, oldest request first; returns the time taken and the
@@ -696,12 +643,8 @@ impl Scheduler {
         // Parked only when the engine goes idle with it (a chat's turn done, its next one on
         // the way); under load, rows are copied out at once as other requests are waiting.
         let idle = self.waiting.is_empty() && self.groups.iter().all(|g| matches!(g.state, State::Done));
-        let keep = (idle && self.model.can_verify()).then(|| finished.pop()).flatten();
-        for parked in finished.into_iter().chain(self.parked.take()) {
-            stash(&self.model, &mut self.prefix, parked);
-        }
-        self.parked = keep;
-        self.stats.prefix_cache_bytes.store(self.prefix.bytes(), Ordering::Relaxed);
+        self.reuse.keep(&self.model, finished, idle);
+        self.stats.prefix_cache_bytes.store(self.reuse.prefix_bytes(), Ordering::Relaxed);
     }
 }
 
@@ -712,23 +655,6 @@ fn park(request: &GenerateRequest, seq: Sequence) -> Parked {
     tokens.extend_from_slice(&request.prompt);
     tokens.extend_from_slice(&seq.tokens[..fed]);
     Parked { tokens, cache: seq.cache }
-}
-
-/// Copies a parked cache into the prefix cache for later requests that share its tokens, and
-/// frees it.
-fn stash(model: &Model, prefix: &mut PrefixCache, parked: Parked) {
-    let started = Instant::now();
-    match model.snapshot(&parked.cache) {
-        Ok(snapshot) => {
-            log::debug!(
-                "prefix cache: kept {} positions in {:.1} ms",
-                parked.tokens.len(),
-                started.elapsed().as_secs_f64() * 1e3
-            );
-            prefix.insert(parked.tokens, snapshot)
-        }
-        Err(e) => log::debug!("not caching this prefix: {e:#}"),
-    }
 }
 
 fn rules<'a>(info: &'a ModelInfo, tokenizer: &'a Arc<Tokenizer>, request: &'a GenerateRequest) -> Rules<'a> {
