@@ -16,7 +16,8 @@ For each family, in OUT/<family>/:
                 (chat) or as its tokenizer encodes a text (completions, BOS by the post-processor),
                 and, per layout, the greedy tokens from exactly those ids (onnxruntime-genai's
                 Generator on genai-int4/, a plain onnxruntime loop on optimum/), with each token's
-                text as tokenizers decodes it alone (what chatd reports in logprobs).
+                text as tokenizers decodes it alone (what chatd reports in logprobs) and its
+                logit's lead over the runner-up (a parting at a near-tie is rounding, not a bug).
 A family is rebuilt when its recipe (config, files, cases, package versions) changes; otherwise it
 is reused. Driven by scripts/make-fixtures.sh; checked by tests/python/test_fixtures.py.
 """
