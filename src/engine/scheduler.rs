@@ -325,15 +325,21 @@ impl Scheduler {
     /// What a round leaves in the engine's statistics: places taken and memory held.
     fn publish_round_stats(&mut self) {
         self.stats.running.store(self.running, Ordering::Relaxed);
+        self.stats.sequence_bytes.store(self.sequence_bytes(), Ordering::Relaxed);
+        // Asking the kernel page by page costs ~0.1 ms for a large pool: not every round.
+        let read_resident = self.resident_checked.elapsed() >= RESIDENT_CHECK_EVERY;
+        self.publish_memory_stats(read_resident);
+    }
+
+    /// The KV pool's and the prefix cache's sizes; the pool's resident size when asked.
+    fn publish_memory_stats(&mut self, read_resident: bool) {
         self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
         // The parked row is the prefix cache's, not a request's.
         let parked_bytes = if self.reuse.is_parked() { self.model.kv_row_bytes() } else { 0 };
         let used = self.model.kv_pool_used_bytes().saturating_sub(parked_bytes);
         self.stats.kv_pool_used_bytes.store(used, Ordering::Relaxed);
         self.stats.prefix_cache_bytes.store(self.reuse.prefix_bytes(), Ordering::Relaxed);
-        self.stats.sequence_bytes.store(self.sequence_bytes(), Ordering::Relaxed);
-        if self.resident_checked.elapsed() >= RESIDENT_CHECK_EVERY {
-            // Asking the kernel page by page costs ~0.1 ms for a large pool: not every round.
+        if read_resident {
             self.stats.kv_pool_resident_bytes.store(self.model.kv_pool_resident_bytes(), Ordering::Relaxed);
             self.resident_checked = Instant::now();
         }
@@ -418,11 +424,7 @@ impl Scheduler {
     fn release_idle_memory(&mut self) {
         self.reuse.release_idle(&self.model);
         self.model.release_idle_memory();
-        self.stats.prefix_cache_bytes.store(self.reuse.prefix_bytes(), Ordering::Relaxed);
-        self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
-        let resident = self.model.kv_pool_resident_bytes();
-        self.stats.kv_pool_resident_bytes.store(resident, Ordering::Relaxed);
-        self.stats.kv_pool_used_bytes.store(self.model.kv_pool_used_bytes(), Ordering::Relaxed);
+        self.publish_memory_stats(true);
         self.memory_held = false;
     }
 

@@ -62,6 +62,12 @@ def post_json(base, path, body):
         return e.code, json.load(e)
 
 
+def first_parting(got, want):
+    """The first position where two token lists differ, comparing as far as both go; None if
+    one starts the other."""
+    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+
+
 def stop(proc):
     proc.terminate()
     try:

@@ -3,7 +3,8 @@
 `greedy(model_dir, messages, max_new_tokens)` renders the model's chat template, encodes it with the
 onnxruntime-genai tokenizer, decodes greedily until eos or the token limit, and returns
 {"text", "token_ids", "margins", "prompt_tokens"}: `token_ids` are the new tokens only, without the prompt and
-without the eos token; `margins` how far each one's logit led the runner-up's. Run as a script it prints the results for a few prompts as JSON:
+without the eos token; `margins` how far each one's logit led the runner-up's. Run as a script it prints
+the results for a few prompts as JSON:
 
     .venv/bin/python tests/python/genai_reference.py [MODEL_DIR]
 """

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, post_json, start_chatd, stop
+from conftest import ROOT, first_parting, post_json, start_chatd, stop
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_fixtures  # noqa: E402  (the families and cases, declared once there)
@@ -78,7 +78,7 @@ NEAR_TIE = 1e-3
 def greedy_problems(texts, finish, usage, greedy):
     """How chatd's greedy tokens differ from the reference's, where that is not a near-tie."""
     want = greedy["texts"]
-    parted = next((i for i, (a, b) in enumerate(zip(texts, want)) if a != b), None)
+    parted = first_parting(texts, want)
     if parted is not None:
         if greedy["margins"][parted] < NEAR_TIE:
             return []

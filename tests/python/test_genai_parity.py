@@ -13,6 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 import genai_reference
+from conftest import first_parting
 
 MODEL_DIR = genai_reference.DEFAULT_MODEL
 MODEL = MODEL_DIR.name  # smollm2-135m-instruct-genai
@@ -53,14 +54,10 @@ def chat(base, messages):
 
 # In a batch, ONNX Runtime's 4-bit kernels take another path on some CPUs (on an AVX2-only AMD EPYC
 # onnxruntime-genai's own logits move by up to 1.2 between batch sizes 1 and 2; on the machines the
-# suite ran on before, not at all): a batched answer may then part from the reference where the reference's two best tokens
-# were this close, and is not compared past that (tests/batching.rs says more).
+# suite ran on before, not at all): a batched answer may then part from the reference where the
+# reference's two best tokens were this close, and is not compared past that (tests/batching.rs
+# says more).
 NEAR_TIE = 0.5
-
-
-def parted_at_near_tie(ref, got_tokens, want_tokens, tie):
-    parted = next((i for i, (a, b) in enumerate(zip(got_tokens, want_tokens)) if a != b), None)
-    return parted is not None and ref["margins"][parted] < tie
 
 
 def check(name, ref, response, token_texts, tie=0.0):
@@ -83,7 +80,8 @@ def check(name, ref, response, token_texts, tie=0.0):
         f"  reference: {ref['text']!r}"
     )
     assert usage["prompt_tokens"] == ref["prompt_tokens"], detail
-    if parted_at_near_tie(ref, got_tokens, want_tokens, tie):
+    parted = first_parting(got_tokens, want_tokens)
+    if parted is not None and ref["margins"][parted] < tie:
         return
     assert text == ref["text"], detail
     # chatd counts the eos token it stopped on; the reference ids leave it out.
