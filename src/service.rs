@@ -10,7 +10,7 @@ use serde_json::Value;
 use crate::api::{ApiError, Collector, Ended, Endpoint, Frontend, follow};
 use crate::config::Config;
 use crate::engine::{Engine, Event};
-use crate::model::{Model, kv_quant, runtime};
+use crate::model::{LoadedModel, kv_quant, runtime};
 use crate::text::{ChatTemplate, Tokenizer};
 
 /// Why a service could not be set up, by class (each is one C status).
@@ -166,7 +166,8 @@ impl Service {
         let started = Instant::now();
         let resident_before = crate::memory::resident_bytes();
         let tokenizer = Arc::new(Tokenizer::load(dir).map_err(model_error)?);
-        let mut model = Model::load(dir, &config.runtime, &|| calibration_tokens(&tokenizer)).map_err(model_error)?;
+        let mut model =
+            LoadedModel::load(dir, &config.runtime, &|| calibration_tokens(&tokenizer)).map_err(model_error)?;
         // Sized once the model is loaded: what is available then is what requests can have.
         let budget = size_budget(
             crate::memory::available_bytes(),

@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::model::{Model, ModelInfo};
+use crate::model::{Layout, LoadedModel, Model, ModelInfo, UseModel};
 use crate::text::Tokenizer;
 
 pub use request::{
@@ -198,38 +198,8 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the scheduler thread, which owns `model` from now on.
-    pub fn start(model: Model, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
-        let info = model.info().clone();
-        let layout = model.layout_name();
-        let provider = model.provider();
-        let kv_cache_dtype = model.kv_cache_dtype();
-        let stats = Arc::new(EngineStats::default());
-        if config.speculative_tokens > 0 && !model.can_verify() {
-            log::warn!("speculative_tokens is ignored: the {layout} layout cannot cut back a KV cache");
-        }
-        // The scheduler drains this channel every round into its own queue, where `max_queued`
-        // is enforced (by `stats.queued`) and waits and deadlines are watched.
-        let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1) * 2);
-        let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
-        let longest_prefill_run = scheduler.longest_prefill_run();
-        let thread = std::thread::Builder::new()
-            .name("chatd-engine".into())
-            .spawn(move || scheduler.run())
-            .context("starting the engine thread")?;
-        let request_timeout_ms = std::sync::atomic::AtomicU64::new(config.request_timeout.as_millis() as u64);
-        Ok(Self {
-            jobs: Some(tx),
-            thread: Some(thread),
-            info,
-            layout,
-            provider,
-            kv_cache_dtype,
-            tokenizer,
-            config,
-            longest_prefill_run,
-            stats,
-            request_timeout_ms,
-        })
+    pub fn start(model: LoadedModel, tokenizer: Arc<Tokenizer>, config: EngineConfig) -> Result<Self> {
+        model.with(Start { tokenizer, config })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -324,6 +294,51 @@ impl Engine {
                 })
             }
         }
+    }
+}
+
+/// `Engine::start` once the model's layout is known: the scheduler is built for it.
+struct Start {
+    tokenizer: Arc<Tokenizer>,
+    config: EngineConfig,
+}
+
+impl UseModel for Start {
+    type Output = Result<Engine>;
+
+    fn with<L: Layout>(self, model: Model<L>) -> Result<Engine> {
+        let Start { tokenizer, config } = self;
+        let info = model.info().clone();
+        let layout = model.layout_name();
+        let provider = model.provider();
+        let kv_cache_dtype = model.kv_cache_dtype();
+        let stats = Arc::new(EngineStats::default());
+        if config.speculative_tokens > 0 && !model.can_verify() {
+            log::warn!("speculative_tokens is ignored: the {layout} layout cannot cut back a KV cache");
+        }
+        // The scheduler drains this channel every round into its own queue, where `max_queued`
+        // is enforced (by `stats.queued`) and waits and deadlines are watched.
+        let (tx, rx) = crossbeam_channel::bounded(config.max_queued.max(1) * 2);
+        let scheduler = scheduler::Scheduler::new(model, tokenizer.clone(), config.clone(), rx, stats.clone());
+        let longest_prefill_run = scheduler.longest_prefill_run();
+        let thread = std::thread::Builder::new()
+            .name("chatd-engine".into())
+            .spawn(move || scheduler.run())
+            .context("starting the engine thread")?;
+        let request_timeout_ms = std::sync::atomic::AtomicU64::new(config.request_timeout.as_millis() as u64);
+        Ok(Engine {
+            jobs: Some(tx),
+            thread: Some(thread),
+            info,
+            layout,
+            provider,
+            kv_cache_dtype,
+            tokenizer,
+            config,
+            longest_prefill_run,
+            stats,
+            request_timeout_ms,
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use anyhow::Result;
 
 use super::EngineStats;
 use super::prefix_cache::{self, PrefixCache};
-use crate::model::{KvCache, Model};
+use crate::model::{KvCache, Layout, Model};
 
 /// The KV cache of the last finished request, left in the pool as it is instead of copied into
 /// the prefix cache: a chat's next turn resends the conversation and adds to it, and continues
@@ -19,9 +19,9 @@ use crate::model::{KvCache, Model};
 /// cache when the next request admitted does not continue it or after a second idle. Only a
 /// request that leaves the engine idle is parked: under load rows are copied out at once, so
 /// no parked row rides along in batched steps.
-pub(super) struct Parked {
+pub(super) struct Parked<L: Layout> {
     pub tokens: Vec<u32>,
-    pub cache: KvCache,
+    pub cache: KvCache<L>,
 }
 
 /// How many of a parked row's positions a request for `prompt` continues from, when it is that
@@ -32,12 +32,12 @@ pub(super) fn resumes(parked: &[u32], prompt: &[u32], chunk: usize) -> Option<us
     (len > 0 && parked.len() - len <= 2 * chunk).then_some(len)
 }
 
-pub(super) struct Reuse {
+pub(super) struct Reuse<L: Layout> {
     prefix: PrefixCache,
-    parked: Option<Parked>,
+    parked: Option<Parked<L>>,
 }
 
-impl Reuse {
+impl<L: Layout> Reuse<L> {
     pub fn new(prefix_cache_bytes: usize) -> Self {
         Self { prefix: PrefixCache::new(prefix_cache_bytes), parked: None }
     }
@@ -52,14 +52,14 @@ impl Reuse {
     }
 
     /// Copies the parked row, if any, into the prefix cache, freeing its place in the pool.
-    pub fn unpark(&mut self, model: &Model) {
+    pub fn unpark(&mut self, model: &Model<L>) {
         if let Some(parked) = self.parked.take() {
             stash(model, &mut self.prefix, parked);
         }
     }
 
     /// Gives back what an idle engine need not hold: the parked row and the prefix cache's slack.
-    pub fn release_idle(&mut self, model: &Model) {
+    pub fn release_idle(&mut self, model: &Model<L>) {
         self.unpark(model);
         self.prefix.shrink_for_idle();
     }
@@ -68,11 +68,11 @@ impl Reuse {
     /// from the longest cached prefix, else an empty one; and the positions it already holds.
     pub fn cache_for(
         &mut self,
-        model: &mut Model,
+        model: &mut Model<L>,
         prompt: &[u32],
         chunk: usize,
         stats: &EngineStats,
-    ) -> Result<(KvCache, usize)> {
+    ) -> Result<(KvCache<L>, usize)> {
         if let Some(mut parked) = self.parked.take() {
             if let Some(len) = resumes(&parked.tokens, prompt, chunk) {
                 model.truncate(&mut parked.cache, len)?;
@@ -103,7 +103,7 @@ impl Reuse {
     /// Keeps finished requests' caches: the last one stays parked when the engine goes idle with
     /// it (a chat's turn done, its next one on the way; and only where the model can run it
     /// again as it is), every other one, and an older parked row, goes to the prefix cache.
-    pub fn keep(&mut self, model: &Model, mut finished: Vec<Parked>, idle: bool) {
+    pub fn keep(&mut self, model: &Model<L>, mut finished: Vec<Parked<L>>, idle: bool) {
         let keep = (idle && model.can_verify()).then(|| finished.pop()).flatten();
         for parked in finished.into_iter().chain(self.parked.take()) {
             stash(model, &mut self.prefix, parked);
@@ -119,7 +119,7 @@ fn count_hit(stats: &EngineStats, len: usize) {
 
 /// Copies a parked cache into the prefix cache for later requests that share its tokens, and
 /// frees it.
-fn stash(model: &Model, prefix: &mut PrefixCache, parked: Parked) {
+fn stash<L: Layout>(model: &Model<L>, prefix: &mut PrefixCache, parked: Parked<L>) {
     let started = Instant::now();
     match model.snapshot(&parked.cache) {
         Ok(snapshot) => {

@@ -14,7 +14,7 @@ use super::waiting::{Admission, Waiting};
 use super::{EngineConfig, EngineStats};
 use rayon::prelude::*;
 
-use crate::model::{DecodeItem, KvCache, Model, ModelInfo};
+use crate::model::{DecodeItem, KvCache, Layout, Model, ModelInfo};
 use crate::sampling::{Rng, Sampler};
 use crate::text::Tokenizer;
 
@@ -41,7 +41,7 @@ struct Cut {
 
 impl Cut {
     /// The cut for `chunk`, spanning chunks where `model` gives the same bits either way.
-    fn probe(model: &mut Model, chunk: usize) -> Cut {
+    fn probe<L: Layout>(model: &mut Model<L>, chunk: usize) -> Cut {
         let chunk = chunk.max(1);
         // A one-token chunk is itself the lone run that rounds differently.
         if !(SHORTEST_RUN..ALONE_ROUND_TOKENS).contains(&chunk) {
@@ -190,9 +190,9 @@ pub(crate) struct Job {
 }
 
 /// An admitted request: its prompt is being fed, or its choices are being generated.
-struct Group {
+struct Group<L: Layout> {
     job: Job,
-    state: State,
+    state: State<L>,
     timings: Timings,
     first_token: bool,
     /// Prompt tokens restored from the prefix cache.
@@ -201,28 +201,28 @@ struct Group {
     events: Vec<Event>,
 }
 
-enum State {
-    Prefill { cache: KvCache, fed: usize },
-    Decode { seqs: Vec<Sequence> },
+enum State<L: Layout> {
+    Prefill { cache: KvCache<L>, fed: usize },
+    Decode { seqs: Vec<Sequence<L>> },
     Done,
 }
 
 /// The step loop. Each round: queued requests are admitted while there is room, every request
 /// still reading its prompt feeds one chunk, and every generating sequence of every request
 /// advances one token in one batched decode step. Requests join and leave between rounds.
-pub(crate) struct Scheduler {
-    model: Model,
+pub(crate) struct Scheduler<L: Layout> {
+    model: Model<L>,
     tokenizer: Arc<Tokenizer>,
     config: EngineConfig,
     cut: Cut,
     jobs: Receiver<Job>,
     stats: Arc<EngineStats>,
-    groups: Vec<Group>,
+    groups: Vec<Group<L>>,
     /// Jobs taken off the channel, waiting for room, oldest first (first come, first served).
     waiting: Waiting,
     running: usize,
     /// The parked row and the prefix cache.
-    reuse: Reuse,
+    reuse: Reuse<L>,
     pacer: Pacer,
     /// Logits of the last prompt chunk run, reused from chunk to chunk.
     prefill_logits: Vec<f32>,
@@ -237,9 +237,9 @@ pub(crate) struct Scheduler {
     resident_checked: Instant,
 }
 
-impl Scheduler {
+impl<L: Layout> Scheduler<L> {
     pub fn new(
-        mut model: Model,
+        mut model: Model<L>,
         tokenizer: Arc<Tokenizer>,
         config: EngineConfig,
         jobs: Receiver<Job>,
@@ -517,7 +517,7 @@ impl Scheduler {
         // several requests are generating, so one request's heavy work runs beside the others'.
         let info = self.model.info();
         let tokenizer = &self.tokenizer;
-        let work = |group: &mut Group| advance_group(group, info, tokenizer, elapsed);
+        let work = |group: &mut Group<L>| advance_group(group, info, tokenizer, elapsed);
         let generating = self.groups.iter().filter(|g| matches!(g.state, State::Decode { .. })).count();
         match &self.workers {
             Some(pool) if generating > 1 => pool.install(|| self.groups.par_iter_mut().for_each(work)),
@@ -651,7 +651,7 @@ impl Scheduler {
 }
 
 /// The first choice's cache and the tokens it holds (the prompt and the reply so far).
-fn park(request: &GenerateRequest, seq: Sequence) -> Parked {
+fn park<L: Layout>(request: &GenerateRequest, seq: Sequence<L>) -> Parked<L> {
     let fed = seq.cache.len() - request.prompt.len();
     let mut tokens = Vec::with_capacity(seq.cache.len());
     tokens.extend_from_slice(&request.prompt);
@@ -664,7 +664,7 @@ fn rules<'a>(info: &'a ModelInfo, tokenizer: &'a Arc<Tokenizer>, request: &'a Ge
 }
 
 /// Samples the next token of each generating sequence of `group` from its fresh logits.
-fn advance_group(group: &mut Group, info: &ModelInfo, tokenizer: &Arc<Tokenizer>, step: Duration) {
+fn advance_group<L: Layout>(group: &mut Group<L>, info: &ModelInfo, tokenizer: &Arc<Tokenizer>, step: Duration) {
     let State::Decode { seqs } = &mut group.state else { return };
     group.timings.model += step;
     let rules = rules(info, tokenizer, &group.job.request);
@@ -682,13 +682,13 @@ fn advance_group(group: &mut Group, info: &ModelInfo, tokenizer: &Arc<Tokenizer>
 
 /// Feeds the prompt in runs cut as `cut` says while `budget` allows; returns the tokens fed.
 /// After the last run, forks the cache into `n` choices and samples each first token.
-fn prefill_step(
-    model: &mut Model,
+fn prefill_step<L: Layout>(
+    model: &mut Model<L>,
     tokenizer: &Arc<Tokenizer>,
     logits: &mut Vec<f32>,
     cut: Cut,
     budget: usize,
-    group: &mut Group,
+    group: &mut Group<L>,
 ) -> Result<usize> {
     let mut fed_now = 0;
     loop {
@@ -703,13 +703,13 @@ fn prefill_step(
 }
 
 /// Runs prompt positions `start..end`; after the last, starts generating.
-fn prefill_chunk(
-    model: &mut Model,
+fn prefill_chunk<L: Layout>(
+    model: &mut Model<L>,
     tokenizer: &Arc<Tokenizer>,
     logits: &mut Vec<f32>,
     start: usize,
     end: usize,
-    group: &mut Group,
+    group: &mut Group<L>,
 ) -> Result<()> {
     let State::Prefill { cache, fed } = &mut group.state else { return Ok(()) };
     let prompt = &group.job.request.prompt;
@@ -746,7 +746,7 @@ fn prefill_chunk(
     Ok(())
 }
 
-fn fail(group: &mut Group, error: Arc<anyhow::Error>) {
+fn fail<L: Layout>(group: &mut Group<L>, error: Arc<anyhow::Error>) {
     let kind = if error.downcast_ref::<crate::constraint::Failed>().is_some() {
         log::info!("request ended by its constraint: {error:#}");
         ErrorKind::Constraint
@@ -761,7 +761,7 @@ fn fail(group: &mut Group, error: Arc<anyhow::Error>) {
 
 /// Ends a request early (cancelled, or past its deadline): each unfinished choice gets what
 /// its stop matcher held back and a finish with `reason`, then `Done` with the usage so far.
-fn end(group: &mut Group, reason: FinishReason) {
+fn end<L: Layout>(group: &mut Group<L>, reason: FinishReason) {
     let mut completion_tokens = 0;
     match &mut group.state {
         State::Decode { seqs } => {

@@ -6,14 +6,14 @@ use anyhow::Result;
 use super::request::{Event, FinishReason, GenerateRequest, Matched, ThinkingBudget, Timings};
 use super::speculation::Drafter;
 use crate::constraint::{Constraint, Next};
-use crate::model::KvCache;
+use crate::model::{KvCache, Layout};
 use crate::sampling::{self, Sampler, TokenLogprobs};
 use crate::text::{IncrementalDecoder, StopMatcher, StopOutcome, Tokenizer};
 
 /// One choice being generated: its cache, its sampler and its text state.
-pub(super) struct Sequence {
+pub(super) struct Sequence<L: Layout> {
     pub choice: usize,
-    pub cache: KvCache,
+    pub cache: KvCache<L>,
     /// Logits for the next token, filled by the model.
     pub logits: Vec<f32>,
     /// The last sampled token, not yet in the cache.
@@ -70,7 +70,7 @@ pub(super) struct Rules<'a> {
     pub tokenizer: &'a Arc<Tokenizer>,
 }
 
-impl Sequence {
+impl<L: Layout> Sequence<L> {
     /// Bytes of this sequence's own buffers (logits, sampling, tokens), for `/health`.
     pub fn buffer_bytes(&self) -> usize {
         use std::mem::size_of;
@@ -79,7 +79,13 @@ impl Sequence {
             + self.tokens.capacity() * size_of::<u32>()
     }
 
-    pub fn new(choice: usize, cache: KvCache, logits: Vec<f32>, sampler: Sampler, request: &GenerateRequest) -> Self {
+    pub fn new(
+        choice: usize,
+        cache: KvCache<L>,
+        logits: Vec<f32>,
+        sampler: Sampler,
+        request: &GenerateRequest,
+    ) -> Self {
         Self {
             choice,
             cache,

@@ -20,8 +20,9 @@ use serde_json::Value;
 use super::config::{GenerationDefaults, MarkerIds, ids_of, read_json};
 use super::kv_pool::{KvPool, RowLease};
 use super::kv_quant::{self, CacheNames, KvCacheDtype, Scales};
+use super::pages::Pages;
 use super::runtime::{self, RuntimeOptions};
-use super::{ModelInfo, logit_positions, proto};
+use super::{DecodeItem, Layout, ModelInfo, logit_positions, proto};
 
 /// What `genai_config.json` says about the decoder.
 pub struct GenaiConfig {
@@ -168,11 +169,11 @@ pub struct GenaiModel {
 }
 
 /// One sequence in a batched decode step.
-pub struct DecodeRow<'a> {
-    pub lease: &'a mut RowLease,
-    pub len: usize,
-    pub token: u32,
-    pub logits: &'a mut [f32],
+struct DecodeRow<'a> {
+    lease: &'a mut RowLease,
+    len: usize,
+    token: u32,
+    logits: &'a mut [f32],
 }
 
 impl GenaiModel {
@@ -267,44 +268,26 @@ impl GenaiModel {
         })
     }
 
-    pub fn kv_cache_dtype(&self) -> KvCacheDtype {
-        self.dtype
-    }
-
     /// Per cache tensor (pool buffer order), each channel's largest magnitude over `tokens`
     /// (float32 caches only): what `kv_quant` makes its scales from.
     pub fn channel_magnitudes(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>> {
         ensure!(self.dtype == KvCacheDtype::Float32, "calibrating needs float32 caches");
-        let lease = self.lease()?;
+        let lease = self.pool.lease()?;
         self.prefill(&lease, 0, tokens, false)?;
         let (heads, dim) = (self.pool.kv_heads(), self.stored_dim);
         let rows = self.pool.read_row(lease.row(), tokens.len());
         Ok(rows.iter().map(|data| kv_quant::channel_magnitudes(data, heads, tokens.len(), dim)).collect())
     }
 
-    pub fn pool(&self) -> &KvPool {
-        &self.pool
-    }
-
-    pub fn pool_mut(&mut self) -> &mut KvPool {
-        &mut self.pool
-    }
-
-    pub fn lease(&mut self) -> Result<RowLease> {
-        self.pool.lease()
-    }
-
-    pub fn fork(&mut self, lease: &RowLease, len: usize) -> Result<RowLease> {
-        let copy = self.pool.lease()?;
-        self.pool.copy_row(lease.row(), copy.row(), len);
-        self.pool.set_row_len(copy.row(), len);
-        Ok(copy)
+    /// Sets the pool's budget (calibration runs unbounded).
+    pub fn set_kv_budget(&mut self, bytes: usize) {
+        self.pool.set_budget(bytes);
     }
 
     /// Feeds `tokens` (a prompt chunk, or a token and its draft continuation) to one sequence
     /// at batch size 1; returns the logits after each of them (`all`, `tokens.len()` rows) or
     /// at least after the last (the last row).
-    pub fn prefill(&mut self, lease: &RowLease, len: usize, tokens: &[u32], all: bool) -> Result<&[f32]> {
+    fn prefill(&mut self, lease: &RowLease, len: usize, tokens: &[u32], all: bool) -> Result<&[f32]> {
         let n = tokens.len();
         self.pool.ensure_capacity(len + n)?;
         self.ids.clear();
@@ -326,14 +309,9 @@ impl GenaiModel {
         Ok(&self.logits[..rows * self.vocab])
     }
 
-    /// Forgets every position of the row from `len` on; they are overwritten by later runs.
-    pub fn truncate(&mut self, lease: &RowLease, len: usize) {
-        self.pool.set_row_len(lease.row(), len);
-    }
-
     /// One token for each of `rows` in a single run. Leased rows that are not in the step ride
     /// along with a padding token written past their valid length, where it is overwritten later.
-    pub fn decode(&mut self, rows: &mut [DecodeRow<'_>]) -> Result<()> {
+    fn decode_rows(&mut self, rows: &mut [DecodeRow<'_>]) -> Result<()> {
         for row in rows.iter_mut() {
             self.pool.move_down(row.lease, row.len);
         }
@@ -487,6 +465,76 @@ fn kv_type_refusal(input: &str, ty: &str, built_for: Option<&str>) -> String {
          CPU folder from the Hugging Face model: python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4 \
          -e cpu (or use the Optimum layout)"
     )
+}
+
+impl Layout for GenaiModel {
+    /// A row of the shared pool.
+    type Kv = RowLease;
+    const NAME: &'static str = "genai";
+    const CAN_VERIFY: bool = true;
+
+    fn new_kv(&mut self) -> Result<RowLease> {
+        self.pool.lease()
+    }
+
+    fn fork_kv(&mut self, lease: &RowLease, len: usize) -> Result<RowLease> {
+        let copy = self.pool.lease()?;
+        self.pool.copy_row(lease.row(), copy.row(), len);
+        self.pool.set_row_len(copy.row(), len);
+        Ok(copy)
+    }
+
+    fn read_kv(&self, lease: &RowLease, len: usize) -> Result<Vec<Pages>> {
+        Ok(self.pool.read_row(lease.row(), len))
+    }
+
+    fn restore_kv(&mut self, data: &[Pages], data_len: usize, len: usize) -> Result<RowLease> {
+        let lease = self.pool.lease()?;
+        self.pool.ensure_capacity(len + 1)?;
+        self.pool.write_row(lease.row(), data, data_len, len);
+        Ok(lease)
+    }
+
+    fn forward(&mut self, tokens: &[u32], lease: &mut RowLease, len: usize, logits: &mut [f32]) -> Result<()> {
+        let rows = self.prefill(lease, len, tokens, false)?;
+        logits.copy_from_slice(&rows[rows.len() - logits.len()..]);
+        Ok(())
+    }
+
+    fn decode(&mut self, items: &mut [DecodeItem<'_, Self>]) -> Result<()> {
+        let mut rows: Vec<DecodeRow<'_>> = items
+            .iter_mut()
+            .map(|item| DecodeRow {
+                lease: &mut item.cache.inner,
+                len: item.cache.len,
+                token: item.token,
+                logits: &mut *item.logits,
+            })
+            .collect();
+        self.decode_rows(&mut rows)
+    }
+
+    fn verify(&mut self, tokens: &[u32], lease: &mut RowLease, len: usize) -> Result<&[f32]> {
+        self.prefill(lease, len, tokens, true)
+    }
+
+    /// Forgets every position of the row from `len` on; they are overwritten by later runs.
+    fn truncate(&mut self, lease: &mut RowLease, len: usize) -> Result<()> {
+        self.pool.set_row_len(lease.row(), len);
+        Ok(())
+    }
+
+    fn pool(&self) -> Option<&KvPool> {
+        Some(&self.pool)
+    }
+
+    fn pool_mut(&mut self) -> Option<&mut KvPool> {
+        Some(&mut self.pool)
+    }
+
+    fn kv_cache_dtype(&self) -> KvCacheDtype {
+        self.dtype
+    }
 }
 
 /// Opens the decoder with the `logit_positions` input added (see that module), or as it is

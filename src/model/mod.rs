@@ -6,6 +6,7 @@ mod config;
 mod genai;
 mod kv_pool;
 pub mod kv_quant;
+mod layout;
 mod logit_positions;
 mod optimum;
 mod pages;
@@ -17,36 +18,50 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 pub use config::{GenerationDefaults, MarkerIds, ModelInfo};
+use kv_pool::KvPool;
 pub use kv_quant::KvCacheDtype;
+pub use layout::Layout;
 pub use runtime::{Provider, RuntimeError, RuntimeOptions};
 
-/// A loaded decoder model. `forward` takes `&mut self` because an ONNX Runtime session runs one
-/// call at a time; the engine's scheduler thread owns the model.
-pub struct Model {
+/// A loaded decoder model of layout `L`. `forward` takes `&mut self` because an ONNX Runtime
+/// session runs one call at a time; the engine's scheduler thread owns the model.
+pub struct Model<L: Layout> {
     info: ModelInfo,
-    layout: Layout,
+    layout: L,
     provider: Provider,
 }
 
-/// The on-disk layouts chatd understands, each with its own KV handling.
-enum Layout {
+/// A model as `load` found it, in whichever layout its folder has. The only place that lists
+/// the layouts: everything past loading is generic over [`Layout`] (see [`UseModel`]).
+pub enum LoadedModel {
     /// Hugging Face Optimum: each sequence's presents come back as new tensors, run one
     /// sequence at a time (its graph makes every row of a batch pay for the longest).
-    Optimum(optimum::OptimumModel),
+    Optimum(Model<optimum::OptimumModel>),
     /// onnxruntime-genai: a shared in-place KV pool, decode steps batched across sequences.
-    Genai(genai::GenaiModel),
+    Genai(Model<genai::GenaiModel>),
 }
 
-/// One sequence's attention keys and values, as the model's layout keeps them.
-pub struct KvCache {
+/// What takes a loaded model over, whatever its layout (the engine's start).
+pub trait UseModel {
+    type Output;
+    fn with<L: Layout>(self, model: Model<L>) -> Self::Output;
+}
+
+/// `$body` with `$model` bound to the model of each layout.
+macro_rules! each_layout {
+    ($loaded:expr, $model:ident => $body:expr) => {
+        match $loaded {
+            LoadedModel::Optimum($model) => $body,
+            LoadedModel::Genai($model) => $body,
+        }
+    };
+}
+
+/// One sequence's attention keys and values, as layout `L` keeps them.
+pub struct KvCache<L: Layout> {
     /// Tokens whose keys and values the cache holds.
     len: usize,
-    inner: KvInner,
-}
-
-enum KvInner {
-    Optimum(optimum::OptimumKv),
-    Genai(kv_pool::RowLease),
+    inner: L::Kv,
 }
 
 /// A copy of a cache's keys and values, kept outside the model's working memory (the prefix
@@ -78,13 +93,13 @@ impl KvSnapshot {
 }
 
 /// One sequence's next token in a batched decode step.
-pub struct DecodeItem<'a> {
-    pub cache: &'a mut KvCache,
+pub struct DecodeItem<'a, L: Layout> {
+    pub cache: &'a mut KvCache<L>,
     pub token: u32,
     pub logits: &'a mut [f32],
 }
 
-impl KvCache {
+impl<L: Layout> KvCache<L> {
     pub fn len(&self) -> usize {
         self.len
     }
@@ -94,7 +109,7 @@ impl KvCache {
     }
 }
 
-impl Model {
+impl LoadedModel {
     /// Loads a model folder: the onnxruntime-genai layout when it has `genai_config.json`, else
     /// the Hugging Face Optimum layout (see the README's "Model folders"). `calibration` gives
     /// the tokens of [`kv_quant::CALIBRATION_CHAT`] as the model sees them; it is called only
@@ -115,7 +130,7 @@ impl Model {
             }
             let model = load_genai(&mut config, &options, calibration)
                 .with_context(|| format!("loading {}", config.file.display()))?;
-            return Ok(Self { info: config.info, layout: Layout::Genai(model), provider: options.provider });
+            return Ok(Self::Genai(Model { info: config.info, layout: model, provider: options.provider }));
         }
         anyhow::ensure!(
             options.kv_cache_dtype == KvCacheDtype::Float32,
@@ -128,184 +143,138 @@ impl Model {
         let session = runtime::open_session(&file, options).with_context(|| format!("loading {}", file.display()))?;
         let optimum = optimum::OptimumModel::new(session, &info)
             .with_context(|| format!("reading the inputs and outputs of {}", file.display()))?;
-        Ok(Self { info, layout: Layout::Optimum(optimum), provider: options.provider })
+        Ok(Self::Optimum(Model { info, layout: optimum, provider: options.provider }))
     }
 
-    /// How the shared KV pool stores keys and values (float32 outside the genai layout).
+    pub fn info(&self) -> &ModelInfo {
+        each_layout!(self, m => m.info())
+    }
+
+    pub fn layout_name(&self) -> &'static str {
+        each_layout!(self, m => m.layout_name())
+    }
+
+    /// Sets the shared KV pool's budget (layouts without a pool have none).
+    pub fn set_kv_budget(&mut self, bytes: usize) {
+        each_layout!(self, m => m.set_kv_budget(bytes))
+    }
+
+    /// Hands the model, in its own layout's type, to `user`.
+    pub fn with<U: UseModel>(self, user: U) -> U::Output {
+        each_layout!(self, m => user.with(m))
+    }
+}
+
+impl<L: Layout> Model<L> {
+    /// How the shared KV pool stores keys and values (float32 where there is none).
     pub fn kv_cache_dtype(&self) -> KvCacheDtype {
-        match &self.layout {
-            Layout::Optimum(_) => KvCacheDtype::Float32,
-            Layout::Genai(m) => m.kv_cache_dtype(),
-        }
+        self.layout.kv_cache_dtype()
     }
 
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
 
-    /// "optimum" or "genai".
     /// The execution provider the model runs on.
     pub fn provider(&self) -> Provider {
         self.provider
     }
 
+    /// "optimum" or "genai".
     pub fn layout_name(&self) -> &'static str {
-        match self.layout {
-            Layout::Optimum(_) => "optimum",
-            Layout::Genai(_) => "genai",
-        }
+        L::NAME
     }
 
     /// Whether `count` new sequences of `positions` tokens fit the KV budget now.
     pub fn has_room_for(&self, positions: usize, count: usize) -> bool {
-        match &self.layout {
-            Layout::Optimum(_) => true,
-            Layout::Genai(m) => m.pool().has_room_for(positions, count),
-        }
+        self.layout.pool().is_none_or(|p| p.has_room_for(positions, count))
     }
 
-    /// The longest a sequence can grow now (the genai pool's budget; unbounded otherwise).
+    /// The longest a sequence can grow now (the pool's budget; unbounded without a pool).
     pub fn kv_position_limit(&self) -> usize {
-        match &self.layout {
-            Layout::Optimum(_) => usize::MAX,
-            Layout::Genai(m) => m.pool().position_limit(),
-        }
+        self.layout.pool().map_or(usize::MAX, KvPool::position_limit)
     }
 
-    /// Bytes held for keys and values by the shared pool (the Optimum layout's caches live in
-    /// ONNX Runtime tensors owned by each sequence and are not counted here).
+    /// Bytes held for keys and values by the shared pool (caches a layout keeps per sequence
+    /// are not counted here: see `private_cache_bytes`).
     pub fn kv_pool_bytes(&self) -> usize {
-        match &self.layout {
-            Layout::Optimum(_) => 0,
-            Layout::Genai(m) => m.pool().allocated_bytes(),
-        }
+        self.layout.pool().map_or(0, KvPool::allocated_bytes)
     }
 
     /// Bytes of the shared pool resident in memory (positions never written take none).
     pub fn kv_pool_resident_bytes(&self) -> usize {
-        match &self.layout {
-            Layout::Optimum(_) => 0,
-            Layout::Genai(m) => m.pool().resident_bytes(),
-        }
+        self.layout.pool().map_or(0, KvPool::resident_bytes)
     }
 
     /// Bytes of the shared pool held by live sequences now.
     pub fn kv_pool_used_bytes(&self) -> usize {
-        match &self.layout {
-            Layout::Optimum(_) => 0,
-            Layout::Genai(m) => m.pool().used_bytes(),
-        }
+        self.layout.pool().map_or(0, KvPool::used_bytes)
     }
 
-    /// Bytes of keys and values `cache` holds outside the shared pool: an Optimum-layout
-    /// cache's own tensors (a genai-layout cache is a row of the pool, counted there).
-    pub fn private_cache_bytes(&self, cache: &KvCache) -> usize {
-        match &cache.inner {
-            KvInner::Optimum(_) => {
-                let info = self.info();
-                cache.len * 2 * info.num_layers * info.num_kv_heads * info.head_dim * std::mem::size_of::<f32>()
-            }
-            KvInner::Genai(_) => 0,
-        }
+    /// Bytes of keys and values `cache` holds outside the shared pool (an Optimum-layout
+    /// cache's own tensors; a genai-layout cache is a row of the pool, counted there).
+    pub fn private_cache_bytes(&self, cache: &KvCache<L>) -> usize {
+        self.layout.private_kv_bytes(&self.info, cache.len)
     }
 
-    /// Bytes one sequence's row takes in the shared pool now (0 outside the genai layout).
+    /// Bytes one sequence's row takes in the shared pool now (0 without a pool).
     pub fn kv_row_bytes(&self) -> usize {
-        match &self.layout {
-            Layout::Optimum(_) => 0,
-            Layout::Genai(m) => m.pool().capacity() * m.pool().bytes_per_position(),
-        }
+        self.layout.pool().map_or(0, |p| p.capacity() * p.bytes_per_position())
     }
 
-    /// Sets the shared KV pool's budget (genai layout; the Optimum layout has no pool).
+    /// Sets the shared KV pool's budget.
     pub fn set_kv_budget(&mut self, bytes: usize) {
-        if let Layout::Genai(m) = &mut self.layout {
-            m.pool_mut().set_budget(bytes);
+        if let Some(pool) = self.layout.pool_mut() {
+            pool.set_budget(bytes);
         }
     }
 
-    /// Gives back the memory of the pool's rows no sequence holds (genai layout).
+    /// Gives back the memory of the pool's rows no sequence holds.
     pub fn discard_free_kv_rows(&mut self) {
-        if let Layout::Genai(m) = &mut self.layout {
-            m.pool_mut().discard_free_rows();
+        if let Some(pool) = self.layout.pool_mut() {
+            pool.discard_free_rows();
         }
     }
 
-    /// Gives back working memory no sequence uses (the genai pool, when no row is leased).
+    /// Gives back working memory no sequence uses (the pool, when no row is leased).
     pub fn release_idle_memory(&mut self) {
-        if let Layout::Genai(m) = &mut self.layout {
-            m.pool_mut().release_if_idle();
+        if let Some(pool) = self.layout.pool_mut() {
+            pool.release_if_idle();
         }
     }
 
-    pub fn new_cache(&mut self) -> Result<KvCache> {
-        let inner = match &mut self.layout {
-            Layout::Optimum(m) => KvInner::Optimum(m.empty_cache()?),
-            Layout::Genai(m) => KvInner::Genai(m.lease()?),
-        };
-        Ok(KvCache { len: 0, inner })
+    pub fn new_cache(&mut self) -> Result<KvCache<L>> {
+        Ok(KvCache { len: 0, inner: self.layout.new_kv()? })
     }
 
     /// A second cache with the same contents, for another choice of the same prompt (`n > 1`).
-    pub fn fork_cache(&mut self, cache: &KvCache) -> Result<KvCache> {
-        let inner = match (&mut self.layout, &cache.inner) {
-            (_, KvInner::Optimum(kv)) => KvInner::Optimum(kv.deep_copy()?),
-            (Layout::Genai(m), KvInner::Genai(lease)) => KvInner::Genai(m.fork(lease, cache.len)?),
-            _ => anyhow::bail!("a cache of another layout"),
-        };
-        Ok(KvCache { len: cache.len, inner })
+    pub fn fork_cache(&mut self, cache: &KvCache<L>) -> Result<KvCache<L>> {
+        Ok(KvCache { len: cache.len, inner: self.layout.fork_kv(&cache.inner, cache.len)? })
     }
 
     /// Copies the keys and values of `cache` out of the model's working memory.
-    pub fn snapshot(&self, cache: &KvCache) -> Result<KvSnapshot> {
-        let data = match (&self.layout, &cache.inner) {
-            (_, KvInner::Optimum(kv)) => kv.read()?,
-            (Layout::Genai(m), KvInner::Genai(lease)) => m.pool().read_row(lease.row(), cache.len),
-            _ => anyhow::bail!("a cache of another layout"),
-        };
-        Ok(KvSnapshot { len: cache.len, data })
+    pub fn snapshot(&self, cache: &KvCache<L>) -> Result<KvSnapshot> {
+        Ok(KvSnapshot { len: cache.len, data: self.layout.read_kv(&cache.inner, cache.len)? })
     }
 
     /// A new cache holding the first `len` positions of `snapshot`.
-    pub fn restore(&mut self, snapshot: &KvSnapshot, len: usize) -> Result<KvCache> {
+    pub fn restore(&mut self, snapshot: &KvSnapshot, len: usize) -> Result<KvCache<L>> {
         anyhow::ensure!(len <= snapshot.len, "restoring {len} of {} positions", snapshot.len);
-        let inner = match &mut self.layout {
-            Layout::Optimum(m) => KvInner::Optimum(optimum::OptimumKv::from_data(
-                &snapshot.data,
-                snapshot.len,
-                len,
-                m.kv_heads(),
-                m.head_dim(),
-            )?),
-            Layout::Genai(m) => {
-                let lease = m.lease()?;
-                m.pool_mut().ensure_capacity(len + 1)?;
-                m.pool_mut().write_row(lease.row(), &snapshot.data, snapshot.len, len);
-                KvInner::Genai(lease)
-            }
-        };
-        Ok(KvCache { len, inner })
+        Ok(KvCache { len, inner: self.layout.restore_kv(&snapshot.data, snapshot.len, len)? })
     }
 
     /// Runs `tokens` after what `cache` holds, appends them to the cache, and writes the logits
     /// for the token after the last one into `logits` (vocabulary-sized).
-    pub fn forward(&mut self, tokens: &[u32], cache: &mut KvCache, logits: &mut [f32]) -> Result<()> {
+    pub fn forward(&mut self, tokens: &[u32], cache: &mut KvCache<L>, logits: &mut [f32]) -> Result<()> {
         anyhow::ensure!(!tokens.is_empty(), "forward needs at least one token");
-        match (&mut self.layout, &mut cache.inner) {
-            (Layout::Optimum(m), KvInner::Optimum(kv)) => m.forward(tokens, cache.len, kv, logits)?,
-            (Layout::Genai(m), KvInner::Genai(lease)) => {
-                let rows = m.prefill(lease, cache.len, tokens, false)?;
-                logits.copy_from_slice(&rows[rows.len() - logits.len()..]);
-            }
-            _ => anyhow::bail!("a cache of another layout"),
-        }
+        self.layout.forward(tokens, &mut cache.inner, cache.len, logits)?;
         cache.len += tokens.len();
         Ok(())
     }
 
     /// Whether `verify` and `truncate` work: a layout whose KV cache can be cut back cheaply.
     pub fn can_verify(&self) -> bool {
-        matches!(self.layout, Layout::Genai(_))
+        L::CAN_VERIFY
     }
 
     /// Whether feeding `tokens` in one run gives bit for bit what feeding them in runs of
@@ -331,12 +300,9 @@ impl Model {
 
     /// Like `forward`, but writes the logits after every one of `tokens` into `logits`
     /// (`tokens.len()` vocabulary-sized rows): checking draft tokens takes one run.
-    pub fn verify(&mut self, tokens: &[u32], cache: &mut KvCache, logits: &mut Vec<f32>) -> Result<()> {
+    pub fn verify(&mut self, tokens: &[u32], cache: &mut KvCache<L>, logits: &mut Vec<f32>) -> Result<()> {
         anyhow::ensure!(!tokens.is_empty(), "verify needs at least one token");
-        let (Layout::Genai(m), KvInner::Genai(lease)) = (&mut self.layout, &mut cache.inner) else {
-            anyhow::bail!("only the onnxruntime-genai layout can verify drafts");
-        };
-        let rows = m.prefill(lease, cache.len, tokens, true)?;
+        let rows = self.layout.verify(tokens, &mut cache.inner, cache.len)?;
         logits.clear();
         logits.extend_from_slice(rows);
         cache.len += tokens.len();
@@ -344,41 +310,18 @@ impl Model {
     }
 
     /// Cuts `cache` back to its first `len` positions (rejected draft tokens).
-    pub fn truncate(&mut self, cache: &mut KvCache, len: usize) -> Result<()> {
+    pub fn truncate(&mut self, cache: &mut KvCache<L>, len: usize) -> Result<()> {
         anyhow::ensure!(len <= cache.len, "cannot truncate a cache of {} positions to {len}", cache.len);
-        match (&mut self.layout, &cache.inner) {
-            (Layout::Genai(m), KvInner::Genai(lease)) => m.truncate(lease, len),
-            _ => anyhow::bail!("only the onnxruntime-genai layout can truncate a cache"),
-        }
+        self.layout.truncate(&mut cache.inner, len)?;
         cache.len = len;
         Ok(())
     }
 
-    /// Feeds one token to each item's sequence: one batched run in the genai layout, one run
-    /// per sequence in the Optimum layout.
-    pub fn decode(&mut self, items: &mut [DecodeItem<'_>]) -> Result<()> {
-        match &mut self.layout {
-            Layout::Optimum(_) => {
-                for item in items.iter_mut() {
-                    let token = [item.token];
-                    self.forward(&token, item.cache, item.logits)?;
-                }
-            }
-            Layout::Genai(m) => {
-                let mut rows = Vec::with_capacity(items.len());
-                for item in items.iter_mut() {
-                    let len = item.cache.len;
-                    let KvInner::Genai(lease) = &mut item.cache.inner else {
-                        anyhow::bail!("a cache of another layout")
-                    };
-                    rows.push(genai::DecodeRow { lease, len, token: item.token, logits: &mut *item.logits });
-                }
-                m.decode(&mut rows)?;
-                drop(rows);
-                for item in items.iter_mut() {
-                    item.cache.len += 1;
-                }
-            }
+    /// Feeds one token to each item's sequence (one batched run where the layout batches).
+    pub fn decode(&mut self, items: &mut [DecodeItem<'_, L>]) -> Result<()> {
+        self.layout.decode(items)?;
+        for item in items.iter_mut() {
+            item.cache.len += 1;
         }
         Ok(())
     }
@@ -401,7 +344,7 @@ fn load_genai(
     let started = std::time::Instant::now();
     let tokens = calibration()?;
     let mut float = float;
-    float.pool_mut().set_budget(usize::MAX);
+    float.set_kv_budget(usize::MAX);
     let magnitudes = float.channel_magnitudes(&tokens).context("running the calibration chat")?;
     drop(float);
     let scales = kv_quant::Scales::from_magnitudes(dtype, &magnitudes);

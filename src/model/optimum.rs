@@ -9,8 +9,8 @@ use ort::memory::Allocator;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynTensor, DynTensorValueType, TensorElementType, TensorRef, ValueType};
 
-use super::ModelInfo;
 use super::pages::Pages;
+use super::{Layout, ModelInfo};
 
 /// What each model input is fed with, in the session's input order.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -44,7 +44,7 @@ pub struct OptimumKv {
 
 impl OptimumKv {
     /// The keys and values as `[kv_heads, len, head_dim]` per layer input (float32 caches only).
-    pub fn read(&self) -> Result<Vec<Pages>> {
+    fn read(&self) -> Result<Vec<Pages>> {
         self.values
             .iter()
             .map(|v| {
@@ -55,7 +55,7 @@ impl OptimumKv {
     }
 
     /// A cache of the first `len` of `data_len` positions of `data` (as `read` gives).
-    pub fn from_data(data: &[Pages], data_len: usize, len: usize, heads: usize, dim: usize) -> Result<Self> {
+    fn from_data(data: &[Pages], data_len: usize, len: usize, heads: usize, dim: usize) -> Result<Self> {
         let values = data
             .iter()
             .map(|src| {
@@ -70,7 +70,7 @@ impl OptimumKv {
         Ok(Self { values })
     }
 
-    pub fn deep_copy(&self) -> Result<Self> {
+    fn deep_copy(&self) -> Result<Self> {
         let values = self
             .values
             .iter()
@@ -168,15 +168,7 @@ impl OptimumModel {
         })
     }
 
-    pub fn kv_heads(&self) -> usize {
-        self.num_kv_heads
-    }
-
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
-    }
-
-    pub fn empty_cache(&self) -> Result<OptimumKv> {
+    fn empty_cache(&self) -> Result<OptimumKv> {
         let shape = [1i64, self.num_kv_heads as i64, 0, self.head_dim as i64];
         let values = (0..self.present_names.len())
             .map(|_| DynTensor::new(&Allocator::default(), self.kv_type, shape.to_vec()))
@@ -184,7 +176,7 @@ impl OptimumModel {
         Ok(OptimumKv { values })
     }
 
-    pub fn forward(&mut self, tokens: &[u32], past: usize, kv: &mut OptimumKv, logits: &mut [f32]) -> Result<()> {
+    fn run(&mut self, tokens: &[u32], past: usize, kv: &mut OptimumKv, logits: &mut [f32]) -> Result<()> {
         let n = tokens.len();
         self.ids.clear();
         self.ids.extend(tokens.iter().map(|&t| i64::from(t)));
@@ -274,6 +266,36 @@ fn f16_to_f32(h: u16) -> f32 {
         _ => sign | ((exp + 112) << 23) | (frac << 13),
     };
     f32::from_bits(bits)
+}
+
+impl Layout for OptimumModel {
+    type Kv = OptimumKv;
+    const NAME: &'static str = "optimum";
+
+    fn new_kv(&mut self) -> Result<OptimumKv> {
+        self.empty_cache()
+    }
+
+    fn fork_kv(&mut self, kv: &OptimumKv, _len: usize) -> Result<OptimumKv> {
+        kv.deep_copy()
+    }
+
+    fn read_kv(&self, kv: &OptimumKv, _len: usize) -> Result<Vec<Pages>> {
+        kv.read()
+    }
+
+    fn restore_kv(&mut self, data: &[Pages], data_len: usize, len: usize) -> Result<OptimumKv> {
+        OptimumKv::from_data(data, data_len, len, self.num_kv_heads, self.head_dim)
+    }
+
+    fn forward(&mut self, tokens: &[u32], kv: &mut OptimumKv, len: usize, logits: &mut [f32]) -> Result<()> {
+        self.run(tokens, len, kv, logits)
+    }
+
+    /// The presents ONNX Runtime allocated for this cache, owned by its sequence.
+    fn private_kv_bytes(&self, info: &ModelInfo, len: usize) -> usize {
+        len * 2 * info.num_layers * self.num_kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
 }
 
 #[cfg(test)]
