@@ -11,6 +11,7 @@ mod reuse;
 mod scheduler;
 mod sequence;
 mod speculation;
+mod upkeep;
 mod waiting;
 
 use std::sync::Arc;

@@ -10,6 +10,7 @@ use super::request::{EngineError, ErrorKind, Event, FinishReason, GenerateReques
 use super::reuse::{Parked, Reuse};
 use super::sequence::{Rules, Sequence};
 use super::speculation::Drafter;
+use super::upkeep::Upkeep;
 use super::waiting::{Admission, Waiting};
 use super::{EngineConfig, EngineStats};
 use rayon::prelude::*;
@@ -87,14 +88,6 @@ impl Cut {
         Some(if len - end < SHORTEST_RUN { len } else { end })
     }
 }
-
-/// How long the engine stays idle before it gives its working memory (the KV pool) back to the
-/// system. A chat app sends its next turn as soon as an answer arrives: freeing the pool at once
-/// made every turn pay for allocating and faulting it in again (~0.2 s at 2000 positions).
-const IDLE_RELEASE_AFTER: Duration = Duration::from_secs(1);
-
-/// How often the KV pool's resident size is read for `/health`.
-const RESIDENT_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Paces prompt feeding while other sequences generate. On a small CPU a prompt token costs
 /// about as much as a whole decode step, so feeding a long prompt flat out would stall every
@@ -230,11 +223,8 @@ pub(crate) struct Scheduler<L: Layout> {
     verify_logits: Vec<f32>,
     /// Threads for per-sequence CPU work; `None` runs it on the scheduler thread.
     workers: Option<rayon::ThreadPool>,
-    last_beat: Option<Instant>,
-    /// Whether rounds ran since the working memory was last given back.
-    memory_held: bool,
-    /// When the KV pool's resident size was last read (see `RESIDENT_CHECK_EVERY`).
-    resident_checked: Instant,
+    /// When to beat the watchdog, give memory back, read the resident size.
+    upkeep: Upkeep,
 }
 
 impl<L: Layout> Scheduler<L> {
@@ -273,9 +263,7 @@ impl<L: Layout> Scheduler<L> {
             prefill_logits: Vec::new(),
             verify_logits: Vec::new(),
             workers,
-            last_beat: None,
-            memory_held: false,
-            resident_checked: Instant::now(),
+            upkeep: Upkeep::new(Instant::now()),
         }
     }
 
@@ -316,7 +304,7 @@ impl<L: Layout> Scheduler<L> {
                 // The rows of finished requests take no memory while they wait for new ones.
                 self.model.discard_free_kv_rows();
             }
-            self.memory_held = true;
+            self.upkeep.round_ran();
             self.running = self.groups.iter().map(|g| g.job.request.n).sum();
             self.publish_round_stats();
         }
@@ -326,9 +314,7 @@ impl<L: Layout> Scheduler<L> {
     fn publish_round_stats(&mut self) {
         self.stats.running.store(self.running, Ordering::Relaxed);
         self.stats.sequence_bytes.store(self.sequence_bytes(), Ordering::Relaxed);
-        // Asking the kernel page by page costs ~0.1 ms for a large pool: not every round.
-        let read_resident = self.resident_checked.elapsed() >= RESIDENT_CHECK_EVERY;
-        self.publish_memory_stats(read_resident);
+        self.publish_memory_stats(self.upkeep.resident_due(Instant::now()));
     }
 
     /// The KV pool's and the prefix cache's sizes; the pool's resident size when asked.
@@ -341,7 +327,7 @@ impl<L: Layout> Scheduler<L> {
         self.stats.prefix_cache_bytes.store(self.reuse.prefix_bytes(), Ordering::Relaxed);
         if read_resident {
             self.stats.kv_pool_resident_bytes.store(self.model.kv_pool_resident_bytes(), Ordering::Relaxed);
-            self.resident_checked = Instant::now();
+            self.upkeep.resident_was_read(Instant::now());
         }
     }
 
@@ -363,13 +349,12 @@ impl<L: Layout> Scheduler<L> {
                 .sum::<usize>()
     }
 
-    /// Tells the watchdog the loop is alive, at most once per `heartbeat.every / 2`.
+    /// Tells the watchdog the loop is alive, when it is due.
     fn beat(&mut self) {
         if let Some(heartbeat) = &self.config.heartbeat
-            && self.last_beat.is_none_or(|t| t.elapsed() >= heartbeat.every / 2)
+            && self.upkeep.beat_due(heartbeat.every, Instant::now())
         {
             (heartbeat.beat)();
-            self.last_beat = Some(Instant::now());
         }
     }
 
@@ -378,13 +363,11 @@ impl<L: Layout> Scheduler<L> {
     /// do. Returns false when the engine is closed and everything has finished.
     fn admit(&mut self) -> bool {
         while self.groups.is_empty() && self.waiting.is_empty() {
-            let every = self.config.heartbeat.as_ref().map_or(Duration::from_secs(3600), |h| h.every);
-            let wait = if self.memory_held { every.min(IDLE_RELEASE_AFTER) } else { every };
-            match self.jobs.recv_timeout(wait) {
+            match self.jobs.recv_timeout(self.upkeep.idle_wait(self.config.heartbeat.as_ref())) {
                 Ok(job) => self.waiting.push(job),
                 Err(RecvTimeoutError::Timeout) => {
                     self.beat();
-                    if self.memory_held {
+                    if self.upkeep.release_due() {
                         self.release_idle_memory();
                     }
                 }
@@ -425,7 +408,7 @@ impl<L: Layout> Scheduler<L> {
         self.reuse.release_idle(&self.model);
         self.model.release_idle_memory();
         self.publish_memory_stats(true);
-        self.memory_held = false;
+        self.upkeep.released();
     }
 
     /// Admits `job`: its cache (restored from the parked row or the prefix cache where they
