@@ -160,6 +160,57 @@ pub struct StatsSnapshot {
     pub draft_accepted: usize,
 }
 
+/// What the engine holds in memory, as the scheduler measures it after a round.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Holdings {
+    pub kv_pool: usize,
+    /// Bytes of the pool's rows leased now, and of them the parked row's.
+    pub kv_pool_leased: usize,
+    pub parked_row: usize,
+    pub prefix_cache: usize,
+    /// The pool's resident size, when it was read this time.
+    pub kv_pool_resident: Option<usize>,
+}
+
+/// The scheduler's writes: every count and size is set in one of these.
+impl EngineStats {
+    /// A model run that produced `tokens` tokens for generating sequences.
+    pub(crate) fn count_step(&self, tokens: usize) {
+        self.decode_steps.fetch_add(1, Ordering::Relaxed);
+        self.decode_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// Draft tokens a speculative run checked, and of them those it kept.
+    pub(crate) fn count_drafts(&self, checked: usize, accepted: usize) {
+        self.draft_tokens.fetch_add(checked, Ordering::Relaxed);
+        self.draft_accepted.fetch_add(accepted, Ordering::Relaxed);
+    }
+
+    /// A request that started from `tokens` prompt tokens already in a cache.
+    pub(crate) fn count_prefix_hit(&self, tokens: usize) {
+        self.prefix_hits.fetch_add(1, Ordering::Relaxed);
+        self.prefix_cached_tokens.fetch_add(tokens, Ordering::Relaxed);
+    }
+
+    /// The places requests take after a round, and the bytes they hold beside the pool.
+    pub(crate) fn publish_load(&self, running: usize, sequence_bytes: usize) {
+        self.running.store(running, Ordering::Relaxed);
+        self.sequence_bytes.store(sequence_bytes, Ordering::Relaxed);
+    }
+
+    /// The pool's and the prefix cache's sizes. The parked row is counted as the prefix
+    /// cache's, not as a request's; the resident size is kept from its last reading.
+    pub(crate) fn publish_holdings(&self, holdings: &Holdings) {
+        self.kv_pool_bytes.store(holdings.kv_pool, Ordering::Relaxed);
+        let used = holdings.kv_pool_leased.saturating_sub(holdings.parked_row);
+        self.kv_pool_used_bytes.store(used, Ordering::Relaxed);
+        self.prefix_cache_bytes.store(holdings.prefix_cache, Ordering::Relaxed);
+        if let Some(resident) = holdings.kv_pool_resident {
+            self.kv_pool_resident_bytes.store(resident, Ordering::Relaxed);
+        }
+    }
+}
+
 impl EngineStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let read = |v: &AtomicUsize| v.load(Ordering::Relaxed);
@@ -350,5 +401,38 @@ impl Drop for Engine {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parked_row_is_the_prefix_caches_and_an_old_resident_reading_stays() {
+        let stats = EngineStats::default();
+        let holdings = Holdings {
+            kv_pool: 1000,
+            kv_pool_leased: 600,
+            parked_row: 200,
+            prefix_cache: 50,
+            kv_pool_resident: Some(700),
+        };
+        stats.publish_holdings(&holdings);
+        stats.publish_holdings(&Holdings { kv_pool_resident: None, ..holdings });
+        let seen = stats.snapshot();
+        assert_eq!((seen.kv_pool_bytes, seen.kv_pool_used_bytes, seen.prefix_cache_bytes), (1000, 400, 50));
+        assert_eq!(seen.kv_pool_resident_bytes, 700);
+    }
+
+    #[test]
+    fn a_speculative_run_counts_one_step_and_its_drafts() {
+        let stats = EngineStats::default();
+        stats.count_step(3);
+        stats.count_drafts(4, 2);
+        stats.count_prefix_hit(32);
+        let seen = stats.snapshot();
+        assert_eq!((seen.decode_steps, seen.decode_tokens, seen.draft_tokens, seen.draft_accepted), (1, 3, 4, 2));
+        assert_eq!((seen.prefix_hits, seen.prefix_cached_tokens), (1, 32));
     }
 }

@@ -3,7 +3,6 @@
 //! where a new request's cache starts from and when a parked row is copied out. Knows nothing of
 //! the queue or of running requests: the scheduler says when the engine goes idle.
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use anyhow::Result;
@@ -76,7 +75,7 @@ impl<L: Layout> Reuse<L> {
         if let Some(mut parked) = self.parked.take() {
             if let Some(len) = resumes(&parked.tokens, prompt, chunk) {
                 model.truncate(&mut parked.cache, len)?;
-                count_hit(stats, len);
+                stats.count_prefix_hit(len);
                 return Ok((parked.cache, len));
             }
             // Otherwise into the prefix cache, where this request may still find part of it;
@@ -91,7 +90,7 @@ impl<L: Layout> Reuse<L> {
                         "prefix cache: restored {len} positions in {:.1} ms",
                         started.elapsed().as_secs_f64() * 1e3
                     );
-                    count_hit(stats, len);
+                    stats.count_prefix_hit(len);
                     return Ok((cache, len));
                 }
                 Err(e) => log::warn!("prefix cache restore failed, computing the prompt: {e:#}"),
@@ -110,11 +109,6 @@ impl<L: Layout> Reuse<L> {
         }
         self.parked = keep;
     }
-}
-
-fn count_hit(stats: &EngineStats, len: usize) {
-    stats.prefix_hits.fetch_add(1, Ordering::Relaxed);
-    stats.prefix_cached_tokens.fetch_add(len, Ordering::Relaxed);
 }
 
 /// Copies a parked cache into the prefix cache for later requests that share its tokens, and

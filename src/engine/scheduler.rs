@@ -12,7 +12,7 @@ use super::sequence::{Rules, Sequence};
 use super::speculation::Drafter;
 use super::upkeep::Upkeep;
 use super::waiting::{Admission, Waiting};
-use super::{EngineConfig, EngineStats};
+use super::{EngineConfig, EngineStats, Holdings};
 use rayon::prelude::*;
 
 use crate::model::{DecodeItem, KvCache, Layout, Model, ModelInfo};
@@ -312,21 +312,22 @@ impl<L: Layout> Scheduler<L> {
 
     /// What a round leaves in the engine's statistics: places taken and memory held.
     fn publish_round_stats(&mut self) {
-        self.stats.running.store(self.running, Ordering::Relaxed);
-        self.stats.sequence_bytes.store(self.sequence_bytes(), Ordering::Relaxed);
+        self.stats.publish_load(self.running, self.sequence_bytes());
         self.publish_memory_stats(self.upkeep.resident_due(Instant::now()));
     }
 
     /// The KV pool's and the prefix cache's sizes; the pool's resident size when asked.
     fn publish_memory_stats(&mut self, read_resident: bool) {
-        self.stats.kv_pool_bytes.store(self.model.kv_pool_bytes(), Ordering::Relaxed);
-        // The parked row is the prefix cache's, not a request's.
-        let parked_bytes = if self.reuse.is_parked() { self.model.kv_row_bytes() } else { 0 };
-        let used = self.model.kv_pool_used_bytes().saturating_sub(parked_bytes);
-        self.stats.kv_pool_used_bytes.store(used, Ordering::Relaxed);
-        self.stats.prefix_cache_bytes.store(self.reuse.prefix_bytes(), Ordering::Relaxed);
+        let model = &self.model;
+        let kv_pool_resident = read_resident.then(|| model.kv_pool_resident_bytes());
+        self.stats.publish_holdings(&Holdings {
+            kv_pool: model.kv_pool_bytes(),
+            kv_pool_leased: model.kv_pool_used_bytes(),
+            parked_row: if self.reuse.is_parked() { model.kv_row_bytes() } else { 0 },
+            prefix_cache: self.reuse.prefix_bytes(),
+            kv_pool_resident,
+        });
         if read_resident {
-            self.stats.kv_pool_resident_bytes.store(self.model.kv_pool_resident_bytes(), Ordering::Relaxed);
             self.upkeep.resident_was_read(Instant::now());
         }
     }
@@ -481,8 +482,7 @@ impl<L: Layout> Scheduler<L> {
         if items.is_empty() {
             return Duration::ZERO;
         }
-        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-        self.stats.decode_tokens.fetch_add(items.len(), Ordering::Relaxed);
+        self.stats.count_step(items.len());
         let batch = items.len();
         let started = Instant::now();
         let result = self.model.decode(&mut items);
@@ -577,10 +577,8 @@ impl<L: Layout> Scheduler<L> {
         };
         seq.drafter.as_mut().expect("speculating").update(draft.len(), used);
         let outcome = outcome.and_then(|()| self.model.truncate(&mut seq.cache, old_len + 1 + used));
-        self.stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-        self.stats.decode_tokens.fetch_add(used + 1, Ordering::Relaxed);
-        self.stats.draft_tokens.fetch_add(draft.len(), Ordering::Relaxed);
-        self.stats.draft_accepted.fetch_add(used, Ordering::Relaxed);
+        self.stats.count_step(used + 1);
+        self.stats.count_drafts(draft.len(), used);
         if let Err(e) = outcome {
             fail(group, Arc::new(e));
         }
@@ -629,7 +627,7 @@ impl<L: Layout> Scheduler<L> {
         // the way); under load, rows are copied out at once as other requests are waiting.
         let idle = self.waiting.is_empty() && self.groups.iter().all(|g| matches!(g.state, State::Done));
         self.reuse.keep(&self.model, finished, idle);
-        self.stats.prefix_cache_bytes.store(self.reuse.prefix_bytes(), Ordering::Relaxed);
+        self.publish_memory_stats(false);
     }
 }
 
