@@ -58,12 +58,19 @@ def tiny(config):
 
 QWEN25 = perf_models.SHAPES["qwen2.5-0.5b"]
 LLAMA32 = perf_models.SHAPES["llama-3.2-1b"]
+# Qwen3's and QwQ's vocabulary: Qwen2.5's plus four added tokens.
+QWEN3_TOKENS = {
+    **perf_models.QWEN25_TOKENS,
+    "151665": ("<tool_response>", False),
+    "151666": ("</tool_response>", False),
+    "151667": ("<think>", False),
+    "151668": ("</think>", False),
+}
 
 FAMILIES = {
     "qwen2.5": {**QWEN25, "config": tiny(QWEN25["config"])},
     "llama-3.2": {**LLAMA32, "config": tiny(LLAMA32["config"])},
-    # Qwen3-0.6B's config where it differs from Qwen2.5's; its vocabulary is Qwen2.5's plus four
-    # added tokens.
+    # Qwen3-0.6B's config where it differs from Qwen2.5's.
     "qwen3": {
         **QWEN25,
         "config": tiny({
@@ -74,14 +81,17 @@ FAMILIES = {
             "model_type": "qwen3",
             "sliding_window": None,
         }),
-        "name_tokens": {
-            **perf_models.QWEN25_TOKENS,
-            "151665": ("<tool_response>", False),
-            "151666": ("</tool_response>", False),
-            "151667": ("<think>", False),
-            "151668": ("</think>", False),
-        },
+        "name_tokens": QWEN3_TOKENS,
         "template": "Qwen-Qwen3-0.6B.jinja",
+    },
+    # QwQ-32B: Qwen2.5's architecture (here its 0.5B config) with Qwen3's vocabulary, and a
+    # template whose generation prompt opens the thinking block, so the answer starts inside the
+    # reasoning (llama.cpp's copy closes the block at once unless `enable_thinking` is true).
+    "qwq": {
+        **QWEN25,
+        "config": tiny(QWEN25["config"]),
+        "name_tokens": QWEN3_TOKENS,
+        "template": "Qwen-QwQ-32B.jinja",
     },
     # Phi-3.5-mini-instruct's config without its long-context rope scaling (which needs 4k+ positions
     # to matter); its vocabulary is Phi-3's.
@@ -111,6 +121,31 @@ FAMILIES = {
         "tokenizer_class": "LlamaTokenizer",
         "template": "microsoft-Phi-3.5-mini-instruct.jinja",
     },
+    # Mistral-Nemo-Instruct-2407's config (its context cut to 32k: the builder's rotary tables grow
+    # with it) and its tekken tokenizer, which the mistral-common package ships, converted by
+    # transformers (which writes no post-processor: a text is encoded without `<s>`).
+    "mistral-nemo": {
+        "config": tiny({
+            "architectures": ["MistralForCausalLM"],
+            "attention_dropout": 0.0,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "head_dim": 128,
+            "hidden_act": "silu",
+            "max_position_embeddings": 32768,
+            "model_type": "mistral",
+            "rms_norm_eps": 1e-05,
+            "rope_theta": 1000000.0,
+            "sliding_window": None,
+            "tie_word_embeddings": False,
+            "use_cache": True,
+            "vocab_size": 131072,
+        }),
+        "generation": {"bos_token_id": 1, "eos_token_id": [2]},
+        "tekken": "tekken_240718.json",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "template": "mistralai-Mistral-Nemo-Instruct-2407.jinja",
+    },
 }
 
 MAX_NEW_TOKENS = 16
@@ -131,10 +166,27 @@ CASES = {
             {"role": "user", "content": "Tell me a short fact about the moon."},
         ]
     },
+    "thinking": {
+        "messages": [{"role": "user", "content": "What is 2 + 2?"}],
+        "chat_template_kwargs": {"enable_thinking": True},
+        "families": ["qwq"],
+    },
     "no-thinking": {
         "messages": [{"role": "user", "content": "What is 2 + 2?"}],
         "chat_template_kwargs": {"enable_thinking": False},
         "families": ["qwen3"],
+    },
+    # Templates that take `tools` render them themselves (Phi-3.5's does not: chatd adds its own
+    # tool prompt there, so transformers' ids are not the reference).
+    "tools": {
+        "messages": [{"role": "user", "content": "Weather in Rome?"}],
+        "tools": [{"type": "function", "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city."}},
+                           "required": ["city"]},
+        }}],
+        "families": ["qwen2.5", "qwen3", "qwq", "llama-3.2", "mistral-nemo"],
     },
     "text": {"prompt": "The capital of France is"},
 }
@@ -152,8 +204,8 @@ def recipe_hash(family, spec, llama_src):
     h = hashlib.sha256()
     h.update(json.dumps([family, spec, CASES, MAX_NEW_TOKENS], sort_keys=True).encode())
     h.update(f"{transformers.__version__} {onnxruntime_genai.__version__}".encode())
-    for name in (spec["vocab"], "templates/" + spec["template"]):
-        h.update((llama_src / "models" / name).read_bytes())
+    for path in (perf_models.vocab_file(spec, llama_src), llama_src / "models" / "templates" / spec["template"]):
+        h.update(path.read_bytes())
     here = Path(__file__).parent
     for script in (here / "make_fixtures.py", here / "perf_models.py", here / "exporters-env.sh"):
         h.update(script.read_bytes())
@@ -164,7 +216,8 @@ def prompt_ids(tokenizer, case):
     if "prompt" in case:
         return list(tokenizer(case["prompt"])["input_ids"])
     ids = tokenizer.apply_chat_template(
-        case["messages"], add_generation_prompt=True, tokenize=True, **case.get("chat_template_kwargs", {})
+        case["messages"], tools=case.get("tools"), add_generation_prompt=True, tokenize=True,
+        **case.get("chat_template_kwargs", {})
     )
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]

@@ -124,9 +124,14 @@ def make_hf(shape, spec, llama_src, out):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(tmp)
     (tmp / "generation_config.json").write_text(json.dumps(spec["generation"], indent=2))
-    models = llama_src / "models"
-    tokenizer = AutoTokenizer.from_pretrained(str(models), gguf_file=spec["vocab"])
-    tokenizer.chat_template = (models / "templates" / spec["template"]).read_text()
+    template = (llama_src / "models" / "templates" / spec["template"]).read_text()
+    if "tekken" in spec:
+        from transformers.integrations.mistral import convert_tekken_tokenizer
+
+        tokenizer = convert_tekken_tokenizer(str(vocab_file(spec, llama_src)), chat_template=template)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(llama_src / "models"), gguf_file=spec["vocab"])
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(tmp)
     drop_tokens_beyond_vocab(tmp, spec["config"]["vocab_size"])
     name_tokens(tmp, spec.get("name_tokens", {}))
@@ -137,6 +142,16 @@ def make_hf(shape, spec, llama_src, out):
         path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": spec["tokenizer_class"]}, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def vocab_file(spec, llama_src):
+    """The file a spec's tokenizer is made from: a GGUF vocabulary in llama.cpp's tree (`vocab`), or
+    a Mistral tekken file from the mistral-common package's data (`tekken`)."""
+    if "tekken" in spec:
+        import importlib.resources
+
+        return Path(str(importlib.resources.files("mistral_common") / "data" / spec["tekken"]))
+    return llama_src / "models" / spec["vocab"]
 
 
 def drop_tokens_beyond_vocab(folder, vocab_size):

@@ -24,14 +24,12 @@ FIXTURES = pathlib.Path(
 )
 
 
-@pytest.fixture(
-    scope="module",
-    params=[(family, layout) for family in sorted(make_fixtures.FAMILIES) for layout in make_fixtures.LAYOUTS],
-    ids=lambda p: "/".join(p),
-)
-def fixture(request):
+def folders(families):
+    return [(family, layout) for family in sorted(families) for layout in make_fixtures.LAYOUTS]
+
+
+def serving(family, layout):
     """(expected, layout, base URL) for chatd serving one family's folder of one layout."""
-    family, layout = request.param
     expected_path = FIXTURES / family / "expected.json"
     assert expected_path.exists(), f"{expected_path} is missing: make it with scripts/make-fixtures.sh"
     proc, base = start_chatd(FIXTURES / family / layout, f"pytest-fixture-{family}-{layout}.log")
@@ -39,10 +37,25 @@ def fixture(request):
     stop(proc)
 
 
+@pytest.fixture(scope="module", params=folders(make_fixtures.FAMILIES), ids="/".join)
+def fixture(request):
+    yield from serving(*request.param)
+
+
+# The families whose template can open the thinking block in the generation prompt.
+THINKING = [f for f in make_fixtures.FAMILIES if f in make_fixtures.CASES["thinking"]["families"]]
+
+
+@pytest.fixture(scope="module", params=folders(THINKING), ids="/".join)
+def thinking(request):
+    yield from serving(*request.param)
+
+
 def chat_body(case, max_tokens):
     body = {"messages": case["messages"], "temperature": 0, "max_tokens": max_tokens, "logprobs": True}
-    if "chat_template_kwargs" in case:
-        body["chat_template_kwargs"] = case["chat_template_kwargs"]
+    for field in ("chat_template_kwargs", "tools"):
+        if field in case:
+            body[field] = case[field]
     return body
 
 
@@ -110,13 +123,16 @@ def test_prompts_and_greedy_tokens_equal_the_references(fixture):
 
 
 # How each family's template asks for a call, as a forced call must then be written: Qwen's
-# `<tool_call>` (one token of its vocabulary), Llama 3's bare object with "parameters", and for
-# Phi-3.5, whose template takes no tools, chatd's own prompt and format.
+# `<tool_call>` and Mistral's `[TOOL_CALLS]` before a list of calls (each one token of its
+# vocabulary), Llama 3's bare object with "parameters", and for Phi-3.5, whose template takes no
+# tools, chatd's own prompt and format.
 CALL_FORMATS = {
     "qwen2.5": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
     "qwen3": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
+    "qwq": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
     "llama-3.2": ('{"name":"get_weather","parameters":', "}"),
     "phi-3.5": ('{"name":"get_weather","arguments":', "}"),
+    "mistral-nemo": ('[TOOL_CALLS][{"name":"get_weather","arguments":', "}]"),
 }
 
 
@@ -138,5 +154,66 @@ def test_a_forced_call_is_written_in_the_familys_format(fixture):
     tokens = [t["token"] for t in choice["logprobs"]["content"]]
     text = "".join(tokens)
     assert text.startswith(starts) and text.endswith(ends), text
-    if starts.startswith("<tool_call>"):
-        assert tokens[0] == "<tool_call>", tokens
+    marker = next((m for m in ("<tool_call>", "[TOOL_CALLS]") if starts.startswith(m)), None)
+    if marker:
+        assert tokens[0] == marker, tokens
+
+
+
+def chat(base, case, **fields):
+    status, r = post_json(base, "/v1/chat/completions", {**chat_body(case, 16), **fields})
+    assert status == 200, r
+    return r["choices"][0]
+
+
+def streamed_reasoning(base, case, **fields):
+    """(reasoning, content) as OpenAI's own client streams them."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base + "/v1", api_key="unused")
+    reasoning, content = [], []
+    stream = client.chat.completions.create(
+        model=client.models.list().data[0].id, messages=case["messages"], temperature=0, max_tokens=16, stream=True,
+        extra_body={"chat_template_kwargs": case["chat_template_kwargs"], **fields},
+    )
+    for chunk in stream:
+        for choice in chunk.choices:
+            reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
+            content.append(choice.delta.content or "")
+    return "".join(reasoning), "".join(content)
+
+
+def test_an_answer_that_starts_inside_the_reasoning_is_all_reasoning(thinking):
+    expected, layout, base = thinking
+    case = expected["cases"]["thinking"]
+    reference = case["greedy"][layout]
+    # The random model does not close the block within the tokens recorded (else the split below
+    # would be another).
+    assert "</think>" not in reference["texts"], reference["texts"]
+    split = chat(base, case)
+    assert [t["token"] for t in split["logprobs"]["content"]] == reference["texts"]
+    message = split["message"]
+    assert message["content"] in ("", None), split
+    assert message["reasoning_content"] and message["reasoning"] == message["reasoning_content"], split
+    assert streamed_reasoning(base, case) == (message["reasoning_content"], ""), message
+    whole = chat(base, case, separate_reasoning=False)["message"]
+    assert whole.get("reasoning_content") is None, whole
+    assert whole["content"].strip() == message["reasoning_content"].strip(), (whole, message)
+
+
+def test_a_reasoning_budget_forces_the_end_of_thinking(thinking):
+    expected, layout, base = thinking
+    case = expected["cases"]["thinking"]
+    budget = 4
+    split = chat(base, case, reasoning_budget=budget)
+    tokens = [t["token"] for t in split["logprobs"]["content"]]
+    # The budget changes nothing before it runs out.
+    assert tokens[:budget] == case["greedy"][layout]["texts"][:budget], tokens
+    assert tokens[budget] == "</think>", tokens
+    whole = chat(base, case, reasoning_budget=budget, separate_reasoning=False)["message"]["content"]
+    before, after = whole.split("</think>", 1)
+    message = split["message"]
+    assert message["reasoning_content"].strip() == before.strip(), (message, whole)
+    assert (message["content"] or "").strip() == after.strip(), (message, whole)
+    assert streamed_reasoning(base, case, reasoning_budget=budget) == (
+        message["reasoning_content"], message["content"] or ""), message
