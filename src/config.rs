@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::api::Limits;
 use crate::engine::EngineConfig;
-use crate::model::RuntimeOptions;
+use crate::model::{KvCacheDtype, Provider, RuntimeOptions};
 use crate::server::ServerConfig;
 
 /// Read when neither `--config` nor `$CHATD_CONFIG` names a file, if it exists.
@@ -59,9 +59,9 @@ pub enum Command {
 }
 
 /// One setting, declared once: its flag (from which its environment variable, TOML key and
-/// libchat JSON key are derived), what it takes, what it does, how a value is stored, and how
-/// the stored value reads (which gives the default in `--help` and in the README's table, and
-/// what a reload reports).
+/// libchat JSON key are derived), what it takes, what it does, how a value is stored, and the
+/// stored value (compared on reload; written out, it gives the default in `--help` and in the
+/// README's table, and what a reload reports).
 pub(crate) struct Setting {
     pub flag: &'static str,
     /// The value's name in `--help` and the README (`N`, `SECS`, `PATH`...).
@@ -70,7 +70,51 @@ pub(crate) struct Setting {
     /// Whether a running daemon takes a new value on SIGHUP (else it needs a restart).
     pub live: bool,
     set: fn(&mut Config, &str) -> Result<(), String>,
-    show: fn(&Config) -> String,
+    get: fn(&Config) -> Value,
+}
+
+/// A setting's value as `Config` holds it, typed: a reload compares these, and `Display` writes
+/// them the way a user sets them.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Value {
+    Text(String),
+    Count(usize),
+    Factor(f64),
+    Flag(bool),
+    Seconds(Duration),
+    /// Seconds, or 0 for never.
+    SecondsOrNever(Option<Duration>),
+    /// MiB; `None`: sized at start ("auto").
+    Mib(Option<usize>),
+    Path(Option<PathBuf>),
+    /// A value that may be left out, and what applies then.
+    Or(Option<String>, &'static str),
+    Provider(Provider),
+    KvCacheDtype(KvCacheDtype),
+    List(Vec<String>),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seconds = |d: &Duration| {
+            let s = d.as_secs_f64();
+            if s.fract() == 0.0 { format!("{}", s as u64) } else { s.to_string() }
+        };
+        match self {
+            Value::Text(t) => f.write_str(t),
+            Value::Count(n) => write!(f, "{n}"),
+            Value::Factor(x) => write!(f, "{x:?}"),
+            Value::Flag(b) => write!(f, "{b}"),
+            Value::Seconds(d) => f.write_str(&seconds(d)),
+            Value::SecondsOrNever(d) => f.write_str(&d.as_ref().map_or("0".into(), seconds)),
+            Value::Mib(mib) => f.write_str(&mib.map_or("auto".into(), |m| m.to_string())),
+            Value::Path(p) => f.write_str(&p.as_ref().map_or(String::new(), |p| p.display().to_string())),
+            Value::Or(v, otherwise) => f.write_str(v.as_deref().unwrap_or(otherwise)),
+            Value::Provider(p) => write!(f, "{p}"),
+            Value::KvCacheDtype(d) => write!(f, "{d}"),
+            Value::List(items) => f.write_str(&items.join(",")),
+        }
+    }
 }
 
 impl Setting {
@@ -85,8 +129,13 @@ impl Setting {
     }
 
     /// The value as `config` holds it.
+    pub fn value(&self, config: &Config) -> Value {
+        (self.get)(config)
+    }
+
+    /// The value as `config` holds it, written as a user sets it.
     pub fn shown(&self, config: &Config) -> String {
-        (self.show)(config)
+        self.value(config).to_string()
     }
 
     /// The default: the value of a configuration nothing was set in.
@@ -100,7 +149,7 @@ impl Setting {
 pub fn changes(old: &Config, new: &Config) -> Vec<String> {
     SETTINGS
         .iter()
-        .filter(|s| s.shown(old) != s.shown(new))
+        .filter(|s| s.value(old) != s.value(new))
         .map(|s| match s.live {
             true => format!("{}={}", s.key(), s.shown(new)),
             false => format!("{} (needs a restart)", s.key()),
@@ -139,17 +188,8 @@ fn boolean(value: &str) -> Result<bool, String> {
     }
 }
 
-fn show_seconds(d: Duration) -> String {
-    let s = d.as_secs_f64();
-    if s.fract() == 0.0 { format!("{}", s as u64) } else { s.to_string() }
-}
-
-fn show_mib(set: bool, bytes: usize) -> String {
-    if set { (bytes >> 20).to_string() } else { "auto".into() }
-}
-
-fn show_path(path: &Option<PathBuf>) -> String {
-    path.as_ref().map_or(String::new(), |p| p.display().to_string())
+fn mib(set: bool, bytes: usize) -> Value {
+    Value::Mib(set.then_some(bytes >> 20))
 }
 
 pub(crate) const SETTINGS: &[Setting] = &[
@@ -162,7 +202,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.model = Some(PathBuf::from(v));
             Ok(())
         },
-        show: |c| c.model.as_ref().map_or("(required)".into(), |p| p.display().to_string()),
+        get: |c| Value::Or(c.model.as_ref().map(|p| p.display().to_string()), "(required)"),
     },
     Setting {
         flag: "listen",
@@ -176,7 +216,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.listen = v.to_owned();
             Ok(())
         },
-        show: |c| c.server.listen.clone(),
+        get: |c| Value::Text(c.server.listen.clone()),
     },
     Setting {
         flag: "threads",
@@ -188,7 +228,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.runtime.intra_threads_set = true;
             Ok(())
         },
-        show: |c| c.runtime.intra_threads.to_string(),
+        get: |c| Value::Count(c.runtime.intra_threads),
     },
     Setting {
         flag: "provider",
@@ -199,7 +239,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.runtime.provider = v.parse()?;
             Ok(())
         },
-        show: |c| c.runtime.provider.to_string(),
+        get: |c| Value::Provider(c.runtime.provider),
     },
     Setting {
         flag: "onnxruntime",
@@ -210,7 +250,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.runtime.library = Some(PathBuf::from(v));
             Ok(())
         },
-        show: |c| show_path(&c.runtime.library),
+        get: |c| Value::Path(c.runtime.library.clone()),
     },
     Setting {
         flag: "served-model-name",
@@ -221,7 +261,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.served_model_name = Some(v.to_owned());
             Ok(())
         },
-        show: |c| c.served_model_name.clone().unwrap_or_else(|| "folder name".into()),
+        get: |c| Value::Or(c.served_model_name.clone(), "folder name"),
     },
     Setting {
         flag: "max-body-bytes",
@@ -232,7 +272,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.max_body_bytes = count(v, 1024)?;
             Ok(())
         },
-        show: |c| c.server.max_body_bytes.to_string(),
+        get: |c| Value::Count(c.server.max_body_bytes),
     },
     Setting {
         flag: "log-level",
@@ -246,7 +286,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.log_level = v.to_owned();
             Ok(())
         },
-        show: |c| c.log_level.clone(),
+        get: |c| Value::Text(c.log_level.clone()),
     },
     Setting {
         flag: "http-threads",
@@ -257,7 +297,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.http_threads = count(v, 1)?;
             Ok(())
         },
-        show: |c| c.server.http_threads.to_string(),
+        get: |c| Value::Count(c.server.http_threads),
     },
     Setting {
         flag: "max-running",
@@ -268,7 +308,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.engine.max_running = count(v, 1)?;
             Ok(())
         },
-        show: |c| c.engine.max_running.to_string(),
+        get: |c| Value::Count(c.engine.max_running),
     },
     Setting {
         flag: "workers",
@@ -279,7 +319,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.engine.workers = count(v, 0)?;
             Ok(())
         },
-        show: |c| c.engine.workers.to_string(),
+        get: |c| Value::Count(c.engine.workers),
     },
     Setting {
         flag: "max-queued",
@@ -290,7 +330,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.engine.max_queued = count(v, 1)?;
             Ok(())
         },
-        show: |c| c.engine.max_queued.to_string(),
+        get: |c| Value::Count(c.engine.max_queued),
     },
     Setting {
         flag: "max-queue-wait-s",
@@ -301,7 +341,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.engine.max_queue_wait = seconds(v)?;
             Ok(())
         },
-        show: |c| show_seconds(c.engine.max_queue_wait),
+        get: |c| Value::Seconds(c.engine.max_queue_wait),
     },
     Setting {
         flag: "request-timeout-s",
@@ -312,7 +352,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.engine.request_timeout = seconds(v)?;
             Ok(())
         },
-        show: |c| show_seconds(c.engine.request_timeout),
+        get: |c| Value::Seconds(c.engine.request_timeout),
     },
     Setting {
         flag: "prefill-chunk",
@@ -323,7 +363,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.engine.prefill_chunk = count(v, 1)?;
             Ok(())
         },
-        show: |c| c.engine.prefill_chunk.to_string(),
+        get: |c| Value::Count(c.engine.prefill_chunk),
     },
     Setting {
         flag: "stream-slowdown",
@@ -337,7 +377,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             };
             Ok(())
         },
-        show: |c| format!("{:?}", c.engine.stream_slowdown),
+        get: |c| Value::Factor(c.engine.stream_slowdown),
     },
     Setting {
         flag: "speculative-tokens",
@@ -348,7 +388,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.engine.speculative_tokens = count(v, 0)?.min(64);
             Ok(())
         },
-        show: |c| c.engine.speculative_tokens.to_string(),
+        get: |c| Value::Count(c.engine.speculative_tokens),
     },
     Setting {
         flag: "kv-cache-mb",
@@ -360,7 +400,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.kv_cache_set = true;
             Ok(())
         },
-        show: |c| show_mib(c.kv_cache_set, c.runtime.kv_cache_bytes),
+        get: |c| mib(c.kv_cache_set, c.runtime.kv_cache_bytes),
     },
     Setting {
         flag: "kv-cache-dtype",
@@ -371,7 +411,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.runtime.kv_cache_dtype = v.parse()?;
             Ok(())
         },
-        show: |c| c.runtime.kv_cache_dtype.to_string(),
+        get: |c| Value::KvCacheDtype(c.runtime.kv_cache_dtype),
     },
     Setting {
         flag: "prefix-cache-mb",
@@ -383,7 +423,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.prefix_cache_set = true;
             Ok(())
         },
-        show: |c| show_mib(c.prefix_cache_set, c.engine.prefix_cache_bytes),
+        get: |c| mib(c.prefix_cache_set, c.engine.prefix_cache_bytes),
     },
     Setting {
         flag: "log-prompts",
@@ -394,7 +434,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.log_prompts = boolean(v)?;
             Ok(())
         },
-        show: |c| c.server.log_prompts.to_string(),
+        get: |c| Value::Flag(c.server.log_prompts),
     },
     Setting {
         flag: "max-connections",
@@ -405,7 +445,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.max_connections = count(v, 1)?;
             Ok(())
         },
-        show: |c| c.server.max_connections.to_string(),
+        get: |c| Value::Count(c.server.max_connections),
     },
     Setting {
         flag: "idle-timeout-s",
@@ -416,7 +456,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.idle_timeout = seconds(v)?;
             Ok(())
         },
-        show: |c| show_seconds(c.server.idle_timeout),
+        get: |c| Value::Seconds(c.server.idle_timeout),
     },
     Setting {
         flag: "max-header-bytes",
@@ -427,7 +467,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.max_header_bytes = count(v, 1024)?;
             Ok(())
         },
-        show: |c| c.server.max_header_bytes.to_string(),
+        get: |c| Value::Count(c.server.max_header_bytes),
     },
     Setting {
         flag: "max-messages",
@@ -438,7 +478,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.limits.max_messages = count(v, 1)?;
             Ok(())
         },
-        show: |c| c.limits.max_messages.to_string(),
+        get: |c| Value::Count(c.limits.max_messages),
     },
     Setting {
         flag: "max-prompt-tokens",
@@ -449,7 +489,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.limits.max_prompt_tokens = count(v, 0)?;
             Ok(())
         },
-        show: |c| c.limits.max_prompt_tokens.to_string(),
+        get: |c| Value::Count(c.limits.max_prompt_tokens),
     },
     Setting {
         flag: "max-completion-tokens",
@@ -460,7 +500,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.limits.max_completion_tokens = count(v, 0)?;
             Ok(())
         },
-        show: |c| c.limits.max_completion_tokens.to_string(),
+        get: |c| Value::Count(c.limits.max_completion_tokens),
     },
     Setting {
         flag: "max-n",
@@ -471,7 +511,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.limits.max_n = count(v, 1)?;
             Ok(())
         },
-        show: |c| c.limits.max_n.to_string(),
+        get: |c| Value::Count(c.limits.max_n),
     },
     Setting {
         flag: "max-stop-strings",
@@ -482,7 +522,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.limits.max_stop_strings = count(v, 0)?;
             Ok(())
         },
-        show: |c| c.limits.max_stop_strings.to_string(),
+        get: |c| Value::Count(c.limits.max_stop_strings),
     },
     Setting {
         flag: "max-stop-length",
@@ -493,7 +533,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.limits.max_stop_len = count(v, 1)?;
             Ok(())
         },
-        show: |c| c.limits.max_stop_len.to_string(),
+        get: |c| Value::Count(c.limits.max_stop_len),
     },
     Setting {
         flag: "max-constraint-bytes",
@@ -507,7 +547,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             }
             Ok(())
         },
-        show: |c| c.limits.max_constraint_bytes.to_string(),
+        get: |c| Value::Count(c.limits.max_constraint_bytes),
     },
     Setting {
         flag: "shutdown-timeout-s",
@@ -518,7 +558,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.shutdown_timeout = seconds(v)?;
             Ok(())
         },
-        show: |c| show_seconds(c.server.shutdown_timeout),
+        get: |c| Value::Seconds(c.server.shutdown_timeout),
     },
     Setting {
         flag: "idle-unload-s",
@@ -529,7 +569,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.idle_unload = seconds_or_never(v)?;
             Ok(())
         },
-        show: |c| c.server.idle_unload.map_or("0".into(), show_seconds),
+        get: |c| Value::SecondsOrNever(c.server.idle_unload),
     },
     Setting {
         flag: "api-keys-file",
@@ -540,7 +580,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.api_keys_file = Some(PathBuf::from(v));
             Ok(())
         },
-        show: |c| show_path(&c.server.api_keys_file),
+        get: |c| Value::Path(c.server.api_keys_file.clone()),
     },
     Setting {
         flag: "auth-health",
@@ -551,7 +591,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.auth_health = boolean(v)?;
             Ok(())
         },
-        show: |c| c.server.auth_health.to_string(),
+        get: |c| Value::Flag(c.server.auth_health),
     },
     Setting {
         flag: "auth-metrics",
@@ -562,7 +602,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.auth_metrics = boolean(v)?;
             Ok(())
         },
-        show: |c| c.server.auth_metrics.to_string(),
+        get: |c| Value::Flag(c.server.auth_metrics),
     },
     Setting {
         flag: "sse-keepalive-s",
@@ -573,7 +613,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.sse_keepalive = seconds_or_never(v)?;
             Ok(())
         },
-        show: |c| c.server.sse_keepalive.map_or("0".into(), show_seconds),
+        get: |c| Value::SecondsOrNever(c.server.sse_keepalive),
     },
     Setting {
         flag: "cors-origins",
@@ -584,7 +624,7 @@ pub(crate) const SETTINGS: &[Setting] = &[
             c.server.cors_origins = v.split(',').map(str::trim).filter(|o| !o.is_empty()).map(str::to_owned).collect();
             Ok(())
         },
-        show: |c| c.server.cors_origins.join(","),
+        get: |c| Value::List(c.server.cors_origins.clone()),
     },
 ];
 
@@ -744,6 +784,21 @@ mod tests {
         new.set("max-n", "3").unwrap();
         new.set("threads", "4").unwrap();
         assert_eq!(changes(&old, &new), ["threads (needs a restart)", "max_n=3"]);
+    }
+
+    #[test]
+    fn a_default_as_written_reads_back_as_the_same_value() {
+        // What `--help` and the README show as the default is what setting it gives, typed.
+        let default = Config::default();
+        for s in SETTINGS {
+            let written = s.shown(&default);
+            if matches!(written.as_str(), "" | "auto" | "(required)" | "folder name") {
+                continue; // left unset by default
+            }
+            let mut config = Config::default();
+            (s.set)(&mut config, &written).unwrap_or_else(|e| panic!("{}: {written:?}: {e}", s.flag));
+            assert_eq!(s.value(&config), s.value(&default), "{} written as {written:?}", s.flag);
+        }
     }
 
     #[test]
