@@ -111,25 +111,14 @@ extern "C" {
 /**
  * Loads a model and starts an engine.
  *
- * `config_json` is a JSON object with the daemon's settings, named as its flags with `_` or
- * `-` (the daemon's environment variables are not read):
- *   "model"            model folder (onnxruntime-genai or Hugging Face Optimum layout); required
- *   "onnxruntime"      path of libonnxruntime.so; else ORT_DYLIB_PATH, a copy next to
- *                      libchat.so (or in ../lib/chatd), then the system library path
- *   "threads"          ONNX Runtime intra-op threads (default 2)
- *   "provider"         "cpu" (default), "cuda", "cuda:N", "tensorrt", "tensorrt:N": needs a GPU
- *                      build of ONNX Runtime and the Optimum layout; else CHAT_MODEL_LOAD_FAILED
- *   "max_running"      sequences generating at once (8); "max_queued" requests waiting (64)
- *   "max_queue_wait_s" longest wait for a place, else CHAT_OVERLOADED (30)
- *   "request_timeout_s" deadline of requests without "timeout" (600)
- *   "workers", "prefill_chunk", "stream_slowdown", "speculative_tokens", "kv_cache_mb",
- *   "kv_cache_dtype", "prefix_cache_mb",
- *   "served_model_name": as the daemon's flags (see `chatd --help`)
- *   "log_level"        error|warn|info|debug|trace: log to stderr (default: no logging)
- * Server-only settings ("listen", "http_threads", "max_body_bytes", "idle_unload_s", ...) are
- * accepted and unused.
- * Values may be strings, numbers or booleans. ONNX Runtime is loaded once per process: the
- * first engine's "onnxruntime" decides.
+ * `config_json` is a JSON object with the daemon's settings, each keyed by its flag (with `-` or
+ * `_`; `chatd --help` and the README's Configuration table list them with their defaults), for
+ * example `{"model": "/opt/models/smollm2", "threads": 2, "max_running": 4}`.
+ * "model" is required. The daemon's environment variables are not read, and libchat logs to
+ * stderr only when "log_level" is given. Server-only settings ("listen", "http_threads", ...)
+ * are accepted and unused. Values may be strings, numbers or booleans. ONNX Runtime is loaded
+ * once per process: the first engine's "onnxruntime" decides (else ORT_DYLIB_PATH, a copy next
+ * to libchat.so or in ../lib/chatd, then the system library path).
  *
  * On CHAT_OK, `*engine_out` is a new engine owned by the caller, to be released with
  * `chat_engine_free`. Fails with CHAT_INVALID_ARGUMENT (NULL), CHAT_INVALID_CONFIG,
