@@ -29,5 +29,5 @@ if [ "$llama" = yes ]; then
 else
   scripts/perf-models.sh --shapes "$shapes" --no-gguf >&2
 fi
-exec "$CACHE/venv/bin/python" scripts/bench_shapes.py --models "$CACHE/models" --command "scripts/bench-shapes.sh $*" \
+exec "$(scripts/exporters-env.sh)" scripts/bench_shapes.py --models "$CACHE/models" --command "scripts/bench-shapes.sh $*" \
   "${pass[@]}"
