@@ -10,6 +10,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 CACHE="${CHATD_PERF_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/chatd-perf}"
+command="scripts/bench-shapes.sh $*"
 shapes="qwen2.5-0.5b,llama-3.2-1b"
 llama=yes
 pass=()
@@ -29,5 +30,5 @@ if [ "$llama" = yes ]; then
 else
   scripts/perf-models.sh --shapes "$shapes" --no-gguf >&2
 fi
-exec "$(scripts/exporters-env.sh)" scripts/bench_shapes.py --models "$CACHE/models" --command "scripts/bench-shapes.sh $*" \
+exec "$(scripts/exporters-env.sh)" scripts/bench_shapes.py --models "$CACHE/models" --command "$command" \
   "${pass[@]}"
