@@ -364,7 +364,7 @@ impl<L: Layout> Scheduler<L> {
     /// do. Returns false when the engine is closed and everything has finished.
     fn admit(&mut self) -> bool {
         while self.groups.is_empty() && self.waiting.is_empty() {
-            match self.jobs.recv_timeout(self.upkeep.idle_wait(self.config.heartbeat.as_ref())) {
+            match self.jobs.recv_timeout(self.upkeep.idle_wait(self.config.heartbeat.as_ref().map(|h| h.every))) {
                 Ok(job) => self.waiting.push(job),
                 Err(RecvTimeoutError::Timeout) => {
                     self.beat();

@@ -5,8 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use super::Heartbeat;
-
 /// How long the engine stays idle before it gives its working memory (the KV pool) back to the
 /// system. A chat app sends its next turn as soon as an answer arrives: freeing the pool at once
 /// made every turn pay for allocating and faulting it in again (~0.2 s at 2000 positions).
@@ -32,9 +30,10 @@ impl Upkeep {
         Self { last_beat: None, memory_held: false, resident_read: now }
     }
 
-    /// How long an idle engine waits for a job before its upkeep is due.
-    pub fn idle_wait(&self, heartbeat: Option<&Heartbeat>) -> Duration {
-        let every = heartbeat.map_or(IDLE_WAIT, |h| h.every);
+    /// How long an idle engine waits for a job before its upkeep is due, with a watchdog of
+    /// period `heartbeat` if there is one.
+    pub fn idle_wait(&self, heartbeat: Option<Duration>) -> Duration {
+        let every = heartbeat.unwrap_or(IDLE_WAIT);
         if self.memory_held { every.min(IDLE_RELEASE_AFTER) } else { every }
     }
 
@@ -76,13 +75,7 @@ impl Upkeep {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-
-    fn heartbeat(every_ms: u64) -> Heartbeat {
-        Heartbeat { every: Duration::from_millis(every_ms), beat: Arc::new(|| {}) }
-    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
@@ -92,12 +85,12 @@ mod tests {
     fn an_idle_engine_holding_memory_wakes_to_give_it_back() {
         let mut upkeep = Upkeep::new(Instant::now());
         assert_eq!(upkeep.idle_wait(None), IDLE_WAIT);
-        assert_eq!(upkeep.idle_wait(Some(&heartbeat(30_000))), ms(30_000));
+        assert_eq!(upkeep.idle_wait(Some(ms(30_000))), ms(30_000));
         upkeep.round_ran();
         assert!(upkeep.release_due());
         assert_eq!(upkeep.idle_wait(None), IDLE_RELEASE_AFTER);
         // A watchdog shorter than the release delay still wakes the engine in time for it.
-        assert_eq!(upkeep.idle_wait(Some(&heartbeat(400))), ms(400));
+        assert_eq!(upkeep.idle_wait(Some(ms(400))), ms(400));
         upkeep.released();
         assert!(!upkeep.release_due());
         assert_eq!(upkeep.idle_wait(None), IDLE_WAIT);
