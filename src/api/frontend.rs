@@ -87,6 +87,50 @@ struct Template {
     jinja: ChatTemplate,
     tools_in: ToolsIn,
     call_format: CallFormat,
+    /// Whether it renders a system message; where not (Gemma 2's refuses one), chatd's own
+    /// instructions go before the first user message's text instead.
+    takes_system: bool,
+}
+
+impl Template {
+    fn new(source: &str, tokenizer: &Tokenizer, tool_call_markers: Option<(u32, u32)>) -> anyhow::Result<Self> {
+        let jinja = ChatTemplate::new(source, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?;
+        let tools_in = ToolsIn::of(source);
+        let call_format = CallFormat::of(source, tools_in != ToolsIn::Nowhere, tokenizer, tool_call_markers);
+        let takes_system = renders_a_system_message(&jinja);
+        Ok(Template { jinja, tools_in, call_format, takes_system })
+    }
+
+    /// Adds chatd's own instructions (its tool prompt) where the template renders them.
+    fn add_instructions(&self, messages: &mut Vec<Value>, text: &str) {
+        add_instructions(messages, text, self.takes_system);
+    }
+}
+
+/// Puts `text` at the start of the system message (adding one if the first message is not), or,
+/// for a template that renders none, at the start of the first user message.
+fn add_instructions(messages: &mut Vec<Value>, text: &str, in_system: bool) {
+    let role = if in_system { "system" } else { "user" };
+    let at = messages.iter().position(|m| m["role"] == role).filter(|&i| !in_system || i == 0);
+    match at.and_then(|i| messages[i].as_object_mut()) {
+        Some(message) => {
+            let content = message.get("content").and_then(Value::as_str).unwrap_or_default();
+            let merged = if content.is_empty() { text.to_owned() } else { format!("{text}\n\n{content}") };
+            message.insert("content".into(), Value::String(merged));
+        }
+        None => messages.insert(0, serde_json::json!({"role": role, "content": text})),
+    }
+}
+
+/// Whether a template renders a system message's text, unless it renders a lone user message
+/// but refuses or drops a system message before it. (A template that renders neither without
+/// the request's tools or arguments is taken at its word: as rendering one.)
+fn renders_a_system_message(jinja: &ChatTemplate) -> bool {
+    const PROBE: &str = "chatd checks that the template renders a system message";
+    let user = serde_json::json!({"role": "user", "content": "Hello"});
+    let render = |messages: Value| jinja.render(&messages, None, true, None);
+    render(Value::Array(vec![user.clone()])).is_err()
+        || render(serde_json::json!([{"role": "system", "content": PROBE}, user])).is_ok_and(|t| t.contains(PROBE))
 }
 
 /// Turns OpenAI request bodies into engine requests for one served model: parsing, validation,
@@ -111,12 +155,7 @@ impl Frontend {
         let tokenizer = engine.tokenizer().clone();
         let info = engine.info().clone();
         let compile = |source: &Option<String>| -> anyhow::Result<Option<Template>> {
-            let Some(source) = source else { return Ok(None) };
-            let jinja = ChatTemplate::new(source, tokenizer.bos_token.as_deref(), tokenizer.eos_token.as_deref())?;
-            let tools_in = ToolsIn::of(source);
-            let takes_tools = tools_in != ToolsIn::Nowhere;
-            let call_format = CallFormat::of(source, takes_tools, &tokenizer, info.markers.tool_call);
-            Ok(Some(Template { jinja, tools_in, call_format }))
+            source.as_deref().map(|source| Template::new(source, &tokenizer, info.markers.tool_call)).transpose()
         };
         let template = compile(&tokenizer.chat_template)?;
         let tool_use_template = compile(&tokenizer.tool_use_template)?;
@@ -485,7 +524,7 @@ impl Frontend {
             )
         })?;
         match (offered, template.tools_in) {
-            (Some(tools), ToolsIn::Nowhere) => add_system_text(&mut normalized, &tools::system_prompt(tools)),
+            (Some(tools), ToolsIn::Nowhere) => template.add_instructions(&mut normalized, &tools::system_prompt(tools)),
             (Some(tools), ToolsIn::SystemMessage) => {
                 add_system_field(&mut normalized, "tools", tools::system_message_tools(tools))
             }
@@ -520,7 +559,7 @@ impl Frontend {
         if let Some(offered) = offered.filter(|o| template.tools_in == ToolsIn::Variable && !tools::all_in(o, &text)) {
             log::debug!("the chat template took the tools but did not render them: chatd's tool prompt is added");
             if let Value::Array(list) = &mut messages {
-                add_system_text(list, &tools::system_prompt(offered));
+                template.add_instructions(list, &tools::system_prompt(offered));
             }
             text = render(&messages, tools)?;
         }
@@ -741,18 +780,6 @@ fn add_system_field(messages: &mut Vec<Value>, field: &str, value: String) {
     }
 }
 
-/// Puts `text` at the start of the system message, adding one if there is none.
-fn add_system_text(messages: &mut Vec<Value>, text: &str) {
-    match messages.first_mut() {
-        Some(Value::Object(first)) if first.get("role").and_then(Value::as_str) == Some("system") => {
-            let content = first.get("content").and_then(Value::as_str).unwrap_or_default();
-            let merged = if content.is_empty() { text.to_owned() } else { format!("{text}\n\n{content}") };
-            first.insert("content".into(), Value::String(merged));
-        }
-        _ => messages.insert(0, serde_json::json!({"role": "system", "content": text})),
-    }
-}
-
 /// Checks one message and flattens an array of text parts into one string for the template.
 fn normalize_message(index: usize, message: Value) -> Result<Value, ApiError> {
     let param = format!("messages[{index}]");
@@ -852,4 +879,41 @@ fn logit_bias_error(bad: &[&str], vocab_size: usize) -> String {
         "`logit_bias` maps token ids below {vocab_size} to numbers between -100 and 100; these entries are not: {}",
         names.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_template_that_refuses_or_drops_a_system_message_is_told_apart() {
+        let template = |source| ChatTemplate::new(source, Some("<bos>"), None).unwrap();
+        let plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}";
+        // Gemma 2's.
+        let refusing = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}\
+                        {% endif %}{% for m in messages %}{{ m.content }}{% endfor %}";
+        let dropping = "{% for m in messages if m.role != 'system' %}{{ m.content }}{% endfor %}";
+        assert!(renders_a_system_message(&template(plain)));
+        assert!(!renders_a_system_message(&template(refusing)));
+        assert!(!renders_a_system_message(&template(dropping)));
+        // Without the tools it counts, this one renders nothing: it is not judged.
+        assert!(renders_a_system_message(&template("{{ tools | length }}")));
+    }
+
+    #[test]
+    fn instructions_go_first_in_the_system_message_or_else_the_first_user_message() {
+        let chat = || vec![json!({"role": "user", "content": "Hi"}), json!({"role": "assistant", "content": "Hello"})];
+        let mut messages = chat();
+        add_instructions(&mut messages, "Tools.", true);
+        assert_eq!(messages[0], json!({"role": "system", "content": "Tools."}));
+        add_instructions(&mut messages, "More.", true);
+        assert_eq!(messages[0]["content"], "More.\n\nTools.");
+        let mut messages = chat();
+        add_instructions(&mut messages, "Tools.", false);
+        assert_eq!((messages.len(), &messages[0]["content"]), (2, &json!("Tools.\n\nHi")));
+        let mut messages = vec![json!({"role": "assistant", "content": "Hello"})];
+        add_instructions(&mut messages, "Tools.", false);
+        assert_eq!(messages[0], json!({"role": "user", "content": "Tools."}));
+    }
 }

@@ -43,6 +43,11 @@ pub struct GenaiConfig {
     /// `sliding_window` of the decoder section: the attention window the model was trained
     /// with, which the graph may or may not apply (see `limit_to_window`).
     pub sliding_window: Option<usize>,
+    /// The widest window the graph's attention applies (on some layers: Gemma 2 and 3 alternate
+    /// windowed and global ones), or `sliding_window` where the graph was not read. ONNX
+    /// Runtime's attention refuses a cache shorter than it, so every row holds at least this
+    /// many positions (bounded by the context).
+    pub applied_window: Option<usize>,
 }
 
 impl GenaiConfig {
@@ -100,6 +105,10 @@ impl GenaiConfig {
         };
         let threads =
             decoder["session_options"].get("intra_op_num_threads").and_then(Value::as_u64).map(|n| n as usize);
+        let sliding_window = match &decoder["sliding_window"] {
+            Value::Number(n) => n.as_u64().map(|w| w as usize),
+            section => section.get("window_size").and_then(Value::as_u64).map(|w| w as usize),
+        };
         Ok(Self {
             file: dir.join(decoder.get("filename").and_then(Value::as_str).unwrap_or("model.onnx")),
             info,
@@ -113,10 +122,8 @@ impl GenaiConfig {
             present_value: name("outputs", "present_value_names", "present.%d.value"),
             intra_op_threads: threads,
             built_for: built_for(&decoder["session_options"]),
-            sliding_window: match &decoder["sliding_window"] {
-                Value::Number(n) => n.as_u64().map(|w| w as usize),
-                section => section.get("window_size").and_then(Value::as_u64).map(|w| w as usize),
-            },
+            sliding_window,
+            applied_window: sliding_window,
         })
     }
 
@@ -247,7 +254,8 @@ impl GenaiModel {
         }
         let head_bytes = dtype.head_bytes(info.head_dim);
         ensure!(head_bytes % 4 == 0, "a head of {} values cannot be stored as {dtype}", info.head_dim);
-        let pool = KvPool::new(layers, info.num_kv_heads, head_bytes / 4, info.context_length, kv_budget_bytes);
+        let pool = KvPool::new(layers, info.num_kv_heads, head_bytes / 4, info.context_length, kv_budget_bytes)
+            .with_min_capacity(config.applied_window.unwrap_or(0));
         Ok(Self {
             session,
             input_names,
@@ -563,14 +571,15 @@ pub fn open(config: &mut GenaiConfig, options: &RuntimeOptions, scales: Option<&
     runtime::open_session_from_memory(&bytes, dir, options)
 }
 
-/// A folder whose config names a sliding window that the graph's attention does not apply
-/// (the builder writes Mistral's into genai_config.json, not into the graph): past the window
-/// the output would silently differ from the model's, so the context is cut to the window and
-/// longer requests get `context_length_exceeded`.
+/// Records the window the graph's attention applies (`applied_window`). A folder whose config
+/// names a sliding window that the graph applies on no layer (the builder writes Mistral's into
+/// genai_config.json, not into the graph): past the window the output would silently differ from
+/// the model's, so the context is cut to the window and longer requests get
+/// `context_length_exceeded`.
 fn limit_to_window(config: &mut GenaiConfig, graph_windows: &[i64]) {
+    config.applied_window = graph_windows.iter().filter(|&&w| w > 0).max().map(|&w| w as usize);
     let Some(window) = config.sliding_window else { return };
-    let applied = !graph_windows.is_empty() && graph_windows.iter().all(|&w| w > 0);
-    if applied || window >= config.info.context_length {
+    if config.applied_window.is_some() || window >= config.info.context_length {
         return;
     }
     log::warn!(
@@ -674,9 +683,12 @@ mod tests {
         assert_eq!(config.sliding_window, None);
         config.sliding_window = Some(64);
         limit_to_window(&mut config, &[64, 64]);
-        assert_eq!(config.info.context_length, context);
+        assert_eq!((config.info.context_length, config.applied_window), (context, Some(64)));
+        // Gemma's graphs window every other layer (or five of six): the window is applied.
+        limit_to_window(&mut config, &[64, -1]);
+        assert_eq!((config.info.context_length, config.applied_window), (context, Some(64)));
         limit_to_window(&mut config, &[-1, -1]);
-        assert_eq!(config.info.context_length, 64);
+        assert_eq!((config.info.context_length, config.applied_window), (64, None));
         // The shared model's graph has GroupQueryAttention nodes without a window.
         let windows = proto::attention_windows(&std::fs::read(&config.file).unwrap()).unwrap();
         assert!(!windows.is_empty() && windows.iter().all(|&w| w == -1), "{windows:?}");

@@ -42,6 +42,8 @@ pub struct KvPool {
     buffers: Vec<Pages>,
     kv_heads: usize,
     head_words: usize,
+    /// Positions every row holds at least (see `with_min_capacity`).
+    min_capacity: usize,
     max_capacity: usize,
     budget_bytes: usize,
     /// Bumped whenever the buffers may have moved (see `generation`).
@@ -80,10 +82,23 @@ impl KvPool {
             buffers: (0..2 * layers).map(|_| Pages::default()).collect(),
             kv_heads,
             head_words,
+            min_capacity: 0,
             max_capacity,
             budget_bytes,
             generation: 0,
         }
+    }
+
+    /// A pool whose rows never hold fewer than `positions` positions (bounded by the context):
+    /// ONNX Runtime's windowed attention refuses a cache shorter than its window. Positions never
+    /// written take no memory, but they count against the budget.
+    pub fn with_min_capacity(self, positions: usize) -> Self {
+        Self { min_capacity: positions.min(self.max_capacity), ..self }
+    }
+
+    /// The capacity rows get to hold `positions` positions: whole blocks, within the bounds.
+    fn capacity_for(&self, positions: usize) -> usize {
+        round_up(positions.max(self.min_capacity)).min(self.max_capacity)
     }
 
     /// Gives back the memory of rows no sequence holds (they read as zero and take none until
@@ -154,7 +169,7 @@ impl KvPool {
             (rows.in_use(), rows.kept())
         };
         let rows = kept.max(in_use + count);
-        let capacity = self.capacity.max(round_up(positions)).min(self.max_capacity);
+        let capacity = self.capacity.max(self.capacity_for(positions));
         rows * capacity * self.bytes_per_position() <= self.budget_bytes
     }
 
@@ -181,7 +196,7 @@ impl KvPool {
             row
         };
         if row >= self.allocated {
-            let capacity = self.capacity.max(BLOCK.min(self.max_capacity));
+            let capacity = self.capacity.max(self.capacity_for(1));
             if let Err(e) = self.resize(row + 1, capacity) {
                 self.rows.lock().unwrap_or_else(|e| e.into_inner()).leased[row] = false;
                 return Err(e);
@@ -228,7 +243,7 @@ impl KvPool {
         }
         // Rows nobody holds above the leased ones would grow too, for nothing.
         self.drop_free_top_rows()?;
-        self.resize(self.allocated, round_up(positions).min(self.max_capacity))
+        self.resize(self.allocated, self.capacity_for(positions))
     }
 
     /// Drops the rows above the highest leased one (rows are the buffers' outermost dimension,
@@ -407,6 +422,21 @@ mod tests {
             }
         }
         drop(leases);
+    }
+
+    #[test]
+    fn rows_hold_at_least_the_minimum_capacity_within_the_context() {
+        let mut pool = KvPool::new(1, 1, 4, 8192, 1 << 30).with_min_capacity(4096);
+        let _row = pool.lease().unwrap();
+        assert_eq!(pool.capacity(), 4096);
+        pool.ensure_capacity(4097).unwrap();
+        assert_eq!(pool.capacity(), 4096 + BLOCK);
+        let mut short = KvPool::new(1, 1, 4, 1000, 1 << 30).with_min_capacity(4096);
+        let _row = short.lease().unwrap();
+        assert_eq!(short.capacity(), 1000);
+        // The budget counts the floor: a row of 4,096 positions of 32 bytes does not fit in 16 KiB.
+        let tight = KvPool::new(1, 1, 4, 8192, 16 << 10).with_min_capacity(4096);
+        assert!(!tight.has_room_for(10, 1));
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct Model<L: Layout> {
 
 /// A model as `load` found it, in whichever layout its folder has. The only place that lists
 /// the layouts: everything past loading is generic over [`Layout`] (see [`UseModel`]).
+// Made once and moved once into the engine: a box would buy nothing for the variants' sizes.
+#[allow(clippy::large_enum_variant)]
 pub enum LoadedModel {
     /// Hugging Face Optimum: each sequence's presents come back as new tensors, run one
     /// sequence at a time (its graph makes every row of a batch pay for the longest).

@@ -25,7 +25,7 @@ FIXTURES = pathlib.Path(
 
 
 def folders(families):
-    return [(family, layout) for family in sorted(families) for layout in make_fixtures.LAYOUTS]
+    return [(family, layout) for family in sorted(families) for layout in make_fixtures.layouts(family)]
 
 
 def serving(family, layout):
@@ -107,25 +107,42 @@ def greedy_problems(texts, finish, usage, greedy):
     return problems
 
 
+def refusal_problems(base, case):
+    """How chatd's answer differs from a 400 with the template's own words, where the family's
+    template refuses the case's messages."""
+    status, r = post_json(base, "/v1/chat/completions", chat_body(case, 1))
+    if status != 400 or case["refused"] not in r.get("error", {}).get("message", ""):
+        return [f"{status} {r}, not a 400 saying {case['refused']!r}"]
+    return []
+
+
+def case_problems(base, layout, case, max_tokens):
+    """How chatd's answer to one case differs from the reference's."""
+    if "refused" in case:
+        return refusal_problems(base, case)
+    ids, usage, texts, finish = answer(base, case, max_tokens)
+    problems = greedy_problems(texts, finish, usage, case["greedy"][layout])
+    if ids != case["prompt_ids"]:
+        problems.append(f"prompt ids {ids} != transformers' {case['prompt_ids']}")
+    if usage["prompt_tokens"] != len(case["prompt_ids"]):
+        problems.append(f"usage.prompt_tokens {usage['prompt_tokens']} != {len(case['prompt_ids'])}")
+    return problems
+
+
 def test_prompts_and_greedy_tokens_equal_the_references(fixture):
     expected, layout, base = fixture
-    failures = []
-    for name, case in expected["cases"].items():
-        ids, usage, texts, finish = answer(base, case, expected["max_tokens"])
-        problems = greedy_problems(texts, finish, usage, case["greedy"][layout])
-        if ids != case["prompt_ids"]:
-            problems.append(f"prompt ids {ids} != transformers' {case['prompt_ids']}")
-        if usage["prompt_tokens"] != len(case["prompt_ids"]):
-            problems.append(f"usage.prompt_tokens {usage['prompt_tokens']} != {len(case['prompt_ids'])}")
-        if problems:
-            failures.append(f"[{expected['family']}/{layout}/{name}] " + "; ".join(problems))
+    failures = [
+        f"[{expected['family']}/{layout}/{name}] " + "; ".join(problems)
+        for name, case in expected["cases"].items()
+        if (problems := case_problems(base, layout, case, expected["max_tokens"]))
+    ]
     assert not failures, "\n".join(failures)
 
 
 # How each family's template asks for a call, as a forced call must then be written: Qwen's
 # `<tool_call>` and Mistral's `[TOOL_CALLS]` before a list of calls (each one token of its
-# vocabulary), Llama 3's bare object with "parameters", and for Phi-3.5, whose template takes no
-# tools, chatd's own prompt and format.
+# vocabulary), Llama 3's bare object with "parameters", and for Phi-3.5 and Gemma, whose templates
+# take no tools, chatd's own prompt and format.
 CALL_FORMATS = {
     "qwen2.5": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
     "qwen3": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
@@ -133,6 +150,8 @@ CALL_FORMATS = {
     "llama-3.2": ('{"name":"get_weather","parameters":', "}"),
     "phi-3.5": ('{"name":"get_weather","arguments":', "}"),
     "mistral-nemo": ('[TOOL_CALLS][{"name":"get_weather","arguments":', "}]"),
+    "gemma-2": ('{"name":"get_weather","arguments":', "}"),
+    "gemma-3": ('{"name":"get_weather","arguments":', "}"),
 }
 
 
