@@ -48,42 +48,7 @@ fn socket_activation_and_the_notify_protocol() {
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
 
-    let port = free_port();
-    let mut cmd = Command::new(activate);
-    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
-        .arg("--setenv=WATCHDOG_USEC=400000")
-        .arg(env!("CARGO_BIN_EXE_chatd"))
-        .arg("--model")
-        .arg(model_dir())
-        // Ignored: the inherited socket wins.
-        .args(["--listen", "127.0.0.1:1", "--threads", "2", "--shutdown-timeout-s", "1"])
-        .args(["--idle-unload-s", "2"]);
-    // systemd-socket-activate waits for the first connection before it starts chatd; the
-    // request on that connection is answered once the model is loaded, not refused.
-    let first = std::thread::spawn(move || {
-        let end = Instant::now() + HANG;
-        while Instant::now() < end {
-            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let body = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}"#;
-                let head = format!(
-                    "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                stream.set_read_timeout(Some(HANG)).unwrap();
-                stream.write_all(head.as_bytes()).unwrap();
-                stream.write_all(body.as_bytes()).unwrap();
-                let mut reply = String::new();
-                let _ = stream.read_to_string(&mut reply);
-                return reply;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        String::new()
-    });
-    let d = Daemon::launch(cmd, true);
-    let reply = first.join().unwrap();
+    let (d, port, reply) = activated(&activate, &notify_path);
     assert!(reply.starts_with("HTTP/1.1 200"), "the connection that started chatd: {reply}");
     assert_eq!(d.addr, format!("127.0.0.1:{port}"), "serves the inherited socket");
     assert!(d.log().iter().any(|l| l.contains("on the socket from systemd")), "{:?}", d.log());
@@ -127,6 +92,57 @@ fn socket_activation_and_the_notify_protocol() {
     let status = d.wait_exit(HANG).expect("chatd exits");
     assert!(status.success(), "{status}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// chatd started by `systemd-socket-activate` on a free port (tried again on another if, between
+/// finding it free and binding it, something else took it), the port, and the reply to the
+/// request on the connection that started it.
+fn activated(activate: &std::path::Path, notify_path: &std::path::Path) -> (Daemon, u16, String) {
+    for _ in 0..3 {
+        let port = free_port();
+        let mut cmd = Command::new(activate);
+        cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+            .arg("--setenv=WATCHDOG_USEC=400000")
+            .arg(env!("CARGO_BIN_EXE_chatd"))
+            .arg("--model")
+            .arg(model_dir())
+            // Ignored: the inherited socket wins.
+            .args(["--listen", "127.0.0.1:1", "--threads", "2", "--shutdown-timeout-s", "1"])
+            .args(["--idle-unload-s", "2"]);
+        // systemd-socket-activate waits for the first connection before it starts chatd; the
+        // request on that connection is answered once the model is loaded, not refused.
+        let first = std::thread::spawn(move || first_request(port));
+        match Daemon::try_launch(cmd, true) {
+            Ok(d) => return (d, port, first.join().unwrap()),
+            Err(log) if log.contains("Address already in use") => continue,
+            Err(log) => panic!("chatd did not start:\n{log}"),
+        }
+    }
+    panic!("three free ports were taken before systemd-socket-activate could bind them");
+}
+
+/// The reply to a chat request on the first connection to `port` that succeeds (or "").
+fn first_request(port: u16) -> String {
+    let end = Instant::now() + HANG;
+    while Instant::now() < end {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let body = r#"{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}"#;
+            let head = format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            stream.set_read_timeout(Some(HANG)).unwrap();
+            stream.write_all(head.as_bytes()).unwrap();
+            stream.write_all(body.as_bytes()).unwrap();
+            let mut reply = String::new();
+            let _ = stream.read_to_string(&mut reply);
+            return reply;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    String::new()
 }
 
 fn which(program: &str) -> Result<std::path::PathBuf, ()> {

@@ -69,7 +69,13 @@ impl Daemon {
 
     /// Runs `cmd` (chatd, or a wrapper that execs it) and waits until it serves, or only
     /// listens when `wait_until_serving` is false.
-    pub fn launch(mut cmd: Command, wait_until_serving: bool) -> Daemon {
+    pub fn launch(cmd: Command, wait_until_serving: bool) -> Daemon {
+        Self::try_launch(cmd, wait_until_serving).unwrap_or_else(|log| panic!("chatd did not start:\n{log}"))
+    }
+
+    /// As `launch`, but a process that exits before it serves is an `Err` with its log (at
+    /// once, not after the hang detector's wait).
+    pub fn try_launch(mut cmd: Command, wait_until_serving: bool) -> Result<Daemon, String> {
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to kill the child when
         // the thread that spawned it exits.
@@ -101,15 +107,28 @@ impl Daemon {
                 sink.lock().unwrap().push(line);
             }
         });
+        // A hang detector: loading takes seconds even on a busy machine.
+        let end = Instant::now() + Duration::from_secs(180);
         let addr = loop {
-            // A hang detector: loading takes seconds even on a busy machine.
-            match rx.recv_timeout(Duration::from_secs(180)) {
+            match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok((ready, addr)) if ready == wait_until_serving => break addr,
                 Ok(_) => continue,
-                Err(_) => panic!("chatd did not start:\n{}", log.lock().unwrap().join("\n")),
+                Err(_) if Instant::now() > end => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(log.lock().unwrap().join("\n"));
+                }
+                // Its stderr is closed: it is exiting.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(Duration::from_millis(50)),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                // The reader thread may still hold the last lines: wait for it to reach the end.
+                while rx.recv_timeout(Duration::from_secs(2)).is_ok() {}
+                return Err(format!("exited with {status}:\n{}", log.lock().unwrap().join("\n")));
             }
         };
-        Daemon { addr, child: Mutex::new(child), log }
+        Ok(Daemon { addr, child: Mutex::new(child), log })
     }
 
     pub fn log(&self) -> Vec<String> {
