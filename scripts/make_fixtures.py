@@ -18,10 +18,11 @@ For each family, in OUT/<family>/:
                 Generator on genai-int4/, a plain onnxruntime loop on optimum/), with each token's
                 text as tokenizers decodes it alone (what chatd reports in logprobs) and its
                 logit's lead over the runner-up (a parting at a near-tie is rounding, not a bug).
-A family whose spec names its `layouts` gets only those. A family is rebuilt when its recipe (config, files, cases, package versions) changes; otherwise it
-is reused. Driven by scripts/make-fixtures.sh; checked by tests/python/test_fixtures.py.
+A family whose spec names its `layouts` gets only those. A family is rebuilt when its recipe
+(config, files, cases, package versions) changes; otherwise it is reused. Driven by scripts/make-fixtures.sh; checked by tests/python/test_fixtures.py.
 """
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -267,8 +268,9 @@ def source_files(spec, llama_src):
     yield vocab
     if "npm" in spec:
         yield vocab.with_name("tokenizer_config.json")
-    if "template" in spec:
-        yield llama_src / "models" / "templates" / spec["template"]
+    template = perf_models.template_file(spec, llama_src)
+    if template:
+        yield template
 
 
 def recipe_hash(family, spec, llama_src):
@@ -395,10 +397,27 @@ def onnx_logits(folder):
     return start
 
 
-# Each layout's folder and its reference greedy decoder.
+def make_optimum(family, hf, out, python, log_file):
+    """Optimum's export, run with its transformers (the overlay beside the environment)."""
+    log(f"{family}: Optimum's ONNX export -> {out}")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    overlay = Path(python).parent.parent / "optimum"
+    subprocess.run(
+        [python, "-m", "optimum.exporters.onnx", "--model", str(hf), "--task", "text-generation-with-past", str(tmp)],
+        check=True,
+        stdout=log_file,
+        stderr=log_file,
+        env={**os.environ, "PYTHONPATH": str(overlay)},
+    )
+    tmp.rename(out)
+
+
+# Each layout's folder: how it is exported from hf/, and its reference greedy decoder.
+Layout = collections.namedtuple("Layout", "export reference")
 LAYOUTS = {
-    "genai-int4": genai_logits,
-    "optimum": onnx_logits,
+    "genai-int4": Layout(perf_models.make_genai, genai_logits),
+    "optimum": Layout(make_optimum, onnx_logits),
 }
 
 
@@ -421,7 +440,7 @@ def record_expected(family, spec, base):
     answered = [case for case in cases.values() if "refused" not in case]
     for layout in layouts(family):
         folder = base / layout
-        start = LAYOUTS[layout](folder)
+        start = LAYOUTS[layout].reference(folder)
         alone = Tokenizer.from_file(str(folder / "tokenizer.json"))
         for case in answered:
             new, margins, finish = greedy(start(case["prompt_ids"]), eos)
@@ -434,22 +453,6 @@ def record_expected(family, spec, base):
     return {"family": family, "max_tokens": MAX_NEW_TOKENS, "cases": cases}
 
 
-def make_optimum(family, hf, out, python, log_file):
-    """Optimum's export, run with its transformers (the overlay beside the environment)."""
-    log(f"{family}: Optimum's ONNX export -> {out}")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    overlay = Path(python).parent.parent / "optimum"
-    subprocess.run(
-        [python, "-m", "optimum.exporters.onnx", "--model", str(hf), "--task", "text-generation-with-past", str(tmp)],
-        check=True,
-        stdout=log_file,
-        stderr=log_file,
-        env={**os.environ, "PYTHONPATH": str(overlay)},
-    )
-    tmp.rename(out)
-
-
 def make(family, spec, llama_src, out, python):
     base = out / family
     stamp = recipe_hash(family, spec, llama_src)
@@ -460,10 +463,8 @@ def make(family, spec, llama_src, out, python):
     hf = base / "hf"
     perf_models.make_hf(family, spec, llama_src, hf)
     with open(base / "exporters.log", "w") as exporters_log:
-        if "genai-int4" in layouts(family):
-            perf_models.make_genai(family, hf, base / "genai-int4", python, exporters_log)
-        if "optimum" in layouts(family):
-            make_optimum(family, hf, base / "optimum", python, exporters_log)
+        for layout in layouts(family):
+            LAYOUTS[layout].export(family, hf, base / layout, python, exporters_log)
     log(f"{family}: recording transformers' prompts and each layout's greedy tokens")
     result = record_expected(family, spec, base)
     result["recipe"] = stamp

@@ -132,8 +132,9 @@ def make_hf(shape, spec, llama_src, out):
         tokenizer = AutoTokenizer.from_pretrained(str(vocab_file(spec, llama_src).parent))
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(llama_src / "models"), gguf_file=spec["vocab"])
-    if "template" in spec:
-        tokenizer.chat_template = (llama_src / "models" / "templates" / spec["template"]).read_text()
+    template = template_file(spec, llama_src)
+    if template:
+        tokenizer.chat_template = template.read_text()
     tokenizer.save_pretrained(tmp)
     drop_tokens_beyond_vocab(tmp, spec["config"]["vocab_size"])
     name_tokens(tmp, spec.get("name_tokens", {}))
@@ -158,6 +159,12 @@ def vocab_file(spec, llama_src):
     if "npm" in spec:
         return Path(sys.prefix) / "npm" / spec["npm"] / "tokenizer.json"
     return llama_src / "models" / spec["vocab"]
+
+
+def template_file(spec, llama_src):
+    """The chat template a spec names in llama.cpp's tree, or None where the tokenizer's own
+    files carry the family's template."""
+    return llama_src / "models" / "templates" / spec["template"] if "template" in spec else None
 
 
 def drop_tokens_beyond_vocab(folder, vocab_size):

@@ -143,15 +143,16 @@ def test_prompts_and_greedy_tokens_equal_the_references(fixture):
 # `<tool_call>` and Mistral's `[TOOL_CALLS]` before a list of calls (each one token of its
 # vocabulary), Llama 3's bare object with "parameters", and for Phi-3.5 and Gemma, whose templates
 # take no tools, chatd's own prompt and format.
+CHATDS_OWN = ('{"name":"get_weather","arguments":', "}")
 CALL_FORMATS = {
     "qwen2.5": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
     "qwen3": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
     "qwq": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
     "llama-3.2": ('{"name":"get_weather","parameters":', "}"),
-    "phi-3.5": ('{"name":"get_weather","arguments":', "}"),
+    "phi-3.5": CHATDS_OWN,
     "mistral-nemo": ('[TOOL_CALLS][{"name":"get_weather","arguments":', "}]"),
-    "gemma-2": ('{"name":"get_weather","arguments":', "}"),
-    "gemma-3": ('{"name":"get_weather","arguments":', "}"),
+    "gemma-2": CHATDS_OWN,
+    "gemma-3": CHATDS_OWN,
 }
 
 
