@@ -192,6 +192,9 @@ impl Service {
         let engine = Arc::new(Engine::start(model, tokenizer, engine_config).map_err(model_error)?);
         let frontend =
             Frontend::new(&engine, config.served_model_name.clone(), config.limits.clone()).map_err(model_error)?;
+        // Loading frees what it parsed and copied on the way (the tokenizer's JSON, the copy
+        // llguidance adjusts); hand those pages back rather than keep them in malloc's heap.
+        crate::memory::give_back_freed();
         let model_bytes = crate::memory::resident_bytes().saturating_sub(resident_before);
         Ok(Self { engine, frontend: Arc::new(frontend), budget, model_bytes })
     }

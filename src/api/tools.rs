@@ -628,7 +628,10 @@ mod tests {
 
     #[test]
     fn forced_calls_in_a_familys_format_compile_and_follow_the_schema() {
-        let tok = crate::text::smollm_tokenizer_with(&[("<|tool_call|>", true), ("<|/tool_call|>", true)]);
+        let tok = std::sync::Arc::new(crate::text::smollm_tokenizer_with(&[
+            ("<|tool_call|>", true),
+            ("<|/tool_call|>", true),
+        ]));
         let compiler = crate::constraint::Compiler::new(&tok, &[2], tok.vocab_size()).unwrap();
         let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {
             "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"]}}}]);

@@ -12,6 +12,7 @@
 //! recurses once per rule a rule refers to: 1,000 chained rules overflow a 2 MiB stack).
 
 mod gbnf;
+mod vocabulary;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -223,13 +224,8 @@ fn limits() -> llguidance::api::ParserLimits {
 impl Compiler {
     /// `eos` are the model's end-of-sequence ids (allowed once the constraint is complete);
     /// `vocab_size` is the width of the model's logits.
-    pub fn new(tokenizer: &Tokenizer, eos: &[u32], vocab_size: usize) -> Result<Self> {
-        let mut bytes = toktrie_hf_tokenizers::ByteTokenizer::from_tokenizer(tokenizer.inner().clone())
-            .map_err(|e| anyhow!("preparing the tokenizer for constraints: {e}"))?;
-        bytes.set_eos_tokens(eos);
-        let env = bytes
-            .into_tok_env(Some(vocab_size))
-            .map_err(|e| anyhow!("preparing the tokenizer for constraints: {e}"))?;
+    pub fn new(tokenizer: &Arc<Tokenizer>, eos: &[u32], vocab_size: usize) -> Result<Self> {
+        let env = vocabulary::Vocabulary::env(tokenizer, eos, vocab_size)?;
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| anyhow!("preparing constraints: {e}"))?;
         factory.quiet();
         *factory.limits_mut() = limits();
@@ -370,7 +366,7 @@ mod tests {
     use crate::text::smollm_tokenizer;
 
     fn compiler() -> Compiler {
-        let tokenizer = smollm_tokenizer();
+        let tokenizer = Arc::new(smollm_tokenizer());
         Compiler::new(&tokenizer, &[2], tokenizer.vocab_size()).unwrap()
     }
 

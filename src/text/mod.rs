@@ -12,4 +12,4 @@ pub use template::ChatTemplate;
 pub use tokenizer::{Encoded, Tokenizer};
 
 #[cfg(test)]
-pub(crate) use tokenizer::tests::{smollm_tokenizer, smollm_tokenizer_with};
+pub(crate) use tokenizer::tests::{smollm_tokenizer, smollm_tokenizer_edited, smollm_tokenizer_with};

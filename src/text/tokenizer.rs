@@ -253,14 +253,21 @@ pub(crate) mod tests {
     /// SmolLM2's tokenizer with more added tokens: `(text, special)`, as another family's
     /// vocabulary has them.
     pub(crate) fn smollm_tokenizer_with(added: &[(&str, bool)]) -> Tokenizer {
+        smollm_tokenizer_edited(|inner| {
+            for &(text, special) in added {
+                let token = tokenizers::AddedToken::from(text.to_owned(), special);
+                match special {
+                    true => inner.add_special_tokens(&[token]),
+                    false => inner.add_tokens(&[token]),
+                };
+            }
+        })
+    }
+
+    /// SmolLM2's tokenizer as `edit` leaves it, to stand for another family's.
+    pub(crate) fn smollm_tokenizer_edited(edit: impl FnOnce(&mut tokenizers::Tokenizer)) -> Tokenizer {
         let mut tok = smollm_tokenizer();
-        for &(text, special) in added {
-            let token = tokenizers::AddedToken::from(text.to_owned(), special);
-            match special {
-                true => tok.inner.add_special_tokens(&[token]),
-                false => tok.inner.add_tokens(&[token]),
-            };
-        }
+        edit(&mut tok.inner);
         tok
     }
 
