@@ -56,11 +56,13 @@ impl Vocabulary {
     }
 }
 
-/// Whether two tokenizers split and normalize text alike (llguidance adjusts only these two).
+/// Whether two tokenizers split and normalize text alike (llguidance adjusts only these two);
+/// not when either cannot be compared.
 fn same_text_handling(a: &tokenizers::Tokenizer, b: &tokenizers::Tokenizer) -> bool {
-    let json = |v: Result<String, serde_json::Error>| v.ok();
-    json(serde_json::to_string(&a.get_normalizer())) == json(serde_json::to_string(&b.get_normalizer()))
-        && json(serde_json::to_string(&a.get_pre_tokenizer())) == json(serde_json::to_string(&b.get_pre_tokenizer()))
+    let same =
+        |x: serde_json::Result<String>, y: serde_json::Result<String>| matches!((x, y), (Ok(x), Ok(y)) if x == y);
+    same(serde_json::to_string(&a.get_normalizer()), serde_json::to_string(&b.get_normalizer()))
+        && same(serde_json::to_string(&a.get_pre_tokenizer()), serde_json::to_string(&b.get_pre_tokenizer()))
 }
 
 impl TokenizerEnv for Vocabulary {
