@@ -144,10 +144,11 @@ def test_prompts_and_greedy_tokens_equal_the_references(fixture):
 # vocabulary), Llama 3's bare object with "parameters", and for Phi-3.5 and Gemma, whose templates
 # take no tools, chatd's own prompt and format.
 CHATDS_OWN = ('{"name":"get_weather","arguments":', "}")
+QWENS = ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>")
 CALL_FORMATS = {
-    "qwen2.5": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
-    "qwen3": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
-    "qwq": ('<tool_call>\n{"name":"get_weather","arguments":', "}\n</tool_call>"),
+    "qwen2.5": QWENS,
+    "qwen3": QWENS,
+    "qwq": QWENS,
     "llama-3.2": ('{"name":"get_weather","parameters":', "}"),
     "phi-3.5": CHATDS_OWN,
     "mistral-nemo": ('[TOOL_CALLS][{"name":"get_weather","arguments":', "}]"),
