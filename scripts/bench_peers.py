@@ -421,6 +421,17 @@ def report(bench, args, started, versions):
         pt = m(key, phase, "turns", "per_turn")
         return pt[-1].get(field) if isinstance(pt, list) and pt else None
 
+    def prompt_tokens_computed(key, phase):
+        """Prompt tokens the server ran over the whole chat (each turn's prompt less its cached
+        tokens; medians over conversations): what the prefix caches left to compute."""
+        pt = m(key, phase, "turns", "per_turn")
+        if not isinstance(pt, list) or not pt:
+            return None
+        pairs = [(t.get("prompt_tokens_median"), t.get("cached_tokens_median")) for t in pt]
+        if any(p is None or c is None for p, c in pairs):
+            return None
+        return sum(p - c for p, c in pairs)
+
     def failed(key, phase):
         s = R.get(key, {}).get(phase)
         if not isinstance(s, dict):
@@ -465,6 +476,8 @@ def report(bench, args, started, versions):
                      {c: turns_last(c, phase, "cached_tokens_median") for c in cols}, 0))
         rows.append((f"{nt}-turn chat, c={conc}: prompt tokens of the last turn",
                      {c: turns_last(c, phase, "prompt_tokens_median") for c in cols}, 0))
+        rows.append((f"{nt}-turn chat, c={conc}: prompt tokens computed over the chat (lower is better)",
+                     {c: prompt_tokens_computed(c, phase) for c in cols}, 0))
         rows.append((f"{nt}-turn chat, c={conc}: TTFT s of the last turn (lower is better)",
                      {c: turns_last(c, phase, "ttft_s_median") for c in cols}, 3))
         rows.append((f"{nt}-turn chat, c={conc}: wall s of the whole chat (lower is better)",
