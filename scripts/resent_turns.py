@@ -11,8 +11,9 @@ the `prompt tokens computed over the chat` row of scripts/bench-peers.sh.
 Plays chatbench's conversation (the same prompts as bench-peers' 1-client chat with --seed 102)
 against a running chatd, non-streamed, greedy, `ignore_eos`, with `logprobs` for the generated
 pieces, and per turn compares them with chatd's `/tokenize` of the next turn's messages (with
-pieces). Prints, per turn, the prompt and cached tokens chatd reported and how many of the
-previous answer's tokens the resent conversation kept as generated.
+pieces). Prints, per turn, the prompt and cached tokens chatd reported, how many of the
+previous answer's tokens the resent conversation kept as generated, and the prefix cache's bytes
+(`/health`) after the turn.
 
   python3 scripts/resent_turns.py --url http://127.0.0.1:8080 --model genai-int4
 """
@@ -31,6 +32,11 @@ def post(url, body):
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=600) as reply:
         return json.load(reply)
+
+
+def prefix_cache_mib(args):
+    with urllib.request.urlopen(f"{args.url}/health", timeout=60) as reply:
+        return json.load(reply)["memory"]["prefix_cache_bytes"] / 2**20
 
 
 def pieces(args, messages):
@@ -56,12 +62,14 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=200, help="turn 1's prompt, in words")
     p.add_argument("--turn-prompt-tokens", type=int, default=40, help="later turns' messages, in words")
     p.add_argument("--seed", type=int, default=102, help="chatbench's prompt seed (bench-peers' 1-client chat: 102)")
+    p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="answer max-tokens tokens every turn, as bench-peers does (--no-ignore-eos for a trained model)")
     args = p.parse_args()
 
     messages = [{"role": "user", "content": chatbench.build_prompt(args.prompt_tokens, args.seed, 0, False)}]
     previous = None  # (prompt pieces, generated pieces) of the turn before
-    print("| turn | prompt tokens | cached | previous answer's tokens resent as generated |")
-    print("|---|---|---|---|")
+    print("| turn | prompt tokens | cached | previous answer's tokens resent as generated | prefix cache MiB after |")
+    print("|---|---|---|---|---|")
     totals = [0, 0]
     for turn in range(1, args.turns + 1):
         prompt = pieces(args, messages)
@@ -73,11 +81,11 @@ def main():
             totals[1] += len(previous[1])
         reply = post(f"{args.url}/v1/chat/completions", {
             "model": args.model, "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
-            "ignore_eos": True, "logprobs": True, "seed": args.seed})
+            "ignore_eos": args.ignore_eos, "logprobs": True, "seed": args.seed})
         choice = reply["choices"][0]
         usage = reply["usage"]
         cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-        print(f"| {turn} | {usage['prompt_tokens']} | {cached} | {kept} |")
+        print(f"| {turn} | {usage['prompt_tokens']} | {cached} | {kept} | {prefix_cache_mib(args):.1f} |")
         previous = (prompt, [t["token"] for t in choice["logprobs"]["content"]])
         messages.append({"role": "assistant", "content": choice["message"]["content"]})
         messages.append({"role": "user",

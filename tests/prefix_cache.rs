@@ -1,8 +1,8 @@
 //! Prefix reuse: a repeated prompt, a shared system prompt and a growing conversation start
 //! from cached keys and values and report them in `usage.prompt_tokens_details.cached_tokens`;
 //! reused prompt positions give exactly the answer of an uncached run; a chat's next turn
-//! continuing from the row its last turn left parked answers as one restored from a copy; in
-//! both model layouts.
+//! continuing from the row its last turn left parked answers as one restored from a copy, and
+//! so does the same turn sent again ("regenerate"); in both model layouts.
 
 mod common;
 
@@ -67,6 +67,19 @@ fn prefix_reuse_is_exact_and_reported(model: &Path) {
     assert_eq!(ask(&chat, &first).0, a_cold);
     let (t_chat, c5) = ask(&chat, &turn2);
     assert_eq!((t_chat.as_str(), c5), (t_warm.as_str(), c4));
+
+    // The same turn again, as a client's "regenerate" sends it: the whole prompt of the row the
+    // turn left, without its reply (47 positions, more than the two chunks a next turn may drop).
+    // The genai layout cuts that row back to the prompt's whole chunks in place; either way the
+    // answer is the same.
+    let regenerate = json!({"messages": turn2, "max_tokens": 48, "temperature": 0, "ignore_eos": true});
+    let once = chat.chat(regenerate.clone());
+    let again = chat.chat(regenerate);
+    assert_eq!(again["choices"][0]["message"]["content"], once["choices"][0]["message"]["content"]);
+    let prompt = again["usage"]["prompt_tokens"].as_u64().unwrap();
+    let chunk = chat.get("/health").json()["prefill"]["chunk"].as_u64().unwrap();
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert_eq!(cached, (prompt - 2) / chunk * chunk, "a {prompt}-token prompt, chunks of {chunk}");
 }
 
 #[test]

@@ -10,7 +10,9 @@ use crate::model::KvSnapshot;
 const MIN_REUSE: usize = 8;
 
 struct Entry {
+    /// The prompt, then the reply.
     tokens: Vec<u32>,
+    prompt_len: usize,
     snapshot: KvSnapshot,
     last_used: u64,
 }
@@ -57,23 +59,24 @@ impl PrefixCache {
         Some((&entry.snapshot, len))
     }
 
-    /// Keeps `snapshot` of the cache holding `tokens`. Entries it extends are dropped (an
-    /// earlier turn of the same conversation); the least recently used go when over budget.
-    pub fn insert(&mut self, tokens: Vec<u32>, snapshot: KvSnapshot) {
+    /// Keeps `snapshot` of the cache holding `tokens`, the first `prompt_len` of them its prompt.
+    /// Entries whose conversation it carries on are dropped (an earlier turn of it); the least
+    /// recently used go when over budget.
+    pub fn insert(&mut self, tokens: Vec<u32>, prompt_len: usize, snapshot: KvSnapshot) {
         debug_assert_eq!(tokens.len(), snapshot.len());
         let size = snapshot.bytes();
         if size > self.budget_bytes || snapshot.len() < MIN_REUSE {
             return;
         }
         let before = self.entries.len();
-        self.entries.retain(|e| !tokens.starts_with(&e.tokens));
+        self.entries.retain(|e| !carries_on(&e.tokens, e.prompt_len, &tokens));
         if self.entries.len() != before {
             self.bytes = self.entries.iter().map(|e| e.snapshot.bytes()).sum();
         }
         self.evict_to(self.budget_bytes - size);
         self.clock += 1;
         self.bytes += size;
-        self.entries.push(Entry { tokens, snapshot, last_used: self.clock });
+        self.entries.push(Entry { tokens, prompt_len, snapshot, last_used: self.clock });
     }
 
     /// Drops the least recently used entries until at most `bytes` are held.
@@ -110,6 +113,15 @@ pub(super) fn reusable(tokens: &[u32], prompt: &[u32], chunk: usize) -> usize {
     if len < MIN_REUSE.max(chunk) { 0 } else { len }
 }
 
+/// Whether `tokens` resend the whole prompt of a cache holding `held` (its first `prompt_len`
+/// tokens the prompt): the same conversation carried on, or its last turn sent again. Its reply
+/// may come back otherwise (regenerated; re-encoded from the text a client resends, when the
+/// model wrote tokens the tokenizer would not), and then what the cache holds past the shared
+/// part is of no use to anyone.
+pub(super) fn carries_on(held: &[u32], prompt_len: usize, tokens: &[u32]) -> bool {
+    common_prefix(held, tokens) >= prompt_len
+}
+
 fn common_prefix(a: &[u32], b: &[u32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -127,8 +139,8 @@ mod tests {
         let mut cache = PrefixCache::new(1 << 20);
         let a: Vec<u32> = (0..20).collect();
         let b: Vec<u32> = (0..12).chain(100..120).collect();
-        cache.insert(a.clone(), snap(20));
-        cache.insert(b, snap(32));
+        cache.insert(a.clone(), 16, snap(20));
+        cache.insert(b, 20, snap(32));
         let prompt: Vec<u32> = (0..30).collect();
         assert_eq!(cache.lookup(&prompt, 1).map(|(_, n)| n), Some(20));
         assert_eq!(cache.lookup(&prompt, 8).map(|(_, n)| n), Some(16), "whole chunks only");
@@ -141,25 +153,39 @@ mod tests {
         let mut cache = PrefixCache::new(100 * 4);
         let turn1: Vec<u32> = (0..30).collect();
         let turn2: Vec<u32> = (0..50).collect();
-        cache.insert(turn1, snap(30));
-        cache.insert(turn2, snap(50));
+        cache.insert(turn1, 20, snap(30));
+        cache.insert(turn2, 40, snap(50));
         assert_eq!(cache.len(), 1);
         let other: Vec<u32> = (500..540).collect();
-        cache.insert(other.clone(), snap(40));
+        cache.insert(other.clone(), 30, snap(40));
         assert_eq!(cache.bytes(), 90 * 4);
         // Touch the conversation, then overflow: the other entry, least recently used, goes.
         assert!(cache.lookup(&(0..60).collect::<Vec<u32>>(), 1).is_some());
-        cache.insert((900..930).collect(), snap(30));
+        cache.insert((900..930).collect(), 20, snap(30));
         assert!(cache.lookup(&other, 1).is_none());
         assert!(cache.bytes() <= 100 * 4);
     }
 
     #[test]
+    fn a_turn_that_resends_the_prompt_replaces_the_earlier_one_whatever_came_back_as_its_reply() {
+        let mut cache = PrefixCache::new(1 << 20);
+        // Turn 1: a 20-token prompt and a 10-token reply; turn 2 resends the prompt, the reply
+        // re-encoded otherwise, and a new question.
+        cache.insert((0..20).chain(100..110).collect(), 20, snap(30));
+        cache.insert((0..20).chain(200..240).collect(), 35, snap(60));
+        assert_eq!((cache.len(), cache.bytes()), (1, 60 * 4));
+        // Another conversation that shares part of the prompt keeps its own entry, and so does
+        // the one it shares with.
+        cache.insert((0..12).chain(300..330).collect(), 25, snap(42));
+        assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
     fn going_idle_keeps_the_most_recent_conversation_within_a_quarter() {
         let mut cache = PrefixCache::new(400 * 4);
-        cache.insert((0..90).collect(), snap(90));
-        cache.insert((500..560).collect(), snap(60));
-        cache.insert((900..1000).collect(), snap(100));
+        cache.insert((0..90).collect(), 60, snap(90));
+        cache.insert((500..560).collect(), 40, snap(60));
+        cache.insert((900..1000).collect(), 70, snap(100));
         assert!(cache.lookup(&(0..95).collect::<Vec<u32>>(), 1).is_some());
         cache.shrink_for_idle();
         // 100 positions allowed: the conversation just used stays, the others go.

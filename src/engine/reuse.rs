@@ -19,16 +19,22 @@ use crate::model::{KvCache, Layout, Model};
 /// request that leaves the engine idle is parked: under load rows are copied out at once, so
 /// no parked row rides along in batched steps.
 pub(super) struct Parked<L: Layout> {
+    /// The prompt, then the reply as generated.
     pub tokens: Vec<u32>,
+    /// How many of `tokens` are the prompt.
+    pub prompt_len: usize,
     pub cache: KvCache<L>,
 }
 
 /// How many of a parked row's positions a request for `prompt` continues from, when it is that
 /// row's next turn: it shares all of the row but the last few tokens (the cut at a chunk
-/// boundary, the reply's end as the template writes it).
-pub(super) fn resumes(parked: &[u32], prompt: &[u32], chunk: usize) -> Option<usize> {
-    let len = prefix_cache::reusable(parked, prompt, chunk);
-    (len > 0 && parked.len() - len <= 2 * chunk).then_some(len)
+/// boundary, the reply's end as the template writes it), or it carries on the row's
+/// conversation (`prefix_cache::carries_on`) with the reply come back otherwise; the part it
+/// does not share is then dropped rather than copied into the prefix cache.
+pub(super) fn resumes(row: &[u32], row_prompt_len: usize, prompt: &[u32], chunk: usize) -> Option<usize> {
+    let len = prefix_cache::reusable(row, prompt, chunk);
+    let next_turn = row.len() - len <= 2 * chunk || prefix_cache::carries_on(row, row_prompt_len, prompt);
+    (len > 0 && next_turn).then_some(len)
 }
 
 pub(super) struct Reuse<L: Layout> {
@@ -73,7 +79,7 @@ impl<L: Layout> Reuse<L> {
         stats: &EngineStats,
     ) -> Result<(KvCache<L>, usize)> {
         if let Some(mut parked) = self.parked.take() {
-            if let Some(len) = resumes(&parked.tokens, prompt, chunk) {
+            if let Some(len) = resumes(&parked.tokens, parked.prompt_len, prompt, chunk) {
                 model.truncate(&mut parked.cache, len)?;
                 stats.count_prefix_hit(len);
                 return Ok((parked.cache, len));
@@ -122,7 +128,7 @@ fn stash<L: Layout>(model: &Model<L>, prefix: &mut PrefixCache, parked: Parked<L
                 parked.tokens.len(),
                 started.elapsed().as_secs_f64() * 1e3
             );
-            prefix.insert(parked.tokens, snapshot)
+            prefix.insert(parked.tokens, parked.prompt_len, snapshot)
         }
         Err(e) => log::debug!("not caching this prefix: {e:#}"),
     }
@@ -141,21 +147,31 @@ mod tests {
     #[test]
     fn a_chats_next_turn_resumes_the_parked_row_in_whole_chunks() {
         // The row held 100 positions; the next turn resends them and adds 40.
-        assert_eq!(resumes(&tokens(100), &tokens(140), CHUNK), Some(96));
+        assert_eq!(resumes(&tokens(100), 60, &tokens(140), CHUNK), Some(96));
     }
 
     #[test]
     fn a_prompt_that_keeps_little_of_the_row_does_not_resume_it() {
-        // Sharing 48 of 100 positions leaves more than two chunks to drop: a new conversation
-        // that shares a system prompt goes through the prefix cache instead.
+        // Sharing 48 of 100 positions, part of the row's 60-token prompt, leaves more than two
+        // chunks to drop: a new conversation that shares a system prompt goes through the prefix
+        // cache instead, and the row's own conversation can still continue from there.
         let mut prompt = tokens(48);
         prompt.extend([9999; 60]);
-        assert_eq!(resumes(&tokens(100), &prompt, CHUNK), None);
+        assert_eq!(resumes(&tokens(100), 60, &prompt, CHUNK), None);
+    }
+
+    #[test]
+    fn a_turn_that_resends_the_prompt_and_another_reply_resumes_the_row() {
+        // The row's prompt (60 tokens) comes back whole, its 40-token reply otherwise: the reply
+        // re-encoded from text, or regenerated. The row is cut back to the prompt's whole chunks.
+        let mut prompt = tokens(60);
+        prompt.extend([9999; 60]);
+        assert_eq!(resumes(&tokens(100), 60, &prompt, CHUNK), Some(48));
     }
 
     #[test]
     fn an_unrelated_prompt_does_not_resume_the_row() {
         let prompt: Vec<u32> = (5000..5100).collect();
-        assert_eq!(resumes(&tokens(100), &prompt, CHUNK), None);
+        assert_eq!(resumes(&tokens(100), 60, &prompt, CHUNK), None);
     }
 }

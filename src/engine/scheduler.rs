@@ -637,7 +637,7 @@ fn park<L: Layout>(request: &GenerateRequest, seq: Sequence<L>) -> Parked<L> {
     let mut tokens = Vec::with_capacity(seq.cache.len());
     tokens.extend_from_slice(&request.prompt);
     tokens.extend_from_slice(&seq.tokens[..fed]);
-    Parked { tokens, cache: seq.cache }
+    Parked { tokens, prompt_len: request.prompt.len(), cache: seq.cache }
 }
 
 fn rules<'a>(info: &'a ModelInfo, tokenizer: &'a Arc<Tokenizer>, request: &'a GenerateRequest) -> Rules<'a> {
