@@ -9,7 +9,8 @@ weight models (scripts/perf-models.sh) do this far more often than trained ones,
 the `prompt tokens computed over the chat` row of scripts/bench-peers.sh.
 
 Plays chatbench's conversation (the same prompts as bench-peers' 1-client chat with --seed 102)
-against a running chatd, non-streamed, greedy, `ignore_eos`, with `logprobs` for the generated
+against a running chatd, non-streamed, greedy, `ignore_eos` (as bench-peers; `--no-ignore-eos`
+for a trained model), with `logprobs` for the generated
 pieces, and per turn compares them with chatd's `/tokenize` of the next turn's messages (with
 pieces). Prints, per turn, the prompt and cached tokens chatd reported, how many of the
 previous answer's tokens the resent conversation kept as generated, and the prefix cache's bytes
