@@ -315,18 +315,18 @@ def rendered(tokenizer, case):
 def greedy(next_logits, eos):
     """Greedy decoding over `next_logits(token)` (the last position's logits after feeding the
     prompt, when `token` is None, else `token`): up to MAX_NEW_TOKENS ids, eos left out, each
-    one's margin over the runner-up, and the finish reason."""
+    step's margin over the runner-up (the step that chose eos included), and the finish reason."""
     import numpy as np
 
     new, margins, token = [], [], None
     while len(new) < MAX_NEW_TOKENS:
         logits = next_logits(token)
         token = int(np.argmax(logits))
+        runner_up, best = np.partition(logits, -2)[-2:]
+        margins.append(float(best - runner_up))
         if token in eos:
             return new, margins, "stop"
-        runner_up, best = np.partition(logits, -2)[-2:]
         new.append(token)
-        margins.append(float(best - runner_up))
     return new, margins, "length"
 
 

@@ -37,7 +37,7 @@ fn prompts() -> Vec<String> {
 }
 
 /// One generated token: its text, log-probability, and the best alternatives with theirs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Token {
     text: String,
     logprob: f64,
@@ -65,22 +65,52 @@ fn greedy(d: &Daemon, prompt: &str) -> (Vec<Token>, String) {
 /// where the two part: 0 asks for equal answers.
 const NEAR_TIE: f64 = 0.5;
 
-/// Checks that `batched` equals `alone`, or parts from it only where `batched`'s token was among
-/// `alone`'s best, at most `tie` below its choice (the tokens after a parting are not compared).
-fn agree(alone: &(Vec<Token>, String), batched: &(Vec<Token>, String), tie: f64) -> Result<(), String> {
+/// The text `greedy` reports for the model's end tokens among the best alternatives (both
+/// layouts hold the same SmolLM2; its genai_config.json names them).
+fn end_texts() -> Vec<String> {
+    let dir = genai_dir();
+    let config: Value = serde_json::from_slice(&std::fs::read(dir.join("genai_config.json")).unwrap()).unwrap();
+    let ids: Vec<u64> = match &config["model"]["eos_token_id"] {
+        Value::Array(ids) => ids.iter().map(|id| id.as_u64().unwrap()).collect(),
+        id => vec![id.as_u64().unwrap()],
+    };
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    ids.iter().map(|&id| tokenizer.id_to_token(id as u32).unwrap()).collect()
+}
+
+/// The first step where two greedy runs chose differently: where their tokens differ, or where
+/// one stopped on an end token (logprobs leave it out) while the other went on.
+fn parting(a: &(Vec<Token>, String), b: &(Vec<Token>, String)) -> Option<usize> {
+    let differ = a.0.iter().zip(&b.0).position(|(x, y)| x.text != y.text);
+    let shorter = if a.0.len() < b.0.len() { a } else { b };
+    let stopped_first = a.0.len() != b.0.len() && shorter.1 == "stop";
+    differ.or(stopped_first.then_some(shorter.0.len()))
+}
+
+/// Checks that `batched` equals `alone`, or parts from it only where the two choices were at
+/// most `tie` apart in log-probability (0 asks for equal answers; the tokens after a parting are
+/// not compared). The step is judged by `alone`'s alternatives, or by `batched`'s where `alone`
+/// stopped there.
+fn agree(alone: &(Vec<Token>, String), batched: &(Vec<Token>, String), tie: f64, end: &[String]) -> Result<(), String> {
     let texts = |r: &(Vec<Token>, String)| r.0.iter().map(|t| t.text.clone()).collect::<Vec<_>>();
-    let parted = alone.0.iter().zip(&batched.0).position(|(a, b)| a.text != b.text);
-    match parted {
-        None if texts(alone) == texts(batched) && alone.1 == batched.1 => Ok(()),
-        Some(i) => {
-            let (a, b) = (&alone.0[i], &batched.0[i]);
-            let runner_up = a.top.iter().find(|(text, _)| *text == b.text);
-            match runner_up {
-                Some((_, logprob)) if a.logprob - logprob <= tie => Ok(()),
-                _ => Err(format!("part at token {i}: alone {a:?}, batched chose {:?}", b.text)),
-            }
-        }
-        None => Err(format!("alone {:?} ({}), batched {:?} ({})", texts(alone), alone.1, texts(batched), batched.1)),
+    let Some(i) = parting(alone, batched) else {
+        return if texts(alone) == texts(batched) && alone.1 == batched.1 {
+            Ok(())
+        } else {
+            Err(format!("alone {:?} ({}), batched {:?} ({})", texts(alone), alone.1, texts(batched), batched.1))
+        };
+    };
+    let (judge, other) = match (alone.0.get(i), batched.0.get(i)) {
+        (Some(a), Some(b)) => (a, vec![b.text.clone()]),
+        (Some(a), None) => (a, end.to_vec()),
+        (None, Some(b)) => (b, end.to_vec()),
+        (None, None) => unreachable!("a parting lies within one of the runs"),
+    };
+    let near = judge.top.iter().any(|(text, logprob)| other.contains(text) && judge.logprob - logprob <= tie);
+    if near {
+        Ok(())
+    } else {
+        Err(format!("part at token {i}: {judge:?} against {other:?} (alone {}, batched {})", alone.1, batched.1))
     }
 }
 
@@ -111,9 +141,10 @@ fn alone_equals_batched(daemon: &Daemon, tie: f64) -> (f64, f64) {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let after = decode_counts(daemon);
+    let end = end_texts();
     for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
         assert!(!a.0.is_empty());
-        if let Err(e) = agree(a, b, tie) {
+        if let Err(e) = agree(a, b, tie, &end) {
             panic!("prompt {i}: alone and batched differ: {e}");
         }
     }
@@ -137,4 +168,26 @@ fn optimum_layout_batched_greedy_equals_alone() {
     // Each sequence runs alone here whatever the load: its numbers cannot change.
     let daemon = Daemon::start(&[]);
     alone_equals_batched(&daemon, 0.0);
+}
+
+#[test]
+fn a_run_that_stops_where_the_other_goes_on_chose_the_end_token() {
+    let token = |text: &str, logprob: f64, top: &[(&str, f64)]| Token {
+        text: text.into(),
+        logprob,
+        top: top.iter().map(|&(t, l)| (t.to_owned(), l)).collect(),
+    };
+    let end = ["<|im_end|>".to_owned()];
+    let first = token(".", -1.44, &[(".", -1.44), (" of", -1.77)]);
+    let went_on = (vec![first.clone(), token(" It", -1.59, &[(" It", -1.59), ("<|im_end|>", -1.65)])], "length".into());
+    let stopped = (vec![first.clone()], "stop".to_owned());
+    assert_eq!(parting(&went_on, &stopped), Some(1));
+    assert!(agree(&went_on, &stopped, 0.5, &end).is_ok());
+    assert!(agree(&went_on, &stopped, 0.01, &end).is_err());
+    // Where the lone run stopped, the batched run's alternatives judge the step.
+    assert!(agree(&stopped, &went_on, 0.5, &end).is_ok());
+    // A run cut short by anything but its end token is no choice: the answers differ.
+    let cut = (vec![first], "length".to_owned());
+    assert_eq!(parting(&went_on, &cut), None);
+    assert!(agree(&went_on, &cut, 0.5, &end).is_err());
 }

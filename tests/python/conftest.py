@@ -62,10 +62,15 @@ def post_json(base, path, body):
         return e.code, json.load(e)
 
 
-def first_parting(got, want):
-    """The first position where two token lists differ, comparing as far as both go; None if
-    one starts the other."""
-    return next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+def first_parting(got, got_finish, want, want_finish):
+    """The first step where two greedy runs chose differently: where their tokens differ, or where
+    one stopped on its end token (which logprobs and token lists leave out) while the other went
+    on; None where they agree as far as both go."""
+    differ = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if differ is not None:
+        return differ
+    shorter_finish = got_finish if len(got) < len(want) else want_finish
+    return min(len(got), len(want)) if len(got) != len(want) and shorter_finish == "stop" else None
 
 
 def stop(proc):

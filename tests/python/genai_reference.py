@@ -3,7 +3,8 @@
 `greedy(model_dir, messages, max_new_tokens)` renders the model's chat template, encodes it with the
 onnxruntime-genai tokenizer, decodes greedily until eos or the token limit, and returns
 {"text", "token_ids", "margins", "prompt_tokens"}: `token_ids` are the new tokens only, without the prompt and
-without the eos token; `margins` how far each one's logit led the runner-up's. Run as a script it prints
+without the eos token; `margins` how far each step's choice led the runner-up's logit, the step that chose eos
+included. Run as a script it prints
 the results for a few prompts as JSON:
 
     .venv/bin/python tests/python/genai_reference.py [MODEL_DIR]
@@ -90,12 +91,12 @@ def greedy(model_dir, messages, max_new_tokens):
         if t_prefill is None:
             t_prefill = time.perf_counter() - t0
         token = int(generator.get_next_tokens()[0])
+        runner_up, best = np.partition(logits, -2)[-2:]
+        margins.append(float(best - runner_up))
         if token in eos:
             finish = "stop"
             break
         new.append(token)
-        runner_up, best = np.partition(logits, -2)[-2:]
-        margins.append(float(best - runner_up))
         if len(new) >= max_new_tokens:
             break
     elapsed = time.perf_counter() - t0

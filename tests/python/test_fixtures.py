@@ -91,7 +91,7 @@ NEAR_TIE = 1e-3
 def greedy_problems(texts, finish, usage, greedy):
     """How chatd's greedy tokens differ from the reference's, where that is not a near-tie."""
     want = greedy["texts"]
-    parted = first_parting(texts, want)
+    parted = first_parting(texts, finish, want, greedy["finish_reason"])
     if parted is not None:
         if greedy["margins"][parted] < NEAR_TIE:
             return []
