@@ -209,7 +209,8 @@ impl Service {
         body: &[u8],
         mut on_text: Option<&mut dyn FnMut(&str) -> bool>,
     ) -> Result<Value, CallError> {
-        let parsed = self.frontend.parse(endpoint, body).map_err(CallError::Api)?;
+        let mut parsed = self.frontend.parse(endpoint, body).map_err(CallError::Api)?;
+        parsed.generate.incremental = on_text.is_some();
         if on_text.is_some() && parsed.generate.n > 1 {
             return Err(CallError::Api(ApiError::invalid(
                 "n",

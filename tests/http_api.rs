@@ -360,3 +360,35 @@ fn tool_calls_in_the_history_need_json_object_arguments() {
         assert_eq!(e["param"], "messages[1].tool_calls[0].function.arguments", "{e}");
     }
 }
+
+/// Voluntary context switches of each of the daemon's HTTP threads.
+fn http_thread_wakeups(pid: u32) -> std::collections::HashMap<String, u64> {
+    let mut wakeups = std::collections::HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else { continue };
+        let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+        if let (Some(thread), Some(n)) = (field("Name:"), field("voluntary_ctxt_switches:"))
+            && thread.starts_with("chatd-http")
+        {
+            wakeups.insert(format!("{thread} {}", task.file_name().to_string_lossy()), n.parse().unwrap());
+        }
+    }
+    wakeups
+}
+
+#[test]
+fn a_whole_answer_wakes_its_http_thread_a_few_times_a_second_not_per_token() {
+    // The engine keeps a non-streamed answer's events until it ends; meanwhile its HTTP thread
+    // only looks at its client (every 200 ms). Per-token wake-ups took cores from the model.
+    let d = common::Daemon::start(&[]);
+    let before = http_thread_wakeups(d.pid());
+    let started = std::time::Instant::now();
+    let v = d.chat(json!({"messages": user(FRANCE), "max_tokens": 300, "ignore_eos": true}));
+    let polls = started.elapsed().as_secs_f64() / 0.2;
+    let tokens = v["usage"]["completion_tokens"].as_u64().unwrap();
+    assert_eq!(tokens, 300);
+    let after = http_thread_wakeups(d.pid());
+    let woke = after.iter().map(|(thread, n)| n - before.get(thread).copied().unwrap_or(0)).max().unwrap();
+    // Reading the request and writing the answer take a few more; a wake-up per token is 300.
+    assert!((woke as f64) <= polls * 1.5 + 20.0, "the answer's HTTP thread woke {woke} times for {tokens} tokens");
+}

@@ -326,6 +326,7 @@ impl Frontend {
             keep_stop: f.bool("include_stop_str_in_output")?.unwrap_or(false)
                 | f.bool("no_stop_trim")?.unwrap_or(false),
             thinking_budget,
+            incremental: stream,
         };
         if echo.is_some() && logprobs {
             return Err(ApiError::invalid(

@@ -36,6 +36,10 @@ pub struct GenerateRequest {
     pub keep_stop: bool,
     /// A thinking model's most reasoning tokens: then its end-of-thinking token is forced.
     pub thinking_budget: Option<ThinkingBudget>,
+    /// Hand text over as it is generated (streaming). When false the engine keeps a request's
+    /// events until it ends and sends them together, so its caller wakes once instead of once
+    /// per token: where the model's threads take every core, each wake-up costs them one.
+    pub incremental: bool,
 }
 
 /// How long a thinking model may reason: `tokens` generated inside its reasoning block (opened
@@ -121,6 +125,21 @@ pub enum Event {
     Done { usage: Usage, timings: Timings },
     /// The request failed or was refused inside the engine; no more events follow.
     Error(EngineError),
+}
+
+impl Event {
+    /// What the event holds beyond its own size (text and log-probabilities).
+    pub(crate) fn heap_bytes(&self) -> usize {
+        match self {
+            Event::Text { text, logprobs, .. } => {
+                text.capacity()
+                    + logprobs.capacity() * std::mem::size_of::<TokenLogprobs>()
+                    + logprobs.iter().map(|l| l.top.capacity() * std::mem::size_of::<(u32, f32)>()).sum::<usize>()
+            }
+            Event::Finished { matched: Some(Matched::Text(text)), .. } => text.capacity(),
+            _ => 0,
+        }
+    }
 }
 
 /// Why the engine gave up on a request, by class (each maps to one HTTP status / C status).

@@ -190,8 +190,16 @@ struct Group<L: Layout> {
     first_token: bool,
     /// Prompt tokens restored from the prefix cache.
     cached: usize,
-    /// Events of the current round, sent once the round is done.
+    /// Events not yet sent: the current round's, sent once it is done, or all of them until
+    /// the request ends where it is not incremental.
     events: Vec<Event>,
+}
+
+impl<L: Layout> Group<L> {
+    /// What its events not yet sent take (a request that is not incremental keeps them all).
+    fn held_bytes(&self) -> usize {
+        self.events.capacity() * std::mem::size_of::<Event>() + self.events.iter().map(Event::heap_bytes).sum::<usize>()
+    }
 }
 
 enum State<L: Layout> {
@@ -340,12 +348,15 @@ impl<L: Layout> Scheduler<L> {
             + self
                 .groups
                 .iter()
-                .map(|g| match &g.state {
-                    State::Prefill { cache, .. } => model.private_cache_bytes(cache),
-                    State::Decode { seqs } => {
-                        seqs.iter().map(|s| s.buffer_bytes() + model.private_cache_bytes(&s.cache)).sum()
-                    }
-                    State::Done => 0,
+                .map(|g| {
+                    let state = match &g.state {
+                        State::Prefill { cache, .. } => model.private_cache_bytes(cache),
+                        State::Decode { seqs } => {
+                            seqs.iter().map(|s| s.buffer_bytes() + model.private_cache_bytes(&s.cache)).sum()
+                        }
+                        State::Done => 0,
+                    };
+                    state + g.held_bytes()
                 })
                 .sum::<usize>()
     }
@@ -585,8 +596,9 @@ impl<L: Layout> Scheduler<L> {
         Some(elapsed)
     }
 
-    /// Sends each request the events of this round; a request whose caller is gone is dropped
-    /// here, which frees its sequences' KV memory.
+    /// Sends each request the events of this round, or, where the request is not incremental,
+    /// all its events once it has ended; a request whose caller is gone is dropped here, which
+    /// frees its sequences' KV memory.
     fn deliver(&mut self) {
         let mut finished = Vec::new();
         for group in &mut self.groups {
@@ -596,6 +608,10 @@ impl<L: Layout> Scheduler<L> {
                 group.first_token = true;
                 group.timings.time_to_first_token = group.job.queued_at.elapsed();
             }
+            let ended = matches!(&group.state, State::Decode { seqs } if seqs.iter().all(|s| s.finished.is_some()));
+            if !ended && !group.job.request.incremental {
+                continue;
+            }
             for event in group.events.drain(..) {
                 if group.job.events.send(event).is_err() {
                     group.state = State::Done;
@@ -603,7 +619,7 @@ impl<L: Layout> Scheduler<L> {
                 }
             }
             let State::Decode { seqs } = &group.state else { continue };
-            if seqs.iter().any(|s| s.finished.is_none()) {
+            if !ended {
                 continue;
             }
             let usage = Usage {

@@ -353,7 +353,7 @@ fn generate(
         Ok(h) => h,
         Err(e) => return respond_error(request, &e),
     };
-    let client = Client::new(request.connection_fd());
+    let client = Client::new(request.connection_fd(), if parsed.stream { STREAM_POLL } else { ANSWER_POLL });
     let tokenizer = frontend.tokenizer();
     let gone = |usage: Option<Usage>| Outcome {
         status: 499,
@@ -528,21 +528,27 @@ pub(super) fn memory_use(shared: &Shared, ready: Option<(&Ready, &StatsSnapshot)
     MemoryUse { resident, model, kv_pool, prefix_cache, requests, other }
 }
 
-/// How often a handler waiting for the engine checks that its client is still there.
-const CLIENT_POLL: Duration = Duration::from_millis(20);
+/// How often a handler streaming an answer checks that its client is still there (and whether
+/// a keep-alive comment is due).
+const STREAM_POLL: Duration = Duration::from_millis(20);
+
+/// How often a handler waiting for a whole answer checks its client: the engine sends such an
+/// answer's events only when it ends (`GenerateRequest::incremental`), so these are the
+/// handler's only wake-ups meanwhile, and a client gone costs at most this much more work.
+const ANSWER_POLL: Duration = Duration::from_millis(200);
 
 /// The client closed its connection.
 struct Gone;
 
 /// The request's next event (`None`: the engine dropped it without a last event), watching the
-/// client's connection meanwhile (at least every `CLIENT_POLL`, also while events keep coming);
-/// while none comes, `idle` runs every `CLIENT_POLL` (false: the client is gone).
+/// client's connection meanwhile (at least every `client.every`, also while events keep coming);
+/// while none comes, `idle` runs every `client.every` (false: the client is gone).
 fn next_event(handle: &RequestHandle, client: &Client, mut idle: impl FnMut() -> bool) -> Result<Option<Event>, Gone> {
     loop {
         if client.due() && client.gone() {
             return Err(Gone);
         }
-        match handle.recv_timeout(CLIENT_POLL) {
+        match handle.recv_timeout(client.every) {
             Ok(event) => return Ok(Some(event)),
             Err(RecvTimeoutError::Timeout) if !idle() => return Err(Gone),
             Err(RecvTimeoutError::Timeout) => {}
@@ -554,18 +560,20 @@ fn next_event(handle: &RequestHandle, client: &Client, mut idle: impl FnMut() ->
 /// The client's end of the connection.
 struct Client {
     fd: Option<std::os::unix::io::RawFd>,
+    /// How often to look at it.
+    every: Duration,
     last_check: std::cell::Cell<Instant>,
 }
 
 impl Client {
-    fn new(fd: Option<std::os::unix::io::RawFd>) -> Self {
-        Self { fd, last_check: std::cell::Cell::new(Instant::now()) }
+    fn new(fd: Option<std::os::unix::io::RawFd>, every: Duration) -> Self {
+        Self { fd, every, last_check: std::cell::Cell::new(Instant::now()) }
     }
 
-    /// Whether `CLIENT_POLL` has passed since the last look at the connection.
+    /// Whether `every` has passed since the last look at the connection.
     fn due(&self) -> bool {
         let now = Instant::now();
-        if now - self.last_check.get() < CLIENT_POLL {
+        if now - self.last_check.get() < self.every {
             return false;
         }
         self.last_check.set(now);
