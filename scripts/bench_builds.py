@@ -1,30 +1,27 @@
 #!/usr/bin/env python3
 """Two chatd builds on one model folder, run after run: whether a change made decode faster.
 
-    python3 scripts/bench_builds.py OLD_BINARY NEW_BINARY [--folder DIR] [--repeats N]
+    python3 scripts/bench_builds.py OLD_BINARY NEW_BINARY --folder DIR [--repeats N]
 
 Both servers start at once (each idle while the other runs) and take turns, one request each per
 repeat, after one uncounted warm-up: bench_shapes.Chatd's request (a fresh ~PROMPT-token prompt,
 greedy, `ignore_eos`, answered whole). Prints each run's decode tokens/s, the medians, their
 ratio, and in how many repeats the new build was the faster: on a noisy box the pairs say more
-than the medians. The default folder is scripts/perf-models.sh's Qwen2.5-0.5B shape.
+than the medians. DIR: a model folder, e.g. one of scripts/perf-models.sh's genai-int4 folders.
 """
 import argparse
-import os
 import statistics
 import tempfile
 from pathlib import Path
 
 import bench_shapes
 
-CACHE = Path(os.environ.get("CHATD_PERF_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "chatd-perf"))
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("old")
     ap.add_argument("new")
-    ap.add_argument("--folder", type=Path, default=CACHE / "models" / "qwen2.5-0.5b" / "genai-int4")
+    ap.add_argument("--folder", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=300)
