@@ -190,15 +190,36 @@ struct Group<L: Layout> {
     first_token: bool,
     /// Prompt tokens restored from the prefix cache.
     cached: usize,
-    /// Events not yet sent: the current round's, sent once it is done, or all of them until
-    /// the request ends where it is not incremental.
+    /// Events of the current round, sent once the round is done.
     events: Vec<Event>,
+    /// Earlier rounds' events of a request that is not incremental, kept until it ends.
+    held: Vec<Event>,
+    /// What `held`'s events hold beyond their own size, counted as they come.
+    held_heap_bytes: usize,
 }
 
 impl<L: Layout> Group<L> {
-    /// What its events not yet sent take (a request that is not incremental keeps them all).
+    fn new(job: Job, state: State<L>, timings: Timings, cached: usize) -> Self {
+        let (events, held) = (Vec::new(), Vec::new());
+        Self { job, state, timings, first_token: false, cached, events, held, held_heap_bytes: 0 }
+    }
+
+    /// Keeps this round's events with the earlier ones, until the request ends.
+    fn hold(&mut self) {
+        self.held_heap_bytes += self.events.iter().map(Event::heap_bytes).sum::<usize>();
+        self.held.append(&mut self.events);
+    }
+
+    /// What the kept events take.
     fn held_bytes(&self) -> usize {
-        self.events.capacity() * std::mem::size_of::<Event>() + self.events.iter().map(Event::heap_bytes).sum::<usize>()
+        self.held.capacity() * std::mem::size_of::<Event>() + self.held_heap_bytes
+    }
+
+    /// Sends the events not yet sent, oldest first; false once the caller is gone.
+    fn send_unsent(&mut self) -> bool {
+        self.held_heap_bytes = 0;
+        let caller = &self.job.events;
+        self.held.drain(..).chain(self.events.drain(..)).all(|event| caller.send(event).is_ok())
     }
 }
 
@@ -441,7 +462,7 @@ impl<L: Layout> Scheduler<L> {
         let state = State::Prefill { cache, fed: cached };
         let _ = job.events.send(Event::Started);
         self.running += n;
-        self.groups.push(Group { job, state, timings, first_token: false, cached, events: Vec::new() });
+        self.groups.push(Group::new(job, state, timings, cached));
     }
 
     /// Feeds up to `budget` prompt tokens, oldest request first; returns the time taken and the
@@ -610,13 +631,11 @@ impl<L: Layout> Scheduler<L> {
             }
             let ended = matches!(&group.state, State::Decode { seqs } if seqs.iter().all(|s| s.finished.is_some()));
             if !ended && !group.job.request.incremental {
+                group.hold();
                 continue;
             }
-            for event in group.events.drain(..) {
-                if group.job.events.send(event).is_err() {
-                    group.state = State::Done;
-                    break;
-                }
+            if !group.send_unsent() {
+                group.state = State::Done;
             }
             let State::Decode { seqs } = &group.state else { continue };
             if !ended {
@@ -779,9 +798,7 @@ fn end<L: Layout>(group: &mut Group<L>, reason: FinishReason) {
         }
         State::Done => {}
     }
-    for event in group.events.drain(..) {
-        let _ = group.job.events.send(event);
-    }
+    let _ = group.send_unsent();
     let usage = Usage { prompt_tokens: group.job.request.prompt.len(), completion_tokens, cached_tokens: group.cached };
     group.timings.total = group.job.queued_at.elapsed();
     let _ = group.job.events.send(Event::Done { usage, timings: group.timings });
